@@ -1,0 +1,145 @@
+"""`knnd`: the command line. Parses, validates, and calls the stage functions; nothing more.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad config or usage (nothing written).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+
+from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.runner import STAGES, StageError, UsageError, read_json, run_stage, stage_dir, stage_status  # noqa: E402
+
+DEFAULT_CONFIG = "stages.yaml"
+
+
+def _config(args):
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = DEFAULT_CONFIG
+    return load_config(path, args.set or [])
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help=f"stages.yaml to read (default: ./{DEFAULT_CONFIG} if present, else built-in defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set embed.batch_size=64 (repeatable)")
+
+
+def cmd_run(args) -> int:
+    cfg = _config(args)
+    names = STAGES if "all" in args.stages else args.stages
+    for name in names:
+        if name not in STAGES:
+            raise UsageError(f"unknown stage {name!r}: choose from {', '.join(STAGES)} or all")
+    for name in names:
+        run_stage(name, cfg, force=args.force)
+    print_table(cfg, names)
+    return 0
+
+
+def cmd_status(args) -> int:
+    cfg = _config(args)
+    print(f"workdir: {cfg.workdir}")
+    for name in STAGES:
+        state, detail = stage_status(cfg, name)
+        print(f"  {name:<11} {state:<8} {detail}")
+    return 0
+
+
+def print_table(cfg, names) -> None:
+    """Each finished stage's items, seconds and items/s."""
+    print(f"\n{'stage':<11} {'items':>9} {'seconds':>9} {'items/s':>9}")
+    for name in names:
+        path = stage_dir(cfg, name) / "manifest.json"
+        if not path.exists():
+            continue
+        m = read_json(path)
+        items, seconds = m.get("items", 0), m.get("seconds", 0.0)
+        rate = f"{items / seconds:.1f}" if seconds else "-"
+        print(f"{name:<11} {items:>9} {seconds:>9.1f} {rate:>9}")
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(Path(args.workdir), minutes=args.minutes, limit=args.limit, set_args=args.set or [])
+
+
+def cmd_search(args) -> int:
+    from pipeline.search import search_command
+
+    return search_command(_config(args), args.prompt, index_dir=args.index, k=args.k)
+
+
+def cmd_sample(args) -> int:
+    from pipeline.sample import sample_command
+
+    return sample_command(_config(args), args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knnd", description="KNN-Diffusion: data pipeline, trainer and sampler")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run stages (or `all`), skipping those that are up to date")
+    p.add_argument("stages", nargs="+", metavar="STAGE", help=f"one or more of: {', '.join(STAGES)}, all")
+    p.add_argument("--force", action="store_true", help="rebuild even if the config changed or the stage is done")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="each stage: done / partial (n of m shards) / stale / pending")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the offline OpenMoji demo data")
+    p.add_argument("--workdir", default="work/demo", help="where the demo writes (default: work/demo)")
+    p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N stickers (quick runs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("search", help="retrieval only: the neighbours of a text prompt")
+    p.add_argument("prompt")
+    p.add_argument("--index", help="index directory (default: this workdir's index/)")
+    p.add_argument("-k", type=int, default=10, help="neighbours to print")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("sample", help="sample images for prompts against any index")
+    p.add_argument("prompts", nargs="*", help="prompts (default: sample.prompts from the config)")
+    p.add_argument("--index", help="index directory to retrieve from (database swapping)")
+    p.add_argument("--checkpoint", help="checkpoint to load (default: the latest in train/checkpoints)")
+    p.add_argument("-k", type=int, help="neighbours per prompt")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, help="DDIM steps")
+    p.add_argument("--seed", type=int, help="seed of the initial noise")
+    p.add_argument("--out", help="output folder (default: <workdir>/sample)")
+    p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone (the paper's ablation)")
+    p.add_argument("--init-image", help="reference image to edit (replaces the first neighbour, noised start)")
+    p.add_argument("--strength", type=float, default=0.7, help="how far the reference is noised (0..1)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as e:
+        print(f"knnd: error: {e}", file=sys.stderr)
+        return 2
+    except StageError as e:
+        print(f"knnd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("knnd: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Configuration: one dataclass per stage plus globals, defaults in code.
+
+`stages.yaml` and `--set key.sub=value` only override these defaults. Every override is
+checked up front (unknown key, wrong type, impossible value) and a mistake raises
+`ConfigError` naming the key and the fix, before any stage writes anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key, type or value in the configuration (CLI exit code 2)."""
+
+
+def opt(default, help: str, *, choices=None, min=None, max=None, runtime: bool = False):
+    """A config field with its one-line help, its allowed values, and whether it changes output.
+
+    `runtime=True` marks knobs (threads, batch sizes, worker counts) that change speed but
+    not the stage's output, so changing them does not make a finished stage "changed".
+    """
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "runtime": runtime}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = opt(None, 'null: start a local Ray; "auto" or ray://host:port: join a cluster', runtime=True)
+    num_cpus: int | None = opt(None, "CPUs for a local Ray (null: all)", min=1, runtime=True)
+
+
+@dataclass
+class DownloadConfig:
+    url_list: str | None = opt(None, "URL list file or folder (parquet, csv, tsv or txt)")
+    input_format: str = opt("auto", "auto (from the file suffix), parquet, csv, tsv or txt",
+                            choices=["auto", "parquet", "csv", "tsv", "txt"])
+    url_col: str = opt("url", "column holding the image URL")
+    caption_col: str | None = opt("caption", "column holding the caption (null: none); kept as metadata only")
+    image_size: int = opt(256, "images are resized to this size (pixels)", min=8, max=8192)
+    resize_mode: str = opt("border", "img2dataset resize mode", choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
+    encode_format: str = opt("jpg", "image format inside the shards", choices=["jpg", "png", "webp"])
+    encode_quality: int | None = opt(None, "jpg/webp quality 0-100 or png compression 0-9 (null: 95 for jpg/webp, 9 for png)",
+                                     min=0, max=100)
+    shard_size: int = opt(10000, "images per shard", min=1)
+    processes: int = opt(1, "download processes per node", min=1, runtime=True)
+    threads: int = opt(32, "download threads per process", min=1, runtime=True)
+    timeout: float = opt(10.0, "seconds before a URL download is abandoned", min=0.1)
+    retries: int = opt(0, "retries per failed URL", min=0)
+    min_image_size: int = opt(0, "drop images whose smaller side is below this (pixels)", min=0)
+    max_image_area: float | None = opt(None, "drop images with more pixels than this (null: no limit)", min=1)
+
+
+@dataclass
+class EmbedConfig:
+    model: str = opt("ViT-B-32", "open_clip model name, or a path to a model-config JSON")
+    pretrained: str | None = opt("openai", "open_clip pretrained tag, a checkpoint path, or null (random init)")
+    batch_size: int = opt(256, "images per model call", min=1, runtime=True)
+    phash_size: int = opt(8, "perceptual hash side: the hash has phash_size^2 bits", min=2, max=32)
+    decode_workers: int = opt(1, "CPU tasks decoding shards ahead of the model", min=1, runtime=True)
+
+
+@dataclass
+class DedupConfig:
+    cosine_threshold: float = opt(0.9, "duplicates: CLIP cosine similarity above this", min=-1.0, max=1.0)
+    manhattan_threshold: int = opt(4, "duplicates: pHash bits differing at most this (among CLIP candidates only)", min=0)
+    candidates: int = opt(16, "nearest neighbours examined per item for duplicates", min=1)
+    batch_size: int = opt(16384, "queries per search batch", min=1, runtime=True)
+
+
+@dataclass
+class IndexConfig:
+    factory: str = opt("auto", '"auto" or a faiss index factory string such as "OPQ256_512,IVF65536,PQ256"')
+    memory_budget: str = opt("4GB", "the index must fit in this much memory (auto factory)")
+    nprobe: str | int = opt("auto", '"auto" (tuned to target_recall) or a fixed number of IVF cells to search')
+    target_recall: float = opt(0.95, "recall@10 against exact search that nprobe: auto aims for", min=0.0, max=1.0)
+    refine: bool = opt(False, "re-rank candidates exactly from the stored float16 embeddings")
+    eval_queries: int = opt(1000, "held-out queries used to measure recall", min=10)
+    add_batch_size: int = opt(65536, "vectors added per batch", min=1, runtime=True)
+    seed: int = opt(0, "seed for training samples and held-out queries")
+
+
+@dataclass
+class NeighboursConfig:
+    k: int = opt(10, "neighbours per image (paper: 10)", min=1)
+    candidates: int = opt(32, "candidates fetched per image before removing self and near-duplicates", min=1)
+    batch_size: int = opt(8192, "queries per search batch", min=1, runtime=True)
+    actors: int = opt(1, "Ray actors holding the index", min=1, runtime=True)
+
+
+@dataclass
+class PackConfig:
+    image_size: int = opt(32, "training resolution (pixels)", min=8, max=1024)
+    shard_size: int = opt(10000, "samples per pack shard", min=1)
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt("demo", "model size preset: tiny, demo or paper", choices=["tiny", "demo", "paper"])
+    steps: int = opt(2000, "optimizer steps", min=1)
+    minutes: float | None = opt(None, "stop after this many minutes even before `steps` (null: no limit)", min=0.0)
+    batch_size: int = opt(32, "samples per step, over all workers", min=1)
+    lr: float = opt(2e-4, "peak learning rate (AdamW)", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    warmup_steps: int = opt(100, "linear warm-up steps before the cosine decay", min=0)
+    cond_drop_prob: float = opt(0.1, "probability of dropping the condition (classifier-free guidance)", min=0.0, max=1.0)
+    grad_clip: float = opt(1.0, "gradient norm clip", min=0.0)
+    ema_decay: float = opt(0.999, "EMA decay of the weights used for sampling", min=0.0, max=1.0)
+    checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)", min=1)
+    num_workers: int = opt(1, "Ray Train workers (DDP)", min=1, runtime=True)
+    use_gpu: bool = opt(False, "train on GPUs (one per worker)", runtime=True)
+    seed: int = opt(0, "seed for initialisation, data order and noise")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = opt(["red heart", "smiling face", "green apple", "rocket"], "prompts to sample")
+    k: int = opt(10, "neighbours retrieved per prompt", min=0)
+    guidance: float = opt(8.0, "classifier-free guidance scale (paper: 8)", min=0.0)
+    steps: int = opt(100, "DDIM steps", min=1)
+    seed: int = opt(0, "seed of the initial noise")
+    images_per_prompt: int = opt(4, "samples per prompt", min=1)
+    index: str | None = opt(None, "index directory to retrieve from (null: this workdir's)")
+
+
+@dataclass
+class Config:
+    workdir: str = opt("work/run1", "each stage writes under <workdir>/<stage>/")
+    device: str = opt("auto", "auto: cuda when available, else cpu", choices=["auto", "cpu", "cuda"], runtime=True)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    download: DownloadConfig = dataclasses.field(default_factory=DownloadConfig)
+    embed: EmbedConfig = dataclasses.field(default_factory=EmbedConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
+    neighbours: NeighboursConfig = dataclasses.field(default_factory=NeighboursConfig)
+    pack: PackConfig = dataclasses.field(default_factory=PackConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then `--set key.sub=value` overrides; validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist: pass an existing file with -c, or omit -c to use the defaults")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({e}); fix the syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must be a mapping of sections (download:, embed:, ...), not {type(data).__name__}")
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_nested(data, key.split("."), value, key)
+    cfg = _build(Config, data, "")
+    check_config(cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. --set embed.batch_size=64")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_nested(data: dict, parts: list[str], value, full_key: str) -> None:
+    for part in parts[:-1]:
+        node = data.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {full_key}: {part} is not a section")
+        data = node
+    data[parts[-1]] = value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')} must be a section (a mapping of keys), got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + str(key), list(fields)))
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        hint = typing.get_type_hints(cls)[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, hint, data[name], f.metadata)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    import difflib
+
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f"did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else f"valid keys: {', '.join(valid)}"
+    return f"unknown config key {key}: {hint}"
+
+
+def _coerce(key: str, hint, value, meta) -> Any:
+    """Check `value` against the field's type hint and limits; return it (ints widened to float)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key} must not be null: give a {_type_name(allowed)}")
+    for t in allowed:
+        if t is type(None):
+            continue
+        ok, coerced = _matches(t, value)
+        if ok:
+            _check_limits(key, coerced, meta)
+            return coerced
+    raise ConfigError(f"{key} must be a {_type_name(allowed)}, got {value!r} ({type(value).__name__})")
+
+
+def _matches(t, value) -> tuple[bool, Any]:
+    if t is bool:
+        return isinstance(value, bool), value
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if t is str:
+        return isinstance(value, str), value
+    if typing.get_origin(t) is list:
+        (item,) = typing.get_args(t)
+        if isinstance(value, str):  # --set sample.prompts="a cat" means a one-item list
+            value = [value]
+        ok = isinstance(value, list) and all(_matches(item, v)[0] for v in value)
+        return ok, value
+    raise TypeError(f"unsupported config type {t}")
+
+
+def _type_name(allowed) -> str:
+    names = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string"}
+    return " or ".join(names.get(t, "list of strings") for t in allowed if t is not type(None))
+
+
+def _check_limits(key: str, value, meta) -> None:
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(f"{key} must be at least {meta['min']}, got {value!r}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise ConfigError(f"{key} must be at most {meta['max']}, got {value!r}")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """ "4GB" -> 4_000_000_000, "1.5GiB" -> 1610612736; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 512MB, 4GB, 1.5GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def check_config(cfg: Config) -> None:
+    """Values that are each fine alone but impossible together, or malformed strings."""
+    try:
+        parse_bytes(cfg.index.memory_budget)
+    except ValueError:
+        raise ConfigError(f'index.memory_budget must be a size such as "4GB" or "512MB", got {cfg.index.memory_budget!r}') from None
+    if cfg.download.encode_format == "png" and (cfg.download.encode_quality or 0) > 9:
+        raise ConfigError(f"download.encode_quality is a png compression level 0-9 when encode_format is png, "
+                          f"got {cfg.download.encode_quality}: set it to 9 or null")
+    if isinstance(cfg.index.nprobe, str) and cfg.index.nprobe != "auto":
+        raise ConfigError(f'index.nprobe must be "auto" or a positive integer, got {cfg.index.nprobe!r}')
+    if isinstance(cfg.index.nprobe, int) and cfg.index.nprobe < 1:
+        raise ConfigError(f"index.nprobe must be at least 1, got {cfg.index.nprobe}")
+    if cfg.neighbours.candidates < cfg.neighbours.k + 1:
+        raise ConfigError(f"neighbours.candidates ({cfg.neighbours.candidates}) must exceed neighbours.k ({cfg.neighbours.k}): "
+                          f"set neighbours.candidates to at least {cfg.neighbours.k + 1} (self is among the candidates)")
+    if cfg.sample.k > cfg.neighbours.k:
+        raise ConfigError(f"sample.k ({cfg.sample.k}) exceeds neighbours.k ({cfg.neighbours.k}), the k the model is trained with: "
+                          f"lower sample.k or raise neighbours.k")
+    if cfg.train.batch_size % cfg.train.num_workers:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.num_workers ({cfg.train.num_workers})")
+    if not cfg.sample.prompts:
+        raise ConfigError("sample.prompts is empty: give at least one prompt")
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def section(cfg: Config, name: str):
+    return getattr(cfg, name)
+
+
+def output_fingerprint(obj) -> dict:
+    """The config keys that change a stage's output (runtime knobs left out)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("runtime"):
+            continue
+        value = getattr(obj, f.name)
+        out[f.name] = output_fingerprint(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def fingerprint_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(output_fingerprint(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, help) for every key: used to write and to check stages.yaml."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, value, f.metadata.get("help", "")))
+    return rows
+
+
+def render_yaml() -> str:
+    """The documented stages.yaml: every key with its default and a one-line comment."""
+    lines = ["# knn-diffusion configuration. Defaults live in pipeline/config.py; this file and",
+             "# `knnd run ... --set key.sub=value` only override them. Every key is listed with its default.", ""]
+    current = None
+    for key, default, help_text in describe():
+        parts = key.split(".")
+        if len(parts) == 2 and parts[0] != current:
+            current = parts[0]
+            lines.append(f"\n{current}:")
+        elif len(parts) == 1 and current is not None:
+            current = None
+        indent = "  " * (len(parts) - 1)
+        value = yaml.safe_dump(default, default_flow_style=True, width=1000).strip()
+        value = value.removesuffix("\n...").removesuffix("...").strip()
+        lines.append(f"{indent}{parts[-1]}: {value}  # {help_text}")
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"

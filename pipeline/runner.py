@@ -1,0 +1,330 @@
+"""The stage runner shared by every stage.
+
+A stage is a module `pipeline/<name>.py` with `run(stage: StageRun) -> dict`. The runner:
+- reads the upstream manifests (never globs), refusing to start when one is missing;
+- decides between "up to date", resume, rebuild (stale input) and refusal (changed config);
+- hands the stage shard markers, atomic writes and a progress line;
+- writes `manifest.json` last: resolved config, input hash, counts, seconds, versions.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import Config, fingerprint_hash, output_fingerprint, section, to_dict
+
+STAGES = ["download", "embed", "dedup", "index", "neighbours", "pack", "train", "sample"]
+UPSTREAM = {
+    "download": [],
+    "embed": ["download"],
+    "dedup": ["embed"],
+    "index": ["embed", "dedup"],
+    "neighbours": ["embed", "dedup", "index"],
+    "pack": ["download", "embed", "neighbours"],
+    "train": ["pack"],
+    "sample": ["embed", "index", "train"],
+}
+VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray", "img2dataset", "webdataset",
+                      "diffusers", "numpy", "pyarrow", "imagehash", "knn-diffusion"]
+
+
+# Runner bookkeeping lives in <stage>/_run/ so that it never mixes with a stage's own outputs
+# (img2dataset, for one, treats every top-level *.json in its folder as a finished shard).
+STATE = "_run/state.json"
+
+
+class UsageError(Exception):
+    """Bad usage or missing inputs: nothing was written (CLI exit code 2)."""
+
+
+class StageError(Exception):
+    """The stage itself failed (corrupt input, missing file): message names the file and the fix (exit 1)."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path, rebuild_hint: str = "") -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path} is corrupt ({e}). {rebuild_hint}".strip()) from None
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One progress line: shards done / total, items/s and ETA, at most once a second."""
+
+    def __init__(self, stage: str, total: int, done: int = 0, unit: str = "items", stream=None):
+        self.stage, self.total, self.done, self.unit = stage, total, done, unit
+        self.items, self.start, self.last = 0, time.monotonic(), 0.0
+        self.stream = stream or sys.stderr
+        self.start_done = done
+
+    def update(self, shards: int = 0, items: int = 0) -> None:
+        self.done += shards
+        self.items += items
+        now = time.monotonic()
+        if now - self.last >= 1.0 or self.done >= self.total:
+            self.last = now
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+    def rate(self) -> float:
+        return self.items / max(time.monotonic() - self.start, 1e-9)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        new = self.done - self.start_done
+        eta = "?" if new == 0 else _hms(elapsed / new * (self.total - self.done))
+        return (f"{self.stage}: {self.done}/{self.total} shards, {self.items} {self.unit} "
+                f"({self.rate():.1f} {self.unit}/s), ETA {eta}")
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class StageRun:
+    """What a stage function gets: its config, its folder, its inputs, and shard bookkeeping."""
+
+    name: str
+    cfg: Config
+    dir: Path
+    inputs: dict[str, dict]
+    input_dirs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def conf(self):
+        return section(self.cfg, self.name)
+
+    def marker(self, shard: int) -> Path:
+        return self.dir / "_run" / "done" / f"{shard:05d}.json"
+
+    def shard_done(self, shard: int) -> bool:
+        return self.marker(shard).exists()
+
+    def mark_done(self, shard: int, stats: dict) -> None:
+        """Record a finished shard: call only after its outputs were renamed into place."""
+        write_json(self.marker(shard), stats)
+
+    def done_stats(self) -> dict[int, dict]:
+        folder = self.dir / "_run" / "done"
+        if not folder.exists():
+            return {}
+        return {int(p.stem): read_json(p) for p in sorted(folder.glob("*.json"))}
+
+    def plan(self, total_shards: int) -> None:
+        """Record how many shards this run will write, for `knnd status`."""
+        state = read_json(self.dir / STATE)
+        state["total_shards"] = total_shards
+        write_json(self.dir / STATE, state)
+
+    def progress(self, total: int, unit: str = "items") -> Progress:
+        module = importlib.import_module(f"pipeline.{self.name}")
+        done = getattr(module, "count_done_shards", _count_markers)(self.dir)
+        return Progress(self.name, total, done=done, unit=unit)
+
+    def device(self) -> str:
+        if self.cfg.device != "auto":
+            return self.cfg.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def stage_dir(cfg: Config, name: str) -> Path:
+    return Path(cfg.workdir) / name
+
+
+def load_inputs(cfg: Config, name: str) -> tuple[dict[str, dict], dict[str, Path]]:
+    """The upstream manifests of stage `name`; a missing one is a usage error naming the stage to run."""
+    manifests, dirs = {}, {}
+    for up in UPSTREAM[name]:
+        path = stage_dir(cfg, up) / "manifest.json"
+        if not path.exists():
+            raise UsageError(f"{name} needs the output of {up}, and {path} does not exist: run `knnd run {up}` first")
+        manifests[up] = read_json(path, f"Rebuild it with `knnd run {up} --force`.")
+        dirs[up] = stage_dir(cfg, up)
+    return manifests, dirs
+
+
+def input_hash(cfg: Config, name: str, manifests: dict[str, dict]) -> str:
+    h = hashlib.sha256()
+    for up in UPSTREAM[name]:
+        h.update((stage_dir(cfg, up) / "manifest.json").read_bytes())
+    if name == "download" and cfg.download.url_list:
+        h.update(_url_list_hash(Path(cfg.download.url_list)).encode())
+    return h.hexdigest()[:16]
+
+
+def _url_list_hash(path: Path) -> str:
+    if path.is_dir():
+        return hashlib.sha256("".join(file_hash(p) for p in sorted(path.iterdir()) if p.is_file()).encode()).hexdigest()
+    return file_hash(path) if path.exists() else "missing"
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
+    """Run one stage to completion (or report it up to date); return its manifest."""
+    if name not in STAGES:
+        raise UsageError(f"unknown stage {name!r}: choose from {', '.join(STAGES)} or all")
+    out = stage_dir(cfg, name)
+    manifests, dirs = load_inputs(cfg, name)
+    module = importlib.import_module(f"pipeline.{name}")
+    if hasattr(module, "check"):  # usage errors the stage can find before writing anything
+        module.check(cfg)
+    in_hash = input_hash(cfg, name, manifests)
+    conf = section(cfg, name)
+    cfg_hash = fingerprint_hash(conf)
+    state = {"config_hash": cfg_hash, "fingerprint": output_fingerprint(conf), "input_hash": in_hash}
+
+    previous = None
+    if (out / "manifest.json").exists():
+        previous = read_json(out / "manifest.json", f"Rebuild with `knnd run {name} --force`.")
+    elif (out / STATE).exists():
+        previous = read_json(out / STATE, f"Rebuild with `knnd run {name} --force`.")
+    if previous is not None:
+        finished = (out / "manifest.json").exists()
+        if previous.get("config_hash") != cfg_hash and not force:
+            changed = "; ".join(_changed_keys(previous.get("fingerprint", {}), state["fingerprint"])) or "config"
+            raise UsageError(f"{name} was {'built' if finished else 'started'} with a different config ({changed}): "
+                             f"re-run with --force to rebuild it, or restore the old values")
+        if finished and previous["config_hash"] == cfg_hash and previous.get("input_hash") == in_hash and not force:
+            log(f"{name}: up to date, nothing to do")
+            return previous
+        if force or finished or previous.get("config_hash") != cfg_hash or previous.get("input_hash") != in_hash:
+            why = "forced" if force else "its input changed"
+            log(f"{name}: rebuilding ({why})")
+            shutil.rmtree(out)
+        else:
+            log(f"{name}: resuming")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / STATE).exists():
+        write_json(out / STATE, state)
+    start = time.time()
+    body = module.run(StageRun(name, cfg, out, manifests, dirs))
+    manifest = {
+        "stage": name,
+        "config": to_dict(conf),
+        "config_hash": cfg_hash,
+        "fingerprint": state["fingerprint"],
+        "input_hash": in_hash,
+        "inputs": {up: str(dirs[up] / "manifest.json") for up in dirs},
+        "seconds": round(time.time() - start, 3),
+        "versions": package_versions(),
+        **body,
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- status
+
+
+def stage_status(cfg: Config, name: str) -> tuple[str, str]:
+    """(state, detail) where state is done, stale, partial or pending."""
+    out = stage_dir(cfg, name)
+    if (out / "manifest.json").exists():
+        manifest = read_json(out / "manifest.json")
+        try:
+            manifests, _ = load_inputs(cfg, name)
+            current = input_hash(cfg, name, manifests)
+        except UsageError:
+            current = None
+        counts = ", ".join(f"{k} {v}" for k, v in manifest.get("counts", {}).items() if not isinstance(v, dict))
+        state = "done" if current == manifest.get("input_hash") else "stale"
+        return state, counts
+    if (out / STATE).exists():
+        state = read_json(out / STATE)
+        module = importlib.import_module(f"pipeline.{name}")
+        done = getattr(module, "count_done_shards", _count_markers)(out)
+        total = state.get("total_shards", "?")
+        return "partial", f"{done} of {total} shards"
+    return "pending", ""
+
+
+def _count_markers(out: Path) -> int:
+    return len(list((out / "_run" / "done").glob("*.json")))
+
+
+# --------------------------------------------------------------------------- ray
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Start a local Ray (default) or join the cluster at `ray.address`, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level="warning", configure_logging=True)
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)

@@ -1,0 +1,129 @@
+"""Shared fixtures: a loopback image server with every kind of bad URL, and small configs."""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+STALL_SECONDS = 4.0  # longer than the download timeout the tests use (1 s)
+
+
+def png_bytes(seed: int, size: int = 48) -> bytes:
+    """A distinct small image: a coloured square on a coloured background."""
+    rng = np.random.default_rng(seed)
+    arr = np.empty((size, size, 3), np.uint8)
+    arr[:] = rng.integers(0, 256, 3)
+    a, b = sorted(rng.integers(0, size, 2))
+    arr[a:b + 4, a:b + 4] = rng.integers(0, 256, 3)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def decompression_bomb(side: int = 40000) -> bytes:
+    """A tiny PNG declaring side x side pixels (past OpenCV's 2^30-pixel guard) of zeros."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\x00" * (side // 8)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# path -> (status, content type, body, delay seconds); filled per server
+BAD_KINDS = {
+    "/missing.png": "http_404",
+    "/error.png": "http_500",
+    "/stall.png": "timeout",
+    "/page.png": "not_an_image",      # HTML served as image/png
+    "/truncated.png": "not_an_image",
+    "/empty.png": "not_an_image",     # zero bytes
+    "/bomb.png": "too_large",
+}
+
+
+class ImageServer:
+    """Serves /good/<i>.png and the bad kinds above on 127.0.0.1; counts requests."""
+
+    def __init__(self, n_good: int, delay: float = 0.0):
+        self.good = {f"/good/{i}.png": png_bytes(i) for i in range(n_good)}
+        self.delay = delay
+        self.requests = 0
+        self.routes = {
+            "/missing.png": (404, "text/plain", b"not found", 0),
+            "/error.png": (500, "text/plain", b"boom", 0),
+            "/stall.png": (200, "image/png", png_bytes(999), STALL_SECONDS),
+            "/page.png": (200, "image/png", b"<html><body>not an image</body></html>", 0),
+            "/truncated.png": (200, "image/png", png_bytes(998)[:60], 0),
+            "/empty.png": (200, "image/png", b"", 0),
+            "/bomb.png": (200, "image/png", decompression_bomb(), 0),
+        }
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                server.requests += 1
+                if self.path in server.good:
+                    status, ctype, body, delay = 200, "image/png", server.good[self.path], server.delay
+                else:
+                    status, ctype, body, delay = server.routes.get(self.path, (404, "text/plain", b"", 0))
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def image_server():
+    servers = []
+
+    def make(n_good: int = 20, delay: float = 0.0) -> ImageServer:
+        s = ImageServer(n_good, delay)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the in-process tests (stages call ensure_ray, which reuses it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield

@@ -1,0 +1,103 @@
+"""Config: defaults, YAML and --set overrides, and the exit-2 errors that name the key and the fix."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import Config, ConfigError, describe, load_config, render_yaml
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("workdir: w\nembed: {batch_size: 8}\nsample: {prompts: [a, b]}\n")
+    cfg = load_config(path, ["embed.batch_size=16", "dedup.cosine_threshold=0.8", "index.nprobe=20",
+                             "embed.pretrained=null", "sample.prompts=one prompt"])
+    assert cfg.workdir == "w"
+    assert cfg.embed.batch_size == 16
+    assert cfg.dedup.cosine_threshold == 0.8
+    assert cfg.index.nprobe == 20
+    assert cfg.embed.pretrained is None
+    assert cfg.sample.prompts == ["one prompt"]
+    assert load_config(None).download.image_size == Config().download.image_size
+
+
+def test_int_accepted_where_float_expected():
+    assert load_config(None, ["download.timeout=3"]).download.timeout == 3.0
+
+
+@pytest.mark.parametrize("override, message", [
+    (["embed.batchsize=3"], r"unknown config key embed\.batchsize: did you mean embed\.batch_size\?"),
+    (["nosuchsection.x=1"], r"unknown config key nosuchsection"),
+    (["embed.batch_size=many"], r"embed\.batch_size must be a integer|embed\.batch_size must be an? integer"),
+    (["index.refine=3"], r"index\.refine must be a boolean"),
+    (["embed.batch_size=0"], r"embed\.batch_size must be at least 1, got 0"),
+    (["dedup.cosine_threshold=1.5"], r"dedup\.cosine_threshold must be at most 1\.0"),
+    (["download.resize_mode=stretch"], r"download\.resize_mode must be one of no, border"),
+    (["index.memory_budget=lots"], r'index\.memory_budget must be a size such as "4GB"'),
+    (["index.nprobe=fast"], r'index\.nprobe must be "auto" or a positive integer'),
+    (["neighbours.k=10", "neighbours.candidates=5"], r"neighbours\.candidates \(5\) must exceed neighbours\.k \(10\)"),
+    (["embed.model=null"], r"embed\.model must not be null"),
+    (["embed.batch_size"], r"expected key\.sub=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("embed: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(notmap)
+
+
+@pytest.mark.parametrize("args, key", [
+    (["run", "download", "--set", "download.treads=4"], "download.treads"),
+    (["run", "download", "--set", "download.threads=-1"], "download.threads"),
+    (["run", "embed", "--set", "embed.phash_size=one"], "embed.phash_size"),
+    (["status", "--set", "device=tpu"], "device"),
+])
+def test_cli_exits_2_and_writes_nothing(args, key, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args + ["--set", f"workdir={tmp_path / 'w'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"knnd: error: ") and key in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_before_its_input_exits_2(tmp_path, capsys):
+    assert main(["run", "embed", "--set", f"workdir={tmp_path}"]) == 2
+    assert "run `knnd run download` first" in capsys.readouterr().err
+    assert not (tmp_path / "embed").exists()
+
+
+def test_missing_url_list_exits_2(tmp_path, capsys):
+    assert main(["run", "download", "--set", f"workdir={tmp_path}"]) == 2
+    assert "download.url_list is not set" in capsys.readouterr().err
+    assert main(["run", "download", "--set", f"workdir={tmp_path}", "--set", "download.url_list=nope.parquet"]) == 2
+    assert "download.url_list nope.parquet does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "download").exists()
+
+
+def test_shipped_stages_yaml_documents_every_key():
+    text = open("stages.yaml").read()
+    assert text == render_yaml(), "stages.yaml is out of date: regenerate it with python -c 'from pipeline.config import render_yaml; print(render_yaml(), end=\"\")' > stages.yaml"
+    assert load_config("stages.yaml") == Config()
+    data = yaml.safe_load(text)
+    for key, _, help_text in describe():
+        node = data
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) and part in node else KeyError
+        assert node is not KeyError, key
+        assert help_text, f"{key} has no help"
+        leaf = key.split(".")[-1]
+        assert re.search(rf"^\s*{leaf}: .*  # \S", text, re.M), f"{key} lacks a comment in stages.yaml"

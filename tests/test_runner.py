@@ -1,0 +1,142 @@
+"""Stage runner: up to date, refusal on changed config, --force, stale input, atomic writes, status."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.runner import (STAGES, UPSTREAM, Progress, StageError, UsageError, atomic_path, run_stage,
+                             stage_status)
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Two trivial stages standing in for download and embed, counting their runs."""
+    calls = {"download": 0, "embed": 0}
+
+    def make(name):
+        mod = types.ModuleType(f"pipeline.{name}")
+
+        def run(stage):
+            calls[name] += 1
+            stage.plan(2)
+            for shard in range(2):
+                if not stage.shard_done(shard):
+                    with atomic_path(stage.dir / f"{shard}.txt") as tmp:
+                        tmp.write_text(f"{name} {shard} {stage.conf.image_size if name == 'download' else 0}")
+                    stage.mark_done(shard, {"items": 1})
+            return {"items": 2, "counts": {"items": 2}}
+
+        mod.run = run
+        monkeypatch.setitem(sys.modules, f"pipeline.{name}", mod)
+
+    make("download")
+    make("embed")
+    return calls
+
+
+def cfg(tmp_path, *sets):
+    return load_config(None, [f"workdir={tmp_path}", *sets])
+
+
+def test_manifest_up_to_date_refusal_force(tmp_path, fake_stages):
+    logs = []
+    m = run_stage("download", cfg(tmp_path), log=logs.append)
+    manifest = json.loads((tmp_path / "download" / "manifest.json").read_text())
+    assert manifest == m
+    assert {"config", "config_hash", "input_hash", "seconds", "versions", "counts"} <= set(manifest)
+    assert manifest["config"]["image_size"] == 256 and "numpy" in manifest["versions"]
+
+    run_stage("download", cfg(tmp_path), log=logs.append)
+    assert logs[-1] == "download: up to date, nothing to do" and fake_stages["download"] == 1
+
+    # a runtime knob (threads) does not change the output: still up to date
+    run_stage("download", cfg(tmp_path, "download.threads=3"), log=logs.append)
+    assert fake_stages["download"] == 1
+
+    with pytest.raises(UsageError, match=r"different config \(image_size: 256 -> 64\).*--force"):
+        run_stage("download", cfg(tmp_path, "download.image_size=64"))
+    assert (tmp_path / "download" / "0.txt").read_text() == "download 0 256"  # nothing lost
+
+    run_stage("download", cfg(tmp_path, "download.image_size=64"), force=True, log=logs.append)
+    assert fake_stages["download"] == 2
+    assert (tmp_path / "download" / "0.txt").read_text() == "download 0 64"
+
+
+def test_status_pending_done_stale(tmp_path, fake_stages):
+    c = cfg(tmp_path)
+    assert stage_status(c, "download") == ("pending", "")
+    run_stage("download", c)
+    run_stage("embed", c)
+    assert stage_status(c, "embed")[0] == "done"
+    assert stage_status(c, "download") == ("done", "items 2")
+    run_stage("download", cfg(tmp_path, "download.image_size=64"), force=True)
+    assert stage_status(c, "embed")[0] == "stale"
+    logs = []
+    run_stage("embed", c, log=logs.append)  # stale input: rebuilt without --force
+    assert logs == ["embed: rebuilding (its input changed)"] and fake_stages["embed"] == 2
+    assert stage_status(c, "embed")[0] == "done"
+
+
+def test_partial_resume_skips_done_shards(tmp_path, fake_stages, monkeypatch):
+    c = cfg(tmp_path)
+    real_run = sys.modules["pipeline.download"].run
+
+    def crash_after_first(stage):
+        stage.plan(2)
+        with atomic_path(stage.dir / "0.txt") as tmp:
+            tmp.write_text("download 0 256")
+        stage.mark_done(0, {"items": 1})
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(sys.modules["pipeline.download"], "run", crash_after_first)
+    with pytest.raises(RuntimeError):
+        run_stage("download", c)
+    assert stage_status(c, "download") == ("partial", "1 of 2 shards")
+    assert not (tmp_path / "download" / "manifest.json").exists()
+    monkeypatch.setattr(sys.modules["pipeline.download"], "run", real_run)
+    logs = []
+    run_stage("download", c, log=logs.append)
+    assert logs == ["download: resuming"]
+    assert stage_status(c, "download")[0] == "done"
+    with pytest.raises(UsageError, match="different config"):
+        run_stage("download", cfg(tmp_path, "download.image_size=64"))
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            1 / 0
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_corrupt_manifest_names_the_file(tmp_path, fake_stages):
+    c = cfg(tmp_path)
+    run_stage("download", c)
+    (tmp_path / "download" / "manifest.json").write_text("{trunc")
+    with pytest.raises(StageError, match=r"download/manifest\.json is corrupt.*knnd run download --force"):
+        run_stage("embed", c)
+
+
+def test_progress_line_has_shards_rate_eta():
+    import io
+
+    out = io.StringIO()
+    p = Progress("embed", total=4, unit="images", stream=out)
+    p.update(shards=1, items=100)
+    p.update(shards=3, items=300)
+    line = out.getvalue().strip().splitlines()[-1]
+    assert line.startswith("embed: 4/4 shards, 400 images (") and "images/s), ETA 0:00:00" in line
+
+
+def test_stage_graph_is_ordered():
+    for name, ups in UPSTREAM.items():
+        assert all(STAGES.index(u) < STAGES.index(name) for u in ups)
