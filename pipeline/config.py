@@ -67,6 +67,7 @@ class EmbedConfig:
     pretrained: str | None = opt("openai", "open_clip pretrained tag, a checkpoint path, or null (random init)")
     batch_size: int = opt(256, "images per model call", min=1, runtime=True)
     phash_size: int = opt(8, "perceptual hash side: the hash has phash_size^2 bits", min=2, max=32)
+    text: bool = opt(False, "also embed captions into embed/text_emb/ (text-like queries for index recall)")
     decode_workers: int = opt(1, "CPU tasks decoding shards ahead of the model", min=1, runtime=True)
 
 

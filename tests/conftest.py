@@ -127,3 +127,39 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     yield
+
+
+def jpg_bytes(seed: int, size: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(seed, size))).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_fake_download(workdir, shards: list[list[tuple[str, bytes | None, str]]]):
+    """A download stage output as img2dataset writes it: tars of (key, image bytes or None, caption).
+
+    An image of None writes a sample whose image bytes are garbage (undecodable)."""
+    import json
+    import tarfile
+
+    out = workdir / "download"
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for shard, samples in enumerate(shards):
+        with tarfile.open(out / f"{shard:05d}.tar", "w") as tar:
+            for key, data, caption in samples:
+                for ext, payload in (("jpg", data if data is not None else b"\xff\xd8garbage"),
+                                     ("txt", caption.encode()),
+                                     ("json", json.dumps({"key": key, "url": f"http://x/{key}.jpg", "caption": caption}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        entries.append({"shard": shard, "tar": f"{shard:05d}.tar", "parquet": f"{shard:05d}.parquet",
+                        "count": len(samples), "successes": len(samples)})
+    manifest = {"stage": "download", "config_hash": "test", "input_hash": "test", "shards": entries,
+                "counts": {"images": sum(len(s) for s in shards)}, "items": sum(len(s) for s in shards)}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+TINY_CLIP = os.path.join(os.path.dirname(__file__), "..", "model", "configs", "tiny_clip.json")

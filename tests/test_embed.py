@@ -1,0 +1,118 @@
+"""embed stage: oracle equality with a direct open_clip encode, bad samples, corrupt tars, kill-resume."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_CLIP, jpg_bytes, write_fake_download
+from model.clip import encode_images, load_clip
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.runner import StageError, run_stage
+
+TINY = os.path.abspath(TINY_CLIP)
+
+
+def embed_args(workdir: Path, *extra: str) -> list[str]:
+    return [f"workdir={workdir}", f"embed.model={TINY}", "embed.pretrained=null", "embed.batch_size=5", *extra]
+
+
+def samples(shard: int, n: int, bad: set[int] = frozenset()):
+    return [(f"{shard:05d}{i:04d}", None if i in bad else jpg_bytes(shard * 1000 + i), f"caption {shard} {i}") for i in range(n)]
+
+
+def read_embed(workdir: Path):
+    out = workdir / "embed"
+    emb = np.concatenate([np.load(p) for p in sorted((out / "img_emb").glob("*.npy"))])
+    meta = pq.read_table(sorted((out / "metadata").glob("*.parquet"))).to_pandas()
+    return emb, meta
+
+
+def test_embeddings_equal_direct_open_clip_encode(tmp_path, ray_local):
+    write_fake_download(tmp_path, [samples(0, 7), samples(1, 6)])
+    torch.manual_seed(0)
+    # random init is seeded inside the actor process differently, so save the weights and load them in both
+    bundle = load_clip(TINY, None)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(bundle.model.state_dict(), ckpt)
+    m = run_stage("embed", load_config(None, embed_args(tmp_path, f"embed.pretrained={ckpt}", "embed.text=true")))
+    emb, meta = read_embed(tmp_path)
+    assert emb.dtype == np.float16 and emb.shape == (13, bundle.embed_dim)
+    assert m["rows"] == 13 and m["dim"] == bundle.embed_dim and m["counts"]["failed"] == 0
+    assert list(meta["row"]) == list(range(13))
+    assert list(meta["key"]) == [k for s in (samples(0, 7), samples(1, 6)) for k, _, _ in s]
+    np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+    bundle = load_clip(TINY, str(ckpt))
+    images = [Image.open(io.BytesIO(jpg_bytes(int(k[:5]) * 1000 + int(k[5:])))).convert("RGB") for k in meta["key"]]
+    direct = encode_images(bundle, torch.stack([bundle.preprocess(im) for im in images]))
+    np.testing.assert_allclose(emb.astype(np.float32), direct, atol=2e-3)
+    assert list(meta["phash"]) == [str(imagehash.phash(im)) for im in images]
+    assert list(meta["caption"]) == [c for s in (samples(0, 7), samples(1, 6)) for _, _, c in s]
+    assert list(meta["width"]) == [40] * 13
+    text = np.concatenate([np.load(tmp_path / "embed" / s["text_emb"]) for s in m["shards"]])
+    from model.clip import encode_texts
+
+    np.testing.assert_allclose(text.astype(np.float32), encode_texts(bundle, list(meta["caption"])), atol=2e-3)
+
+
+def test_undecodable_sample_counted_and_skipped(tmp_path, ray_local):
+    write_fake_download(tmp_path, [samples(0, 6, bad={2, 4}), samples(1, 3)])
+    m = run_stage("embed", load_config(None, embed_args(tmp_path)))
+    emb, meta = read_embed(tmp_path)
+    assert m["failures"] == {"undecodable": 2} and m["counts"]["images"] == 7
+    assert len(emb) == len(meta) == 7
+    assert "000000002" not in set(meta["key"]) and "000000003" in set(meta["key"])
+    assert [s["row_offset"] for s in m["shards"]] == [0, 4]
+
+
+def test_corrupt_tar_stops_with_its_name(tmp_path, ray_local, capsys):
+    out = write_fake_download(tmp_path, [samples(0, 4), samples(1, 4), samples(2, 4)])
+    data = (out / "00001.tar").read_bytes()
+    (out / "00001.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated mid-member
+    with pytest.raises(StageError, match=r"00001\.tar is corrupt or truncated.*re-run `knnd run download`"):
+        run_stage("embed", load_config(None, embed_args(tmp_path)))
+    assert (tmp_path / "embed" / "img_emb" / "img_emb_00000.npy").exists()  # what was done is kept
+    assert main(["run", "embed"] + [a for s in embed_args(tmp_path) for a in ("--set", s)]) == 1
+    assert "00001.tar is corrupt" in capsys.readouterr().err
+
+
+def test_killed_and_rerun_gives_identical_files(tmp_path, ray_local):
+    shards = [samples(s, 24) for s in range(30)]
+    for w in ("killed", "clean"):
+        write_fake_download(tmp_path / w, shards)
+    args = embed_args(tmp_path / "killed", "ray.num_cpus=2")
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "embed"] + [a for s in args for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = tmp_path / "killed" / "embed" / "_run" / "done"
+    deadline = time.time() + 180
+    while (len(list(markers.glob("*.json"))) if markers.exists() else 0) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(markers.glob("*.json")))
+    assert 3 <= done < 30, f"kill landed after {done} of 30 shards"
+    assert not (tmp_path / "killed" / "embed" / "manifest.json").exists()
+    run_stage("embed", load_config(None, args))
+    run_stage("embed", load_config(None, embed_args(tmp_path / "clean")))
+    killed, clean = tmp_path / "killed" / "embed", tmp_path / "clean" / "embed"
+    files = sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file() and "_run" not in p.parts and p.name != "manifest.json")
+    assert len(files) == 60
+    assert files == sorted(p.relative_to(killed) for p in killed.rglob("*") if p.is_file() and "_run" not in p.parts and p.name != "manifest.json")
+    for f in files:
+        if f.suffix == ".parquet":
+            assert pq.read_table(killed / f).equals(pq.read_table(clean / f)), f
+        else:
+            assert np.array_equal(np.load(killed / f), np.load(clean / f)), f
