@@ -66,7 +66,8 @@ def print_table(cfg, names) -> None:
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(Path(args.workdir), minutes=args.minutes, limit=args.limit, set_args=args.set or [])
+    return run_demo(Path(args.workdir), minutes=args.minutes, limit=args.limit, set_args=args.set or [],
+                    encoder_minutes=args.encoder_minutes)
 
 
 def cmd_search(args) -> int:
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the offline OpenMoji demo data")
     p.add_argument("--workdir", default="work/demo", help="where the demo writes (default: work/demo)")
     p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N stickers (quick runs)")
+    p.add_argument("--limit", type=int, default=None, help="use only N stickers, spread over the set (quick runs)")
+    p.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_demo)
 

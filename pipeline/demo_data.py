@@ -214,10 +214,16 @@ class _LoopbackServer(ThreadingHTTPServer):
 
 
 @contextmanager
-def serve_directory(directory: Path) -> Iterator[str]:
-    """Serve `directory` over HTTP on 127.0.0.1 (a free port) for the with-block; yields the base URL."""
+def serve_directory(directory: Path, port: int = 0) -> Iterator[str]:
+    """Serve `directory` over HTTP on 127.0.0.1 for the with-block; yields the base URL.
+
+    `port` is tried first (the demo reuses its last port so its URL list, and with it the
+    download stage, stays up to date); when it is taken, or 0, a free port is used."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = _LoopbackServer(("127.0.0.1", 0), handler)
+    try:
+        server = _LoopbackServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = _LoopbackServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="demo-http", daemon=True)
     thread.start()
     try:

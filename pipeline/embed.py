@@ -300,9 +300,11 @@ def finalize(stage: StageRun, shard_ids: list[int], info: dict) -> dict:
                            "metadata": f"metadata/metadata_{shard:05d}.parquet"}
                           | ({"text_emb": f"text_emb/text_emb_{shard:05d}.npy"} if stage.conf.text else {}))
         offset += rows
+    encoder_report = Path(stage.conf.pretrained or "").parent / "encoder.json"  # the demo encoder's recall
     return {
         "items": offset,
         "counts": {"images": offset, "failed": sum(failed.values()), "shards": len(shard_ids)},
+        "encoder_metrics": json.loads(encoder_report.read_text()) if stage.conf.pretrained and encoder_report.exists() else None,
         "failures": dict(sorted(failed.items())),
         "model": {"model": stage.conf.model, "pretrained": stage.conf.pretrained, "name": info["name"], "dim": info["dim"]},
         "dim": info["dim"],
