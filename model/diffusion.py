@@ -1,0 +1,95 @@
+"""Noise schedule and sampling loop: thin wrappers over diffusers' DDPM/DDIM schedulers.
+
+Images are in [-1, 1] inside; `sample` returns uint8 [B, H, W, 3]. The trainer uses
+`make_scheduler` + `training_example`; the sampler uses `guided_output` inside a plain loop.
+"""
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from model.denoiser import ModelConfig
+
+
+def make_scheduler(config: ModelConfig, kind: str = "ddpm"):
+    """A fresh diffusers scheduler ("ddpm" or "ddim") with the model's beta schedule."""
+    schedulers = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+    if kind not in schedulers:
+        raise ValueError(f"scheduler={kind!r}: use one of {sorted(schedulers)}")
+    # "trailing" spacing starts sampling at t = T - 1 (pure noise), which few-step DDIM needs.
+    return schedulers[kind](num_train_timesteps=config.num_train_timesteps,
+                            beta_schedule=config.beta_schedule,
+                            prediction_type=config.prediction_type,
+                            clip_sample=True, timestep_spacing="trailing")
+
+
+def training_example(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """(x_t, target): x_0 noised to timesteps t, and what the network must predict there."""
+    x_t = scheduler.add_noise(x0, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        return x_t, scheduler.get_velocity(x0, noise, t)
+    return x_t, noise
+
+
+def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None):
+    """Classifier-free guidance, cond and uncond in one batch:
+    out = out_uncond + guidance * (out_cond - out_uncond). guidance 1 skips the uncond pass."""
+    batch = x_t.shape[0]
+    timesteps = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
+    if guidance == 1.0:
+        return model(x_t, timesteps, emb, None, neighbour_mask).float()
+    drop = torch.arange(2 * batch, device=x_t.device) >= batch  # second half: null context
+    mask = None if neighbour_mask is None else torch.cat([neighbour_mask, neighbour_mask])
+    out = model(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
+                torch.cat([emb, emb]), drop, mask).float()
+    cond, uncond = out.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
+           generator: torch.Generator | None = None, init_image=None, strength: float = 1.0,
+           scheduler: str = "ddim", neighbour_mask=None) -> np.ndarray:
+    """Generate uint8 images [B, H, W, 3] for condition embeddings emb [B, n <= k+1, d].
+
+    Deterministic for a given CPU torch.Generator (noise is drawn on the CPU, on any device).
+    init_image (uint8 [B, H, W, 3] or [H, W, 3]) with strength in [0, 1]: image editing, start from
+    the reference noised to timestep ~strength * T and run the remaining steps (the paper also puts
+    f_img(reference) in neighbour slot 1 of emb: the caller's job). neighbour_mask: see
+    ConditionEncoder (e.g. --no-knn with a model trained with neighbours: pass emb[:, :1]).
+    """
+    config = model.config
+    device = next(model.parameters()).device
+    sched = make_scheduler(config, scheduler)
+    sched.set_timesteps(steps)
+    batch = emb.shape[0]
+    shape = (batch, config.in_channels, config.resolution, config.resolution)
+    x = torch.randn(shape, generator=generator).to(device)
+    timesteps = sched.timesteps
+    if init_image is not None:
+        timesteps = timesteps[steps - min(int(round(steps * strength)), steps):]
+        reference = images_to_tensor(init_image, batch).to(device)
+        x = sched.add_noise(reference, x, timesteps[:1]) if len(timesteps) else reference
+    was_training = model.training
+    model.eval()
+    emb = emb.to(device, torch.float32)
+    use_bf16 = device.type == "cuda"
+    for t in timesteps:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = guided_output(model, x, t, emb, guidance, neighbour_mask)
+        x = sched.step(out, t, x, generator=generator).prev_sample
+    model.train(was_training)
+    return tensor_to_images(x)
+
+
+def images_to_tensor(images, batch: int | None = None) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (or one [H, W, 3] image, repeated to batch) -> [B, 3, H, W] in [-1, 1]."""
+    images = torch.as_tensor(np.asarray(images))
+    if images.ndim == 3:
+        images = images.unsqueeze(0).expand(batch or 1, -1, -1, -1)
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 numpy [B, H, W, 3]."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

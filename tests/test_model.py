@@ -1,0 +1,170 @@
+"""model/conditioning.py, model/denoiser.py, model/diffusion.py: shapes, guidance, null context,
+neighbour masking, deterministic sampling, image editing."""
+import numpy as np
+import pytest
+import torch
+
+from model.denoiser import KnnDenoiser, ModelConfig, block_types
+from model.diffusion import guided_output, make_scheduler, sample, training_example
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spin-waiting
+    made each forward ~100x slower; restore the setting for other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(config=None, seed=0):
+    torch.manual_seed(seed)
+    return KnnDenoiser(config or ModelConfig.tiny()).eval()
+
+
+def random_emb(config, batch=2, seed=1, slots=None):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, slots or config.k + 1, config.clip_dim, generator=generator)
+
+
+def forward(model, emb, drop=None, neighbour_mask=None, seed=2):
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(emb.shape[0], 3, config.resolution, config.resolution, generator=generator)
+    t = torch.tensor([10, 500] * (emb.shape[0] // 2))
+    with torch.no_grad():
+        return model(x, t, emb, drop, neighbour_mask)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo"])
+def test_forward_keeps_the_input_shape(preset):
+    config = getattr(ModelConfig, preset)()
+    model = make_model(config)
+    out = forward(model, random_emb(config))
+    assert out.shape == (2, 3, config.resolution, config.resolution)
+    assert torch.isfinite(out).all()
+
+
+def test_demo_and_paper_presets():
+    assert 1.5e6 < make_model(ModelConfig.demo()).num_parameters() < 2.5e6
+    assert ModelConfig.demo().k + 1 == 11
+    down, up = block_types(ModelConfig.paper())  # 64 px: levels 64, 32, 16, 8
+    assert down == ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3
+    assert up == ("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",)
+
+
+def test_config_round_trip_and_errors():
+    config = ModelConfig.tiny(prediction_type="v_prediction")
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown model config key"):
+        ModelConfig.from_dict({**config.to_dict(), "chanels": 3})
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        ModelConfig.tiny(attention_resolutions=(4,))
+    with pytest.raises(ValueError, match="prediction_type"):
+        ModelConfig.tiny(prediction_type="x0")
+
+
+def test_embedding_dimension_mismatch_is_a_clear_error():
+    model = make_model()
+    with pytest.raises(ValueError, match="embedding dimension 7 differs"):
+        forward(model, torch.zeros(2, 4, 7))
+
+
+def test_null_context_ignores_the_embeddings():
+    model = make_model()
+    emb_a, emb_b = random_emb(model.config, seed=1), random_emb(model.config, seed=3)
+    dropped = torch.ones(2, dtype=torch.bool)
+    assert torch.equal(forward(model, emb_a, dropped), forward(model, emb_b, dropped))
+    assert not torch.allclose(forward(model, emb_a), forward(model, emb_b))
+
+
+def test_masked_or_missing_neighbours_carry_no_information():
+    model = make_model()
+    emb_a = random_emb(model.config, seed=1)
+    emb_b = emb_a.clone()
+    emb_b[:, 1:] = random_emb(model.config, seed=3)[:, 1:]  # same query, other neighbours
+    only_query = torch.zeros(2, model.config.k + 1, dtype=torch.bool)
+    out_a = forward(model, emb_a, neighbour_mask=only_query)
+    torch.testing.assert_close(out_a, forward(model, emb_b, neighbour_mask=only_query))
+    torch.testing.assert_close(out_a, forward(model, emb_a[:, :1]))  # no-kNN: query slot only
+    assert not torch.allclose(forward(model, emb_a), forward(model, emb_b))
+
+
+def test_k_zero_model():
+    config = ModelConfig.tiny(k=0)
+    out = forward(make_model(config), random_emb(config))
+    assert out.shape == (2, 3, 16, 16)
+
+
+class StubModel(torch.nn.Module):
+    """Known outputs: cond = x + 1 + t/1000, uncond = 2x - 3 (selected by the drop mask)."""
+
+    def forward(self, x, t, emb, drop_mask=None, neighbour_mask=None):
+        cond = x + 1 + t.view(-1, 1, 1, 1) / 1000
+        if drop_mask is None:
+            return cond
+        return torch.where(drop_mask.view(-1, 1, 1, 1), 2 * x - 3, cond)
+
+
+def test_guidance_formula_with_a_stub():
+    x = torch.randn(3, 3, 4, 4)
+    cond, uncond = x + 1 + 0.25, 2 * x - 3
+    for guidance in (0.0, 1.0, 8.0):
+        out = guided_output(StubModel(), x, torch.tensor(250), torch.zeros(3, 2, 5), guidance)
+        torch.testing.assert_close(out, uncond + guidance * (cond - uncond))
+
+
+def test_guidance_batches_cond_and_uncond_like_separate_calls():
+    model = make_model()
+    emb = random_emb(model.config)
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.full((2,), 300)
+    with torch.no_grad():
+        cond = model(x, t, emb)
+        uncond = model(x, t, emb, torch.ones(2, dtype=torch.bool))
+        out = guided_output(model, x, torch.tensor(300), emb, 8.0)
+    torch.testing.assert_close(out, uncond + 8.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_sampling_is_deterministic_per_seed(scheduler):
+    model = make_model()
+    emb = random_emb(model.config)
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sample(model, emb, steps=4, guidance=3.0, generator=generator, scheduler=scheduler)
+
+    first = run(0)
+    assert first.dtype == np.uint8 and first.shape == (2, 16, 16, 3)
+    assert np.array_equal(first, run(0))
+    assert not np.array_equal(first, run(1))
+
+
+def test_init_image_with_small_strength_returns_about_the_init_image():
+    model = make_model()
+    emb = random_emb(model.config)
+    init = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    generator = torch.Generator().manual_seed(0)
+    assert np.array_equal(sample(model, emb, steps=50, init_image=init, strength=0.0), init)
+    edited = sample(model, emb, steps=50, guidance=1.0, init_image=init, strength=0.02,
+                    generator=generator)
+    assert np.abs(edited.astype(int) - init).mean() < 6
+    fresh = sample(model, emb, steps=50, guidance=1.0, init_image=init, strength=1.0,
+                   generator=generator)
+    assert np.abs(fresh.astype(int) - init).mean() > 30
+
+
+def test_training_targets():
+    for prediction_type in ("epsilon", "v_prediction"):
+        config = ModelConfig.tiny(prediction_type=prediction_type)
+        scheduler = make_scheduler(config)
+        x0, noise = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 3, 16, 16)
+        t = torch.tensor([0, 999])
+        x_t, target = training_example(scheduler, x0, noise, t)
+        alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
+        expected = noise if prediction_type == "epsilon" else (
+            alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0)
+        torch.testing.assert_close(target, expected)

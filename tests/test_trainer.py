@@ -1,0 +1,188 @@
+"""model/data.py, model/checkpoint.py, model/trainer.py: pack round trip, data order and resume,
+weights-only checkpoints, overfitting, exact resume after an interruption."""
+import dataclasses
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import latest_checkpoint, load_model
+from model.data import PackDataset, read_pack_shard, write_pack_shard
+from model.denoiser import ModelConfig
+from model.trainer import TrainParams, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; OpenMP spin-waiting on a shared 2-core machine
+    made them ~100x slower. Restored for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_samples(n, resolution=16, k=3, d=32, seed=0):
+    """Smooth images (a colour and a gradient) and random unit-ish embeddings."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, resolution)
+    samples = []
+    for i in range(n):
+        colour = rng.uniform(0, 255, 3)
+        shade = (0.5 + 0.5 * ramp[:, None, None]) * (0.5 + 0.5 * ramp[None, :, None] ** (i % 3 + 1))
+        image = colour * shade
+        samples.append({"key": f"{i:09d}", "image": image.astype(np.uint8),
+                        "emb": rng.standard_normal(d).astype(np.float16),
+                        "nbr": rng.standard_normal((k, d)).astype(np.float16)})
+    return samples
+
+
+@pytest.fixture
+def pack(tmp_path):
+    paths = [tmp_path / "pack" / "00000.tar", tmp_path / "pack" / "00001.tar"]
+    paths[0].parent.mkdir()
+    samples = make_samples(8)
+    write_pack_shard(paths[0], samples[:5])
+    write_pack_shard(paths[1], samples[5:])
+    return paths, samples
+
+
+def test_pack_shard_round_trip_is_exact_and_reproducible(tmp_path):
+    samples = make_samples(3)
+    path = tmp_path / "00000.tar"
+    assert write_pack_shard(path, samples) == 3
+    read = read_pack_shard(path)
+    assert read["keys"] == [s["key"] for s in samples]
+    for name in ("image", "emb", "nbr"):
+        assert np.array_equal(read[name], np.stack([s[name] for s in samples]))
+        assert read[name].dtype == samples[0][name].dtype
+    with tarfile.open(path) as tar:
+        names = tar.getnames()[:3]
+    assert names == ["000000000.image.npy", "000000000.emb.npy", "000000000.nbr.npy"]
+    first = path.read_bytes()
+    write_pack_shard(path, samples)
+    assert path.read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar"]  # no temporary left
+    write_pack_shard(tmp_path / "00001.tar", [])
+    assert read_pack_shard(tmp_path / "00001.tar")["keys"] == []
+
+
+def test_corrupt_pack_shard_names_the_file(tmp_path):
+    path = tmp_path / "00000.tar"
+    write_pack_shard(path, make_samples(3))
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ValueError, match="corrupt pack shard .*00000.tar"):
+        read_pack_shard(path)
+
+
+def test_pack_dataset_batches_epochs_and_ranks(pack):
+    paths, samples = pack
+    data = PackDataset(paths, batch_size=2, seed=5)
+    batches = iter(data)
+    seen = []
+    for _ in range(4):  # one epoch: 8 samples, 4 batches
+        image, emb = next(batches)
+        assert image.shape == (2, 3, 16, 16) and emb.shape == (2, 4, 32)
+        assert emb.dtype == torch.float32
+        assert image.min() >= -1 and image.max() <= 1
+        for row in range(2):
+            index = next(i for i, s in enumerate(samples)
+                         if np.array_equal(s["emb"].astype(np.float32), emb[row, 0].numpy()))
+            nbr, own_image = samples[index]["nbr"], samples[index]["image"]
+            assert torch.equal(emb[row, 1:], torch.from_numpy(nbr.astype(np.float32)))
+            expected = torch.from_numpy(own_image).permute(2, 0, 1).float() / 127.5 - 1
+            assert torch.equal(image[row], expected)
+            seen.append(index)
+    assert sorted(seen) == list(range(8)) and data.position == (0, 8)
+    assert not np.array_equal(data.epoch_order(0), data.epoch_order(1))
+    ranks = [PackDataset(paths, 2, seed=5, rank=r, world_size=3).epoch_order(0) for r in range(3)]
+    assert all(len(order) == 2 for order in ranks)  # 8 // 3, equal for DDP
+    assert len(set(np.concatenate(ranks))) == 6
+
+
+def test_pack_dataset_resumes_at_a_position(pack):
+    paths, _ = pack
+    batches = iter(PackDataset(paths, batch_size=3, seed=1))
+    for _ in range(3):  # 2 batches per epoch: this ends in epoch 1
+        next(batches)
+    resumed = PackDataset(paths, batch_size=3, seed=1, position=(1, 3))
+    for expected, got in zip([next(batches) for _ in range(3)], iter(resumed)):
+        assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+
+
+def tiny_params(**overrides):
+    base = dict(steps=12, batch_size=4, lr=1e-3, warmup_steps=3, checkpoint_every=4,
+                log_every=1, seed=0)
+    return TrainParams(**{**base, **overrides})
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_overfits_eight_samples(pack, tmp_path):
+    paths, _ = pack
+    params = tiny_params(steps=150, batch_size=8, lr=2e-3, warmup_steps=10, checkpoint_every=1000)
+    result = train(params, ModelConfig.tiny(), paths, tmp_path / "train")
+    losses = [m["loss"] for m in read_metrics(tmp_path / "train")]
+    assert len(losses) == 150 and result["step"] == 150
+    first, last = np.mean(losses[:10]), np.mean(losses[-25:])
+    assert last < 0.3 * first, (first, last)
+
+
+def test_resume_reproduces_the_uninterrupted_run(pack, tmp_path):
+    paths, _ = pack
+    config = ModelConfig.tiny()
+    train(tiny_params(), config, paths, tmp_path / "straight")
+    # interrupted: stops at 6 (checkpoints 4 and 6); then the step-6 checkpoint is lost, as if
+    # killed after step 6 but before its checkpoint: resume from 4, metrics 5-6 must not double
+    interrupted = tmp_path / "interrupted"
+    train(tiny_params(stop_at_step=6), config, paths, interrupted)
+    (interrupted / "checkpoints" / "step_0000006.pt").unlink()
+    train(tiny_params(), config, paths, interrupted)
+
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(interrupted)
+    assert [m["step"] for m in resumed] == list(range(1, 13))
+    assert [(m["loss"], m["lr"]) for m in resumed] == [(m["loss"], m["lr"]) for m in straight]
+    final_a, final_b = (torch.load(latest_checkpoint(run / "checkpoints"), weights_only=True)
+                        for run in (tmp_path / "straight", interrupted))
+    for key in ("model", "ema"):
+        assert all(torch.equal(final_a[key][name], final_b[key][name]) for name in final_a[key])
+    assert final_a["data_position"] == final_b["data_position"] == [5, 8]
+
+
+def test_checkpoints_load_weights_only_and_rebuild_the_model(pack, tmp_path):
+    paths, _ = pack
+    train(tiny_params(steps=4), ModelConfig.tiny(), paths, tmp_path / "train")
+    checkpoints = tmp_path / "train" / "checkpoints"
+    (checkpoints / "step_0000009.pt.tmp123").write_bytes(b"half-written")
+    path = latest_checkpoint(checkpoints)
+    assert path.name == "step_0000004.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 4 and state["model_config"] == ModelConfig.tiny().to_dict()
+    assert {"model", "ema", "optimizer", "lr_scheduler", "data_position", "rng"} <= set(state)
+    model = load_model(path)
+    assert dataclasses.asdict(model.config) == dataclasses.asdict(ModelConfig.tiny())
+    assert all(torch.equal(p, state["ema"][n]) for n, p in model.state_dict().items())
+
+
+def test_pack_and_model_mismatch_is_a_clear_error(pack, tmp_path):
+    paths, _ = pack
+    with pytest.raises(ValueError, match="k=3 but the model config has k=10"):
+        train(tiny_params(), ModelConfig.tiny(k=10), paths, tmp_path / "train")
+
+
+@pytest.mark.skipif(not os.environ.get("KNND_RAY_TESTS"),
+                    reason="starts a local Ray (~45 s on 2 cores); set KNND_RAY_TESTS=1")
+def test_ray_train_two_cpu_workers_with_ddp(pack, tmp_path):
+    paths, _ = pack
+    result = train(tiny_params(steps=4, batch_size=2, num_workers=2), ModelConfig.tiny(), paths,
+                   tmp_path / "train")
+    assert result["step"] == 4
+    assert [m["step"] for m in read_metrics(tmp_path / "train")] == [1, 2, 3, 4]
+    state = torch.load(result["checkpoint"], weights_only=True)
+    assert state["step"] == 4
+    assert state["data_position"] == [1, 4]  # 8 samples / 2 ranks / batch 2: 2 batches an epoch
