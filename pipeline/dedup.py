@@ -1,0 +1,129 @@
+"""dedup stage: embeddings -> dedup/keep.parquet (key, row, keep, duplicate_of, reason, similarity).
+
+Two items are duplicates when their CLIP cosine similarity is above `cosine_threshold`, or,
+among CLIP candidate pairs only, when their perceptual hashes differ in at most
+`manhattan_threshold` bits (pHash alone cannot be applied to all pairs: unrelated 64 px emoji
+often sit within 8 bits of each other). Candidates are each item's `candidates` nearest
+neighbours from a faiss index (IVF beyond small N), so cost grows about linearly with N.
+Groups are connected components; the smallest row of each group is kept.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import knn
+from pipeline.embeddings import Embeddings, read_metadata
+from pipeline.runner import Progress, StageRun, atomic_path
+
+EXACT_UP_TO = 50_000  # below this, an exact flat index is both fastest and simplest
+SEARCH_NPROBE = 16  # duplicates sit very close: a few IVF cells find them
+
+
+def candidate_index(emb: Embeddings, seed: int = 0):
+    """A faiss index over every row, for finding near neighbours (not the retrieval index)."""
+    n, d = emb.shape
+    factory = "Flat" if n <= EXACT_UP_TO else f"IVF{knn.ivf_nlist(n)},Flat"
+    sample = None
+    if factory != "Flat":
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, size=knn.training_sample_size(factory, n), replace=False))
+        sample = emb[rows].astype(np.float32)
+    index = knn.train_index(factory, d, sample)
+    knn.add_batches(index, emb.blocks())
+    if factory != "Flat":
+        knn.set_nprobe(index, SEARCH_NPROBE)
+    return knn.index_for_search(index), factory
+
+
+def find_duplicate_edges(emb: Embeddings, index, phash_bits: np.ndarray, conf, progress=None):
+    """Candidate pairs that are duplicates: (pairs [m, 2], similarity [m], reason codes [m]: 0 cosine, 1 phash)."""
+    k = min(conf.candidates + 1, len(emb))
+    pairs, sims, reasons = [], [], []
+    for rows, vectors in emb.blocks():
+        for start in range(0, len(rows), conf.batch_size):
+            q_rows = rows[start:start + conf.batch_size]
+            s, ids = knn.search(index, vectors[start:start + conf.batch_size], k)
+            p, ps = knn.candidate_pairs(q_rows, s, ids)
+            by_cosine = ps > conf.cosine_threshold
+            by_phash = ~by_cosine & (knn.phash_distances(phash_bits[p[:, 0]], phash_bits[p[:, 1]]) <= conf.manhattan_threshold)
+            dup = by_cosine | by_phash
+            pairs.append(p[dup])
+            sims.append(ps[dup])
+            reasons.append(np.where(by_cosine[dup], 0, 1).astype(np.int8))
+        if progress:
+            progress.update(1, len(rows))
+    if not pairs:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8)
+    return np.concatenate(pairs), np.concatenate(sims), np.concatenate(reasons)
+
+
+def strongest_edge(n: int, pairs: np.ndarray, sims: np.ndarray, reasons: np.ndarray):
+    """For each item, the similarity and reason of its most similar duplicate edge (-inf, -1 if none)."""
+    best_sim = np.full(n, -np.inf, np.float32)
+    best_reason = np.full(n, -1, np.int8)
+    both = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    s2, r2 = np.concatenate([sims, sims]), np.concatenate([reasons, reasons])
+    order = np.argsort(s2, kind="stable")  # ascending: the last write per item is its strongest edge
+    best_sim[both[order]] = s2[order]
+    best_reason[both[order]] = r2[order]
+    return best_sim, best_reason
+
+
+def run(stage: StageRun) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    conf = stage.conf
+    embed_dir = stage.input_dirs["embed"]
+    emb = Embeddings(embed_dir, stage.inputs["embed"])
+    n = len(emb)
+    meta = read_metadata(embed_dir, stage.inputs["embed"], ["key", "row", "phash"])
+    phash_bits = knn.phash_bits_from_hex(meta["phash"])
+    stage.plan(1)  # one output file; progress below counts the input shards searched
+    progress = Progress("dedup", len(emb.shards), unit="images")
+
+    index, factory = candidate_index(emb)
+    pairs, sims, reasons = find_duplicate_edges(emb, index, phash_bits, conf, progress)
+    labels = knn.connected_components(n, pairs)
+    keep = labels == np.arange(n)
+    best_sim, best_reason = strongest_edge(n, pairs, sims, reasons)
+    names = np.array(["cosine", "phash"])
+    removed = ~keep
+    table = pa.table({
+        "key": pa.array(meta["key"], pa.string()),
+        "row": pa.array(np.arange(n, dtype=np.int64)),
+        "keep": pa.array(keep),
+        "duplicate_of": pa.array(labels.astype(np.int64), mask=keep),
+        "reason": pa.array(np.where(removed, names[np.maximum(best_reason, 0)], ""), pa.string(), mask=keep),
+        "similarity": pa.array(best_sim, pa.float32(), mask=keep),
+    })
+    with atomic_path(stage.dir / "keep.parquet") as tmp:
+        pq.write_table(table, tmp)
+    by_reason = {name: int((removed & (best_reason == i)).sum()) for i, name in enumerate(names)}
+    stage.mark_done(0, {"kept": int(keep.sum())})
+    return {
+        "items": n,
+        "counts": {"images": n, "kept": int(keep.sum()), "removed": int(removed.sum()),
+                   "groups": int(len(np.unique(labels[removed]))), **{f"removed_{k}": v for k, v in by_reason.items()}},
+        "removed_by_reason": by_reason,
+        "kept": int(keep.sum()),
+        "candidate_index": factory,
+        "thresholds": {"cosine": conf.cosine_threshold, "manhattan": conf.manhattan_threshold},
+        "output": "keep.parquet",
+    }
+
+
+def read_keep(dedup_dir) -> np.ndarray:
+    """The keep mask (bool per row) from keep.parquet."""
+    import pyarrow.parquet as pq
+
+    from pipeline.runner import StageError
+
+    path = dedup_dir / "keep.parquet"
+    try:
+        table = pq.read_table(path, columns=["row", "keep"])
+    except Exception as e:  # noqa: BLE001 - any read failure means the same fix
+        raise StageError(f"{path} is missing or corrupt ({e}): rebuild it with `knnd run dedup --force`") from None
+    keep = np.zeros(table.num_rows, bool)
+    keep[table.column("row").to_numpy()] = table.column("keep").to_numpy(zero_copy_only=False)
+    return keep

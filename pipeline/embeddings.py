@@ -1,0 +1,89 @@
+"""Read the embed stage's output through its manifest: memory-mapped float16 shards, by row.
+
+One reader for every stage downstream of embed (dedup, index, neighbours, pack, search,
+sample), so that "row" means the same thing everywhere and a corrupt file is reported the
+same way everywhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.runner import StageError, read_json
+
+REBUILD = "rebuild it with `knnd run embed --force`"
+
+
+class Embeddings:
+    """Rows [0, n) of the embedding matrix, stored as one float16 .npy per shard.
+
+    `emb[rows]` gathers any int array of rows (float16 [len(rows), d]); `blocks()` streams shards.
+    `kind` is "img" (image embeddings) or "text" (caption embeddings, when embed.text was on).
+    """
+
+    def __init__(self, embed_dir: Path, manifest: dict | None = None, kind: str = "img"):
+        self.dir = Path(embed_dir)
+        self.manifest = manifest or read_json(self.dir / "manifest.json", REBUILD)
+        self.dim = int(self.manifest["dim"])
+        self.kind = kind
+        field = f"{kind}_emb"
+        if any(field not in s for s in self.manifest["shards"]):
+            raise StageError(f"{self.dir} has no {kind} embeddings (set embed.{'text' if kind == 'text' else 'model'} and re-run embed)")
+        self.shards = self.manifest["shards"]
+        self.offsets = np.array([s["row_offset"] for s in self.shards] + [self.manifest["rows"]], dtype=np.int64)
+        self.arrays = [self._open(s, field) for s in self.shards]
+
+    def _open(self, shard: dict, field: str) -> np.ndarray:
+        path = self.dir / shard[field]
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise StageError(f"{path} is missing or corrupt ({e}): {REBUILD}") from None
+        if array.shape != (shard["rows"], self.dim) or array.dtype != np.float16:
+            raise StageError(f"{path} holds {array.dtype} {array.shape}, the embed manifest says float16 "
+                             f"({shard['rows']}, {self.dim}): {REBUILD}")
+        return array
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.dim
+
+    dtype = np.dtype(np.float16)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = rows.reshape(-1)
+        out = np.empty((len(flat), self.dim), np.float16)
+        shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
+        for s in np.unique(shard_of):
+            sel = np.nonzero(shard_of == s)[0]
+            out[sel] = self.arrays[s][flat[sel] - self.offsets[s]]
+        return out.reshape(rows.shape + (self.dim,))
+
+    def blocks(self):
+        """Yield (rows int64, float32 vectors) one shard at a time."""
+        for s, array in enumerate(self.arrays):
+            start = int(self.offsets[s])
+            yield np.arange(start, start + len(array), dtype=np.int64), np.asarray(array, dtype=np.float32)
+
+
+def read_metadata(embed_dir: Path, manifest: dict, columns: list[str]) -> dict[str, np.ndarray]:
+    """Columns of the embed metadata for every row, in row order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for shard in manifest["shards"]:
+        path = Path(embed_dir) / shard["metadata"]
+        try:
+            tables.append(pq.read_table(path, columns=columns))
+        except (OSError, pa.ArrowInvalid) as e:
+            raise StageError(f"{path} is missing or corrupt ({e}): {REBUILD}") from None
+    table = pa.concat_tables(tables)
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}

@@ -1,0 +1,160 @@
+"""index stage: kept embeddings -> index/image.index (faiss) and index/index_infos.json.
+
+`factory: auto` picks the most accurate index that fits `memory_budget` for N (exact, HNSW,
+IVF, then the paper's OPQ+IVF+PQ); an explicit factory string is used as given. Training uses
+a random sample sized to the index; vectors are added shard by shard from the float16 files.
+`nprobe: auto` is tuned to `target_recall` (recall@10 against exact search). Recall is then
+measured on image queries (database items, self excluded, as the neighbours stage searches)
+and on text-like queries (caption embeddings, when the embed stage wrote them: what sampling
+sends), with and without exact re-ranking from the stored float16 embeddings.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline import knn
+from pipeline.config import parse_bytes
+from pipeline.dedup import read_keep
+from pipeline.embeddings import Embeddings
+from pipeline.runner import StageRun, UsageError, write_json
+
+K_EVAL = 10
+REFINE_K_FACTOR = 4
+
+
+def check(cfg) -> None:
+    factory = cfg.index.factory
+    if factory != "auto":
+        try:
+            knn.make_index(factory, 64 if "OPQ" not in factory and "PQ" not in factory else 512)
+        except RuntimeError as e:
+            raise UsageError(f"index.factory {factory!r} is not a faiss factory string ({str(e).splitlines()[0][:120]}); "
+                             f'use "auto" or e.g. "IVF1024,Flat", "OPQ64_256,IVF4096,PQ64", "HNSW32"') from None
+
+
+def build(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, batch_size: int):
+    """Train `factory` on a sample of the kept rows and add them all, shard by shard."""
+    rng = np.random.default_rng(seed)
+    size = knn.training_sample_size(factory, len(kept_rows))
+    sample = None
+    if size:
+        sample = emb[np.sort(rng.choice(kept_rows, size=size, replace=False))].astype(np.float32)
+    index = knn.train_index(factory, emb.dim, sample)
+    keep = np.zeros(len(emb), bool)
+    keep[kept_rows] = True
+
+    def kept_blocks():
+        for rows, vectors in emb.blocks():
+            mask = keep[rows]
+            for start in range(0, int(mask.sum()), batch_size):
+                yield rows[mask][start:start + batch_size], vectors[mask][start:start + batch_size]
+
+    knn.add_batches(index, kept_blocks())
+    return index
+
+
+class KeptView:
+    """The kept rows of the embeddings as a sliceable float16 matrix (for exact search in blocks)."""
+
+    def __init__(self, emb: Embeddings, kept_rows: np.ndarray):
+        self.emb, self.rows = emb, kept_rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return self.emb[self.rows[sl]]
+
+
+def ground_truth(emb: Embeddings, kept_rows: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return knn.exact_search(KeptView(emb, kept_rows), queries, k, ids=kept_rows)[1]
+
+
+def evaluate(index, emb: Embeddings, queries: np.ndarray, true: np.ndarray, query_rows, refine: bool) -> dict:
+    """recall@1 and @10 and queries/s against exact search (`true`: exact top ids over the kept rows).
+
+    With `query_rows` (image queries that are database items) the item itself is excluded
+    from both the found and the true lists, and `true` holds K_EVAL + 1 ids per query."""
+    extra = 1 if query_rows is not None else 0
+    start = time.perf_counter()
+    if refine:
+        sims, found = knn.refine_search(index, emb, queries, K_EVAL + extra, REFINE_K_FACTOR)
+    else:
+        sims, found = knn.search(index, queries, K_EVAL + extra)
+    qps = len(queries) / max(time.perf_counter() - start, 1e-9)
+    if query_rows is not None:
+        _, found = knn.drop_self(sims, found, query_rows, K_EVAL)
+        _, true = knn.drop_self(np.zeros(true.shape, np.float32), true, query_rows, K_EVAL)
+    return {"recall@1": round(knn.recall_at_k(found, true, 1), 4), "recall@10": round(knn.recall_at_k(found, true, K_EVAL), 4),
+            "queries": len(queries), "queries_per_s": round(qps, 1)}
+
+
+def run(stage: StageRun) -> dict:
+    conf, cfg = stage.conf, stage.cfg
+    start = time.time()
+    embed_dir = stage.input_dirs["embed"]
+    emb = Embeddings(embed_dir, stage.inputs["embed"])
+    kept_rows = np.nonzero(read_keep(stage.input_dirs["dedup"]))[0].astype(np.int64)
+    n, d = len(kept_rows), emb.dim
+    budget = parse_bytes(conf.memory_budget)
+    try:
+        factory = knn.choose_factory(n, d, budget) if conf.factory == "auto" else conf.factory
+    except ValueError as e:
+        raise UsageError(f"index.memory_budget {conf.memory_budget}: {e}") from None
+    stage.plan(1)
+    print(f"index: {factory} over {n} kept vectors of dimension {d}")
+    index = build(emb, kept_rows, factory, conf.seed, conf.add_batch_size)
+
+    rng = np.random.default_rng(conf.seed + 1)
+    q_rows = np.sort(rng.choice(kept_rows, size=min(conf.eval_queries, n), replace=False))
+    image_queries = emb[q_rows].astype(np.float32)
+    image_true = ground_truth(emb, kept_rows, image_queries, K_EVAL + 1)
+    tuning = _set_nprobe(index, image_queries, image_true[:, :K_EVAL], conf)
+    sets = {"image": (image_queries, image_true, q_rows)}
+    text_queries = _text_queries(embed_dir, stage.inputs["embed"], conf, rng)
+    if text_queries is not None:
+        sets["text"] = (text_queries, ground_truth(emb, kept_rows, text_queries, K_EVAL), None)
+    recall = {}
+    for name, (queries, true, rows) in sets.items():
+        recall[name] = evaluate(index, emb, queries, true, rows, refine=False)
+        if conf.refine:
+            recall[f"{name}_refined"] = evaluate(index, emb, queries, true, rows, refine=True)
+
+    knn.save_index(index, stage.dir / "image.index")
+    fixed, per_vector = knn.index_cost(factory, d)
+    infos = {
+        "factory": factory, "n": n, "d": d, "metric": "inner_product",
+        "nprobe": tuning.get("value"), "search_param": tuning.get("name"), "nprobe_tuning": tuning,
+        "bytes_per_vector": per_vector, "index_bytes": knn.estimate_index_bytes(factory, n, d),
+        "memory_budget": conf.memory_budget, "refine": conf.refine, "refine_k_factor": REFINE_K_FACTOR,
+        "build_seconds": round(time.time() - start, 2), "recall": recall,
+        "embed_dir": str(embed_dir.resolve()), "model": stage.inputs["embed"]["model"],
+    }
+    write_json(stage.dir / "index_infos.json", infos)
+    stage.mark_done(0, {"n": n})
+    return {"items": n, "counts": {"vectors": n}, "index": "image.index", "infos": "index_infos.json",
+            "factory": factory, "recall": recall}
+
+
+def _set_nprobe(index, queries, true, conf) -> dict:
+    name = knn.search_param_name(index)
+    if name is None:
+        return {}
+    if conf.nprobe != "auto":
+        knn.set_search_param(index, name, int(conf.nprobe))
+        return {"name": name, "value": int(conf.nprobe), "tuned": False}
+    t = knn.tune_nprobe(index, queries, true, K_EVAL, conf.target_recall)
+    if not t.reached:
+        print(f"index: {name} {t.value} reaches recall@10 {t.recall:.3f} only, below target {conf.target_recall}; "
+              f"consider refine: true or a larger memory_budget")
+    return {"name": name, "value": int(t.value), "tuned": True, "recall@10": round(float(t.recall), 4), "reached": bool(t.reached)}
+
+
+def _text_queries(embed_dir, manifest, conf, rng):
+    if not manifest.get("text_emb"):
+        return None
+    text = Embeddings(embed_dir, manifest, kind="text")
+    rows = np.sort(rng.choice(len(text), size=min(conf.eval_queries, len(text)), replace=False))
+    return text[rows].astype(np.float32)

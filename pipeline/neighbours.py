@@ -1,0 +1,131 @@
+"""neighbours stage: for every kept image, its k nearest kept images -> neighbours_{shard:05d}.parquet.
+
+Columns: key, row, neighbour_keys (list<string>[k]), neighbour_rows (list<int64>[k]),
+similarities (list<float32>[k], descending). As in the paper, the image itself and
+near-identical candidates (cosine above dedup.cosine_threshold or pHash within
+dedup.manhattan_threshold bits) are dropped; extra candidates are fetched until k remain.
+Ray actors hold the index (memory-mapped) and take embed shards one at a time.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import knn
+from pipeline.dedup import read_keep
+from pipeline.retrieval import Retriever
+from pipeline.runner import StageError, StageRun, UsageError, atomic_path, ensure_ray, stage_dir
+
+
+def check(cfg) -> None:
+    from pipeline.runner import read_json
+
+    path = stage_dir(cfg, "dedup") / "manifest.json"
+    if path.exists():
+        kept = read_json(path)["kept"]
+        if cfg.neighbours.k >= kept:
+            raise UsageError(f"neighbours.k ({cfg.neighbours.k}) must be smaller than the number of kept images ({kept}): "
+                             f"lower neighbours.k")
+
+
+def select_neighbours(sims, rows, q_rows, q_bits, bits, k, cosine_threshold, manhattan_threshold):
+    """First k candidates that are not the query and not near-identical; `ok` says whether k were found."""
+    valid = (rows >= 0) & (rows != q_rows[:, None]) & ~(sims > cosine_threshold)
+    dist = knn.phash_distances(q_bits[:, None, :], bits[np.maximum(rows, 0)])
+    valid &= ~(dist <= manhattan_threshold)
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # valid first, search order kept
+    ok = valid.sum(axis=1) >= k
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(rows, order, axis=1), ok
+
+
+class NeighbourWorker:
+    """Holds the index; `__call__(shard)` writes that shard's neighbour lists."""
+
+    def __init__(self, index_dir: str, dedup_dir: str, out_dir: str, k: int, candidates: int,
+                 cosine_threshold: float, manhattan_threshold: int, batch_size: int):
+        from pathlib import Path
+
+        self.retriever = Retriever(index_dir)
+        self.keep = read_keep(Path(dedup_dir))
+        meta = self.retriever.metadata()
+        self.keys, self.bits = meta["key"], knn.phash_bits_from_hex(meta["phash"])
+        self.out = Path(out_dir)
+        self.k, self.candidates, self.batch_size = k, candidates, batch_size
+        self.thresholds = (cosine_threshold, manhattan_threshold)
+        self.n_kept = int(self.keep.sum())
+
+    def neighbours(self, queries: np.ndarray, q_rows: np.ndarray):
+        sims = np.zeros((len(q_rows), self.k), np.float32)
+        rows = np.zeros((len(q_rows), self.k), np.int64)
+        todo, c = np.arange(len(q_rows)), self.candidates
+        while len(todo):
+            s, r = self.retriever.search(queries[todo], min(c, self.n_kept))
+            s, r, ok = select_neighbours(s, r, q_rows[todo], self.bits[q_rows[todo]], self.bits, self.k, *self.thresholds)
+            done = ok | (c >= self.n_kept)
+            if (~ok & done).any():
+                bad = q_rows[todo][~ok & done][0]
+                raise StageError(f"row {bad} has fewer than {self.k} kept images that are not near-identical to it: "
+                                 f"lower neighbours.k or the dedup thresholds")
+            sims[todo[done]], rows[todo[done]] = s[done], r[done]
+            todo, c = todo[~done], c * 2
+        return sims, rows
+
+    def __call__(self, shard: dict, embed_dir: str) -> tuple[int, int]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        emb = self.retriever.embeddings
+        start = shard["row_offset"]
+        q_rows = np.arange(start, start + shard["rows"], dtype=np.int64)
+        q_rows = q_rows[self.keep[q_rows]]
+        all_sims, all_rows = [], []
+        for b in range(0, len(q_rows), self.batch_size):
+            batch = q_rows[b:b + self.batch_size]
+            s, r = self.neighbours(emb[batch].astype(np.float32), batch)
+            all_sims.append(s)
+            all_rows.append(r)
+        sims = np.concatenate(all_sims) if all_sims else np.zeros((0, self.k), np.float32)
+        rows = np.concatenate(all_rows) if all_rows else np.zeros((0, self.k), np.int64)
+        k = self.k
+        table = pa.table({
+            "key": pa.array(self.keys[q_rows], pa.string()),
+            "row": pa.array(q_rows),
+            "neighbour_keys": pa.FixedSizeListArray.from_arrays(pa.array(self.keys[rows.reshape(-1)], pa.string()), k),
+            "neighbour_rows": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), k),
+            "similarities": pa.FixedSizeListArray.from_arrays(pa.array(sims.reshape(-1), pa.float32()), k),
+        })
+        with atomic_path(self.out / f"neighbours_{shard['shard']:05d}.parquet") as tmp:
+            pq.write_table(table, tmp)
+        return shard["shard"], len(q_rows)
+
+    def process(self, shard: dict, embed_dir: str) -> tuple[int, int]:  # the Ray actor method
+        return self(shard, embed_dir)
+
+
+def run(stage: StageRun) -> dict:
+    import ray
+    from ray.util import ActorPool
+
+    conf, cfg = stage.conf, stage.cfg
+    shards = stage.inputs["embed"]["shards"]
+    stage.plan(len(shards))
+    ensure_ray(cfg)
+    args = (str(stage.input_dirs["index"]), str(stage.input_dirs["dedup"]), str(stage.dir), conf.k, conf.candidates,
+            cfg.dedup.cosine_threshold, cfg.dedup.manhattan_threshold, conf.batch_size)
+    todo = [s for s in shards if not stage.shard_done(s["shard"])]
+    progress = stage.progress(len(shards), unit="images")
+    if todo:
+        actors = [ray.remote(NeighbourWorker).options(num_cpus=1).remote(*args) for _ in range(min(conf.actors, len(todo)))]
+        pool = ActorPool(actors)
+        embed_dir = str(stage.input_dirs["embed"])
+        for shard, count in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir), todo):
+            stage.mark_done(shard, {"rows": count})
+            progress.update(1, count)
+    stats = stage.done_stats()
+    total = sum(stats[s["shard"]]["rows"] for s in shards)
+    return {
+        "items": total,
+        "counts": {"images": total, "shards": len(shards)},
+        "k": conf.k,
+        "shards": [{"shard": s["shard"], "rows": stats[s["shard"]]["rows"],
+                    "neighbours": f"neighbours_{s['shard']:05d}.parquet"} for s in shards],
+    }
