@@ -102,7 +102,7 @@ class NeighboursConfig:
 @dataclass
 class PackConfig:
     image_size: int = opt(32, "training resolution (pixels)", min=8, max=1024)
-    shard_size: int = opt(10000, "samples per pack shard", min=1)
+    shard_size: int = opt(10000, "most samples per pack shard (an embed shard is split, never merged)", min=1)
 
 
 @dataclass
@@ -304,9 +304,6 @@ def check_config(cfg: Config) -> None:
     if cfg.neighbours.candidates < cfg.neighbours.k + 1:
         raise ConfigError(f"neighbours.candidates ({cfg.neighbours.candidates}) must exceed neighbours.k ({cfg.neighbours.k}): "
                           f"set neighbours.candidates to at least {cfg.neighbours.k + 1} (self is among the candidates)")
-    if cfg.sample.k > cfg.neighbours.k:
-        raise ConfigError(f"sample.k ({cfg.sample.k}) exceeds neighbours.k ({cfg.neighbours.k}), the k the model is trained with: "
-                          f"lower sample.k or raise neighbours.k")
     if cfg.train.batch_size % cfg.train.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.num_workers ({cfg.train.num_workers})")
     if not cfg.sample.prompts:

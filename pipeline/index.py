@@ -92,7 +92,7 @@ def evaluate(index, emb: Embeddings, queries: np.ndarray, true: np.ndarray, quer
 
 
 def run(stage: StageRun) -> dict:
-    conf, cfg = stage.conf, stage.cfg
+    conf = stage.conf
     start = time.time()
     embed_dir = stage.input_dirs["embed"]
     emb = Embeddings(embed_dir, stage.inputs["embed"])

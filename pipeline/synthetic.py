@@ -56,7 +56,10 @@ def write_embed_output(workdir: Path, vectors: np.ndarray, shard_size: int, phas
         with atomic_path(out / entry["metadata"]) as tmp:
             pq.write_table(table, tmp)
         shards.append(entry)
-    manifest = {"stage": "embed", "config_hash": "synthetic", "input_hash": "synthetic", "items": n, "rows": n, "dim": d,
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(vectors, dtype=np.float16).tobytes()).hexdigest()[:16]
+    manifest = {"stage": "embed", "config_hash": "synthetic", "input_hash": digest, "items": n, "rows": n, "dim": d,
                 "dtype": "float16", "text_emb": text is not None, "shards": shards,
                 "model": {"model": "synthetic", "pretrained": None, "name": "synthetic", "dim": d},
                 "counts": {"images": n, "failed": 0, "shards": len(shards)}}

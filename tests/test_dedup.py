@@ -1,0 +1,125 @@
+"""dedup stage: hand-made duplicates, and the same groups as a brute-force all-pairs reference."""
+from __future__ import annotations
+
+import io
+
+import imagehash
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageEnhance
+
+from pipeline import knn
+from pipeline.config import load_config
+from pipeline.runner import run_stage, stage_status
+from pipeline.synthetic import clustered_unit_vectors, random_phashes, write_embed_output
+
+
+def smooth_image(seed: int, size: int = 64) -> Image.Image:
+    """A distinct picture with structure at pHash's scale: upsampled random blocks."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BICUBIC)
+
+
+def copies(im: Image.Image) -> dict[str, Image.Image]:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=75)
+    shifted = im.transform(im.size, Image.AFFINE, (1, 0, -1, 0, 1, -1), fillcolor="white")
+    return {"exact": im.copy(), "reencoded": Image.open(io.BytesIO(buf.getvalue())).convert("RGB"),
+            "resized": im.resize((48, 48), Image.BICUBIC).resize(im.size, Image.BICUBIC),
+            "shifted": shifted, "brightened": ImageEnhance.Brightness(im).enhance(1.15)}
+
+
+def unit(v):
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_hand_made_duplicates_are_grouped_and_lookalikes_are_not(tmp_path):
+    rng = np.random.default_rng(0)
+    d, n_orig = 32, 30
+    originals = [smooth_image(i) for i in range(n_orig)]
+    base = clustered_unit_vectors(n_orig, d, n_clusters=3, spread=2.0, seed=1)  # "similar content" clusters
+    images, vectors, truth = list(originals), list(base), list(range(n_orig))
+    for o in range(5):  # originals 0-4 get every kind of copy
+        for kind, im in copies(originals[o]).items():
+            images.append(im)
+            # exact/re-encoded/resized copies embed almost identically (cosine > 0.9); shifted and
+            # brightened ones drift in CLIP space (cosine ~0.8) and must be caught by pHash instead
+            noise = 0.05 if kind in ("exact", "reencoded", "resized") else 0.75
+            vectors.append(unit(base[o] + noise * unit(rng.standard_normal(d))))
+            truth.append(o)
+    x = np.array(vectors, np.float32)
+    hashes = [str(imagehash.phash(im)) for im in images]
+    write_embed_output(tmp_path, x, shard_size=16, phash=hashes)
+    m = run_stage("dedup", load_config(None, [f"workdir={tmp_path}", "dedup.manhattan_threshold=10"]))
+
+    keep = pq.read_table(tmp_path / "dedup" / "keep.parquet").to_pandas()
+    assert list(keep["row"]) == list(range(len(images)))
+    assert list(keep["duplicate_of"].fillna(-1).astype(int)) == [-1 if r < n_orig else truth[r] for r in range(len(images))]
+    assert keep["keep"].tolist() == [r < n_orig for r in range(len(images))]
+    removed = keep[~keep["keep"]]
+    kinds = [k for _ in range(5) for k in copies(originals[0])]
+    by_kind = dict(zip(kinds, removed["reason"]))
+    assert by_kind["exact"] == "cosine" and by_kind["shifted"] == "phash" and by_kind["brightened"] == "phash"
+    assert (removed["similarity"] > 0).all() and keep[keep["keep"]]["similarity"].isna().all()
+    assert m["counts"]["removed"] == 25 and m["counts"]["kept"] == n_orig
+    assert m["removed_by_reason"]["cosine"] + m["removed_by_reason"]["phash"] == 25
+
+
+def brute_force_groups(x: np.ndarray, bits: np.ndarray, cos_thr: float, man_thr: int, candidates: int) -> np.ndarray:
+    """All pairs above the cosine threshold, plus pHash-close pairs among each item's top candidates."""
+    n = len(x)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :candidates]
+    edges = [(i, j) for i in range(n) for j in range(i + 1, n) if sims[i, j] > cos_thr]
+    for i in range(n):
+        for j in top[i]:
+            if np.unpackbits(bits[i] ^ bits[j]).sum() <= man_thr:
+                edges.append((i, j))
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)])
+
+
+def test_same_groups_as_brute_force(tmp_path):
+    rng = np.random.default_rng(3)
+    n, d = 600, 24
+    x = clustered_unit_vectors(n, d, n_clusters=40, spread=0.9, seed=2)
+    for _ in range(60):  # plant near-duplicates and chains
+        i, j = rng.integers(0, n, 2)
+        x[j] = unit(x[i] + 0.08 * unit(rng.standard_normal(d)))
+    hashes = random_phashes(n, seed=5)
+    for _ in range(40):  # plant pHash-close pairs (some will be CLIP candidates)
+        i, j = rng.integers(0, n, 2)
+        flipped = bytearray(bytes.fromhex(hashes[i]))
+        flipped[0] ^= 0b101
+        hashes[j] = flipped.hex()
+    write_embed_output(tmp_path, x, shard_size=128, phash=hashes)
+    run_stage("dedup", load_config(None, [f"workdir={tmp_path}", "dedup.manhattan_threshold=3", "dedup.candidates=8",
+                                          "dedup.batch_size=100"]))
+    keep = pq.read_table(tmp_path / "dedup" / "keep.parquet").to_pandas()
+    xs = np.load(tmp_path / "embed" / "img_emb" / "img_emb_00000.npy")  # float16 as stored
+    x16 = np.concatenate([xs] + [np.load(tmp_path / "embed" / "img_emb" / f"img_emb_{s:05d}.npy") for s in range(1, 5)])
+    labels = brute_force_groups(x16.astype(np.float32), knn.phash_bits_from_hex(hashes), 0.9, 3, 8)
+    got = np.where(keep["keep"], keep["row"], keep["duplicate_of"].fillna(-1)).astype(int)
+    assert (labels != np.arange(n)).sum() > 30  # the planted structure produced groups
+    np.testing.assert_array_equal(got, labels)
+
+
+def test_dedup_is_stale_when_embed_changes(tmp_path):
+    x = clustered_unit_vectors(200, 16, 10, seed=0)
+    write_embed_output(tmp_path, x, shard_size=50)
+    cfg = load_config(None, [f"workdir={tmp_path}"])
+    run_stage("dedup", cfg)
+    assert stage_status(cfg, "dedup")[0] == "done"
+    write_embed_output(tmp_path, clustered_unit_vectors(200, 16, 10, seed=1), shard_size=50)
+    assert stage_status(cfg, "dedup")[0] == "stale"

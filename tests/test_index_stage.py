@@ -1,0 +1,89 @@
+"""index stage: tuned recall against exact search, refine for text-like queries, infos, mmap load."""
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from pipeline import knn
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.runner import run_stage
+from pipeline.synthetic import clustered_unit_vectors, write_embed_output
+
+
+def unit(v):
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    """Clustered image embeddings plus caption embeddings shifted off their distribution."""
+    root = tmp_path_factory.mktemp("db")
+    n, d = 12000, 32
+    x = clustered_unit_vectors(n, d, n_clusters=150, spread=0.9, seed=0)
+    rng = np.random.default_rng(1)
+    offset = unit(rng.standard_normal(d))
+    text = unit(x + 0.8 * offset + 0.3 * unit(rng.standard_normal((n, d))))  # text-like: a modality gap
+    write_embed_output(root, x, shard_size=3000, text=text)
+    run_stage("dedup", load_config(None, [f"workdir={root}"]))
+    return root, x, text
+
+
+def build(root, tmp_path, *sets):
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(root / "embed", work / "embed")
+    shutil.copytree(root / "dedup", work / "dedup")
+    return work, run_stage("index", load_config(None, [f"workdir={work}", *sets]))
+
+
+def test_auto_exact_index_has_perfect_recall(database, tmp_path):
+    root, x, _ = database
+    work, m = build(root, tmp_path)
+    infos = json.loads((work / "index" / "index_infos.json").read_text())
+    assert infos["factory"] == knn.choose_factory(len(x), x.shape[1], knn.parse_bytes("4GB"))
+    assert infos["n"] == len(x) and infos["d"] == 32 and infos["bytes_per_vector"] > 0
+    assert infos["recall"]["image"]["recall@10"] == 1.0 and infos["recall"]["text"]["recall@10"] == 1.0
+    assert {"build_seconds", "nprobe", "memory_budget", "embed_dir", "model"} <= set(infos)
+    index = faiss.read_index(str(work / "index" / "image.index"), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    assert index.ntotal == len(x)
+    sims, rows = index.search(x[:5], 1)
+    assert list(rows[:, 0]) == [0, 1, 2, 3, 4]  # ids are rows
+
+
+def test_tuned_ivf_pq_reaches_target_and_refine_recovers_text_recall(database, tmp_path):
+    root, _, _ = database
+    work, m = build(root, tmp_path, "index.factory=IVF128,PQ16x4", "index.refine=true", "index.target_recall=0.9",
+                    "index.eval_queries=300")
+    infos = json.loads((work / "index" / "index_infos.json").read_text())
+    r = infos["recall"]
+    assert infos["factory"] == "IVF128,PQ16x4" and infos["bytes_per_vector"] < 32
+    assert infos["nprobe_tuning"]["tuned"] and 1 <= infos["nprobe"] <= 128
+    assert r["image_refined"]["recall@10"] >= 0.9
+    assert r["text_refined"]["recall@10"] >= 0.9
+    assert r["text_refined"]["recall@10"] > r["text"]["recall@10"] + 0.05  # PQ alone loses text recall
+
+
+def test_fixed_nprobe_is_used(database, tmp_path):
+    root, _, _ = database
+    work, _ = build(root, tmp_path, "index.factory=IVF64,Flat", "index.nprobe=3", "index.eval_queries=100")
+    infos = json.loads((work / "index" / "index_infos.json").read_text())
+    assert infos["nprobe"] == 3 and not infos["nprobe_tuning"]["tuned"]
+
+
+def test_bad_factory_and_budget_exit_2(database, tmp_path, capsys):
+    root, _, _ = database
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(root / "embed", work / "embed")
+    shutil.copytree(root / "dedup", work / "dedup")
+    assert main(["run", "index", "--set", f"workdir={work}", "--set", "index.factory=IVF12,Flatt"]) == 2
+    assert "index.factory 'IVF12,Flatt' is not a faiss factory string" in capsys.readouterr().err
+    assert main(["run", "index", "--set", f"workdir={work}", "--set", "index.memory_budget=10KB"]) == 2
+    assert "index.memory_budget 10KB" in capsys.readouterr().err
+    assert not (work / "index" / "image.index").exists()
