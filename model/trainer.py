@@ -47,6 +47,7 @@ class TrainParams:
     use_gpu: bool = False
     log_every: int = 10             # steps between metrics.jsonl lines
     stop_at_step: int | None = None  # stop early (with a checkpoint), as if interrupted
+    max_seconds: float | None = None  # wall-clock budget of this run: then checkpoint and stop
 
 
 def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir) -> dict:
@@ -103,6 +104,7 @@ def train_loop(config: dict) -> dict:
 
     # the loop
     stop = min(params.steps, params.stop_at_step or params.steps)
+    deadline = None if params.max_seconds is None else time.monotonic() + params.max_seconds
     metrics = MetricsLog(out_dir / "metrics.jsonl", step) if rank == 0 else None
     batches = iter(data)
     while step < stop:
@@ -114,12 +116,28 @@ def train_loop(config: dict) -> dict:
                           image, emb, noise, t, drop)
         step += 1
         ema_update(model, ema, min(params.ema_decay, (1 + step) / (10 + step)))
+        if out_of_time(deadline, config.get("distributed", False), device):
+            stop = step  # this step ends the run: logged and checkpointed like the last one
         if metrics and (step % params.log_every == 0 or step == stop):
             metrics.write(step, loss.item(), lr, samples_per_step=params.batch_size * world_size)
         if rank == 0 and (step % params.checkpoint_every == 0 or step == stop):
             save_checkpoint(out_dir / "checkpoints",
                             training_state(model, ema, optimizer, lr_schedule, step, data, params))
     return summary(out_dir) if rank == 0 else {}
+
+
+def out_of_time(deadline: float | None, distributed: bool, device) -> bool:
+    """Whether the time budget is spent. Under DDP rank 0's clock decides for every rank (one tiny
+    broadcast a step), so all ranks stop after the same step."""
+    if deadline is None:
+        return False
+    spent = time.monotonic() >= deadline
+    if distributed:
+        import torch.distributed as dist
+        flag = torch.tensor([float(spent)], device=device)
+        dist.broadcast(flag, src=0)
+        spent = bool(flag.item())
+    return spent
 
 
 def resume_checkpoint(directory: Path, model_config: ModelConfig) -> dict | None:

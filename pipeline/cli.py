@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, help="DDIM steps")
     p.add_argument("--seed", type=int, help="seed of the initial noise")
-    p.add_argument("--out", help="output folder (default: <workdir>/sample)")
+    p.add_argument("--out", help="output folder (default: <workdir>/sample_cli; `knnd run sample` writes <workdir>/sample)")
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone (the paper's ablation)")
     p.add_argument("--init-image", help="reference image to edit (replaces the first neighbour, noised start)")
     p.add_argument("--strength", type=float, default=0.7, help="how far the reference is noised (0..1)")

@@ -1,0 +1,183 @@
+"""train stage: pack shards -> train/checkpoints/step_{step:07d}.pt and train/metrics.jsonl.
+
+A thin layer over `model.trainer.train`: it builds the model config from the `train.model` preset
+(tiny, demo, paper) at the pack's resolution, CLIP dimension and k, maps the `train:` section onto
+TrainParams, and records the result in the manifest. Resuming is the trainer's: a re-run of an
+interrupted stage (the runner says "resuming") continues exactly from the latest checkpoint.
+`train.minutes` bounds the wall time of one run (a resumed run gets the budget afresh); the run
+then ends like a finished one (final checkpoint, manifest) after fewer than `train.steps` steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pipeline.runner import StageError, StageRun, UsageError, _hms, ensure_ray, read_json, stage_dir
+
+PRESETS = ("tiny", "demo", "paper")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def model_config(preset: str, resolution: int, clip_dim: int, k: int):
+    """The preset's network at `resolution`, fed `clip_dim`-dimensional embeddings of k neighbours.
+
+    Cross-attention stays at the same U-Net levels (tiny attends at its second level: 8 px at
+    16 px, 16 px at 32 px), so a preset keeps its shape and parameter count at any resolution that
+    its levels divide. Raises UsageError naming both keys when they do not fit together.
+    """
+    from model.denoiser import ModelConfig
+
+    build = {"tiny": ModelConfig.tiny, "demo": ModelConfig.demo, "paper": ModelConfig.paper}[preset]
+    base = build()
+    levels = len(base.block_out_channels)
+    if resolution % 2 ** (levels - 1):
+        raise UsageError(f"pack.image_size {resolution} does not fit train.model {preset}: its {levels} U-Net levels "
+                         f"halve the image {levels - 1} times, so the size must be a multiple of {2 ** (levels - 1)} "
+                         f"(the preset's own is {base.resolution}); change pack.image_size or train.model")
+    attend = [base.level_resolutions().index(r) for r in base.attention_resolutions]
+    return build(resolution=resolution, attention_resolutions=tuple(resolution // 2 ** i for i in attend),
+                 clip_dim=clip_dim, k=k)
+
+
+def train_params(conf, use_gpu: bool):
+    """TrainParams from the `train:` section; batch_size there counts all workers, here one."""
+    from model.trainer import TrainParams
+
+    return TrainParams(steps=conf.steps, batch_size=conf.batch_size // conf.num_workers, lr=conf.lr,
+                       weight_decay=conf.weight_decay, warmup_steps=conf.warmup_steps,
+                       cond_drop_prob=conf.cond_drop_prob, grad_clip=conf.grad_clip, ema_decay=conf.ema_decay,
+                       checkpoint_every=conf.checkpoint_every, seed=conf.seed, num_workers=conf.num_workers,
+                       use_gpu=use_gpu)
+
+
+def check(cfg) -> None:
+    """Usage errors found before anything is written: preset vs pack, batch vs pack size, GPU."""
+    conf = cfg.train
+    pack = read_json(stage_dir(cfg, "pack") / "manifest.json", "Rebuild it with `knnd run pack --force`.")
+    model_config(conf.model, pack["image_size"], pack["d"], pack["k"])
+    if pack["items"] < conf.batch_size:
+        raise UsageError(f"the pack holds {pack['items']} samples, fewer than train.batch_size {conf.batch_size}: "
+                         f"lower train.batch_size or pack more images")
+    if conf.use_gpu:
+        import torch
+
+        if cfg.device == "cpu" or not torch.cuda.is_available():
+            why = "device is cpu" if cfg.device == "cpu" else "no CUDA device is visible"
+            raise UsageError(f"train.use_gpu is true but {why}: set train.use_gpu=false")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(stage: StageRun) -> dict:
+    from model.trainer import train
+
+    conf, pack = stage.conf, stage.inputs["pack"]
+    config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"])
+    use_gpu = conf.use_gpu or stage.device() == "cuda"
+    params = train_params(conf, use_gpu)
+    paths = [stage.input_dirs["pack"] / s["tar"] for s in pack["shards"] if s["samples"]]
+    stage.plan(conf.steps)  # `knnd status` counts steps of the latest checkpoint (count_done_shards)
+    if use_gpu or conf.num_workers > 1:
+        ensure_ray(stage.cfg)  # Ray Train joins ray.address instead of starting a Ray of its own
+    print(f"train: {conf.model} model at {config.resolution} px, k={config.k}, d={config.clip_dim}, "
+          f"{conf.steps} steps of {conf.batch_size} on {'GPU' if use_gpu else 'CPU'}"
+          + (f", at most {conf.minutes:g} min" if conf.minutes is not None else ""), file=sys.stderr)
+    try:
+        with MetricsTail(stage.dir / "metrics.jsonl", conf.steps):
+            budget = None if conf.minutes is None else conf.minutes * 60
+            result = train(dataclasses.replace(params, max_seconds=budget), config, paths, stage.dir)
+    except ValueError as e:  # the trainer's own messages: corrupt pack shard, foreign checkpoint
+        raise StageError(str(e)) from None
+    return manifest_body(stage.dir, result, config, conf, pack)
+
+
+def manifest_body(out_dir: Path, result: dict, config, conf, pack: dict) -> dict:
+    import statistics
+
+    from model.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    step = int(result.get("step", 0))
+    return {
+        "items": step * conf.batch_size,  # samples trained on, so the stage table shows samples/s
+        "counts": {"steps": step, "samples": step * conf.batch_size},
+        "step": step,
+        "stopped_by": "steps" if step >= conf.steps else "minutes",
+        "loss": result.get("loss"),
+        "lr": result.get("lr"),
+        "samples_per_s": statistics.median(m["samples_per_s"] for m in lines) if lines else None,
+        "checkpoint": str(checkpoint.relative_to(out_dir)) if checkpoint else None,
+        "checkpoints": "checkpoints/step_{step:07d}.pt",
+        "metrics": "metrics.jsonl",
+        "parameters": count_parameters(checkpoint) if checkpoint else None,
+        "model_preset": conf.model,
+        "model_config": config.to_dict(),
+        "clip": pack.get("clip"),  # the CLIP the model was trained on: sampling needs its text tower
+    }
+
+
+def count_parameters(checkpoint: Path) -> int:
+    """Parameters of the saved model, read lazily (mmap) rather than by building the network."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    return int(sum(t.numel() for t in state["ema"].values()))
+
+
+def count_done_shards(out: Path) -> int:
+    """For `knnd status`: the step of the latest checkpoint (the plan is train.steps)."""
+    from model.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(Path(out) / "checkpoints")
+    return int(latest.stem.split("_")[1]) if latest else 0
+
+
+class MetricsTail:
+    """Prints the trainer's progress every few seconds, read from metrics.jsonl (which rank 0
+    appends), so the in-process and the Ray Train paths report the same way."""
+
+    def __init__(self, path: Path, total_steps: int, every: float = 5.0, stream=None):
+        self.path, self.total, self.every = Path(path), total_steps, every
+        self.stream = stream or sys.stderr
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.first = self.last_step = None  # (time, step) of the first line seen: the ETA's origin
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._print()
+
+    def _loop(self):
+        while not self.stop.wait(self.every):
+            self._print()
+
+    def _print(self):
+        try:
+            lines = self.path.read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else None
+        except (OSError, ValueError):  # not written yet, or caught mid-line
+            return
+        if last is None or last["step"] == self.last_step:
+            return
+        now, step = time.monotonic(), last["step"]
+        self.first = self.first or (now, step)
+        self.last_step = step
+        eta = "?"
+        if step > self.first[1]:
+            eta = _hms((now - self.first[0]) / (step - self.first[1]) * (self.total - step))
+        self.stream.write(f"train: step {step}/{self.total}, loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
+                          f"{last['samples_per_s']:.1f} samples/s, ETA {eta}\n")
+        self.stream.flush()

@@ -1,0 +1,186 @@
+"""pipeline/sample.py: `knnd sample` and the sample stage on a tiny trained model and tiny random CLIP:
+same seed -> same PNG bytes, a wrong-dimension index is exit 2 naming both dimensions, swapping the
+index swaps the neighbours, --no-knn, --init-image (f_img(ref) in slot 1, noised start), records."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import model.diffusion
+from conftest import TINY_CLIP
+from model.clip import encode_images, load_clip, preprocess_images
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.pack import load_image
+from pipeline.runner import run_stage, write_json
+from pipeline.synthetic import write_embed_output
+from test_train_stage import write_pack
+
+TINY = os.path.abspath(TINY_CLIP)
+RECORD_FIELDS = {"prompt", "prompt_index", "index_in_prompt", "seed", "image", "guidance", "steps", "k", "no_knn",
+                 "neighbour_keys", "neighbour_captions", "similarities", "init_image", "strength", "index_dir",
+                 "checkpoint"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def settings(workdir) -> dict:
+    return {"workdir": str(workdir), "device": "cpu",
+            "dedup": {"manhattan_threshold": 0},
+            "neighbours": {"k": 3, "candidates": 4},
+            "train": {"model": "tiny", "steps": 2, "batch_size": 4, "warmup_steps": 1},
+            "sample": {"prompts": ["red heart", "rocket"], "k": 3, "guidance": 3.0, "steps": 2, "images_per_prompt": 2}}
+
+
+def build_index(workdir, prefix: str, n: int, d: int, seed: int):
+    """Embed output (random unit vectors, "embedded" by the tiny CLIP) -> dedup -> index."""
+    vectors = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    manifest = write_embed_output(workdir, vectors, shard_size=10, keys=[f"{prefix}{i:08d}" for i in range(n)],
+                                  captions=[f"{prefix} item {i}" for i in range(n)])
+    manifest["model"] = {"model": TINY, "pretrained": None, "name": "tiny", "dim": d}
+    write_json(workdir / "embed" / "manifest.json", manifest)
+    path = workdir / "stages.yaml"
+    path.write_text(yaml.safe_dump(settings(workdir)))
+    cfg = load_config(path)
+    run_stage("dedup", cfg)
+    run_stage("index", cfg)
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Workdir a: index + tiny model trained 2 steps; b: another 32-d index; c: a 16-d index."""
+    root = tmp_path_factory.mktemp("sample")
+    config = build_index(root / "a", "a", 24, 32, seed=0)
+    write_pack(root / "a")
+    run_stage("train", load_config(config))
+    build_index(root / "b", "b", 20, 32, seed=1)
+    build_index(root / "c", "c", 20, 16, seed=2)
+    return {"root": root, "config": str(config), "a": root / "a", "b": root / "b" / "index", "c": root / "c" / "index"}
+
+
+def knnd_sample(work, out, *args) -> int:
+    return main(["sample", "red heart", "green apple", "-k", "3", "--steps", "2", "--seed", "3",
+                 "--out", str(out), "-c", work["config"], *args])
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records what model.diffusion.sample is called with, and calls it."""
+    calls, real = [], model.diffusion.sample
+
+    def wrapper(denoiser, emb, **kwargs):
+        calls.append({"emb": emb.clone(), **kwargs})
+        return real(denoiser, emb, **kwargs)
+
+    monkeypatch.setattr(model.diffusion, "sample", wrapper)
+    return calls
+
+
+def test_same_seed_gives_the_same_pngs_and_full_records(work, tmp_path, capsys):
+    assert knnd_sample(work, tmp_path / "one") == 0
+    assert f"grid: {tmp_path / 'one' / 'grid.png'}" in capsys.readouterr().out
+    assert knnd_sample(work, tmp_path / "two") == 0
+    names = ["red-heart_0.png", "red-heart_1.png", "green-apple_0.png", "green-apple_1.png"]
+    for name in names + ["grid.png"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert (tmp_path / "one" / names[0]).read_bytes() != (tmp_path / "one" / names[1]).read_bytes()  # seed + i
+    assert np.asarray(Image.open(tmp_path / "one" / names[0])).shape == (16, 16, 3)
+    rows = records(tmp_path / "one")
+    assert [r["image"] for r in rows] == names and [r["seed"] for r in rows] == [3, 4, 3, 4]
+    for r in rows:
+        assert set(r) == RECORD_FIELDS
+        assert len(r["neighbour_keys"]) == 3 and all(key.startswith("a") for key in r["neighbour_keys"])
+        assert r["neighbour_captions"][0].startswith("a item") and r["similarities"] == sorted(r["similarities"], reverse=True)
+        assert (r["guidance"], r["steps"], r["index_dir"]) == (3.0, 2, str((work["a"] / "index").resolve()))
+        assert r["checkpoint"].endswith("step_0000002.pt")
+    grid = Image.open(tmp_path / "one" / "grid.png")
+    assert grid.height > 2 * 128 and grid.width > 2 * 128
+
+
+def test_index_of_another_dimension_is_a_usage_error_naming_both(work, tmp_path, capsys):
+    assert knnd_sample(work, tmp_path / "out", "--index", str(work["c"])) == 2
+    err = capsys.readouterr().err
+    assert "32-dimensional" in err and "16-dimensional" in err and str(work["c"]) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_swapping_the_index_swaps_the_neighbours(work, tmp_path):
+    assert knnd_sample(work, tmp_path / "a") == 0
+    assert knnd_sample(work, tmp_path / "b", "--index", str(work["b"])) == 0
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert all(key.startswith("a") for r in a for key in r["neighbour_keys"])
+    assert all(key.startswith("b") for r in b for key in r["neighbour_keys"])
+    assert b[0]["index_dir"] == str(work["b"].resolve())
+
+
+def test_no_knn_conditions_on_the_text_alone(work, tmp_path, spy):
+    assert knnd_sample(work, tmp_path, "--no-knn") == 0
+    assert all(call["emb"].shape == (1, 1, 32) for call in spy)
+    assert all(r["no_knn"] and r["k"] == 0 and r["neighbour_keys"] == [] for r in records(tmp_path))
+
+
+def test_init_image_takes_the_first_neighbour_slot_and_the_noised_start(work, tmp_path, spy):
+    reference = tmp_path / "ref.png"
+    rgba = np.random.default_rng(5).integers(0, 256, (40, 56, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(reference)
+    assert knnd_sample(work, tmp_path / "out", "--init-image", str(reference), "--strength", "0.5") == 0
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the random-init CLIP of the index, as the embed stage built it
+        clip = load_clip(TINY, None)
+    with Image.open(reference) as im:
+        f_img = encode_images(clip, preprocess_images(clip, [im]))[0]
+    call = spy[0]
+    assert call["emb"].shape == (1, 4, 32)  # f_txt, f_img(ref), d_2, d_3
+    assert np.allclose(call["emb"][0, 1].numpy(), f_img, atol=1e-6)
+    assert call["strength"] == 0.5 and np.array_equal(call["init_image"], load_image(reference, 16))
+    rows = records(tmp_path / "out")
+    assert all(len(r["neighbour_keys"]) == 2 and r["strength"] == 0.5 and r["init_image"] == str(reference.resolve())
+               for r in rows)
+
+
+def test_k_beyond_the_model_and_missing_checkpoint_are_usage_errors(work, tmp_path, capsys):
+    assert main(["sample", "x", "-k", "4", "--out", str(tmp_path / "o"), "-c", work["config"]]) == 2
+    assert "k=4 exceeds the 3 neighbours" in capsys.readouterr().err
+    assert knnd_sample(work, tmp_path / "o", "--checkpoint", str(tmp_path / "none.pt")) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_stage_writes_grid_and_records_and_resumes_by_prompt(work):
+    cfg = load_config(work["config"])
+    manifest = run_stage("sample", cfg)
+    out = work["a"] / "sample"
+    assert manifest["counts"] == {"prompts": 2, "images": 4}
+    assert manifest["images"] == ["red-heart_0.png", "red-heart_1.png", "rocket_0.png", "rocket_1.png"]
+    assert len(records(out)) == 4 and (out / "grid.png").exists()
+    first = {name: ((out / name).read_bytes(), (out / name).stat().st_ino) for name in manifest["images"]}
+    # killed while sampling the second prompt: its marker is gone, no manifest yet
+    (out / "manifest.json").unlink()
+    (out / "_run" / "done" / "00001.json").unlink()
+    (out / "rocket_1.png").unlink()
+    logs = []
+    run_stage("sample", cfg, log=logs.append)
+    assert logs == ["sample: resuming"]
+    again = {name: ((out / name).read_bytes(), (out / name).stat().st_ino) for name in manifest["images"]}
+    assert again["red-heart_0.png"] == first["red-heart_0.png"]  # not redone
+    assert again["rocket_1.png"][0] == first["rocket_1.png"][0]  # redone identically
+    logs.clear()
+    run_stage("sample", cfg, log=logs.append)
+    assert logs == ["sample: up to date, nothing to do"]
