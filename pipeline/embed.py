@@ -306,7 +306,7 @@ def finalize(stage: StageRun, shard_ids: list[int], info: dict) -> dict:
         "counts": {"images": offset, "failed": sum(failed.values()), "shards": len(shard_ids)},
         "encoder_metrics": json.loads(encoder_report.read_text()) if stage.conf.pretrained and encoder_report.exists() else None,
         "failures": dict(sorted(failed.items())),
-        "model": {"model": stage.conf.model, "pretrained": stage.conf.pretrained, "name": info["name"], "dim": info["dim"]},
+        "model": {"model": _abs(stage.conf.model), "pretrained": _abs(stage.conf.pretrained), "name": info["name"], "dim": info["dim"]},
         "dim": info["dim"],
         "rows": offset,
         "dtype": "float16",

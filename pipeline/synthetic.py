@@ -30,7 +30,7 @@ def random_phashes(n: int, seed: int = 0, bits: int = 64) -> list[str]:
 
 def write_embed_output(workdir: Path, vectors: np.ndarray, shard_size: int, phash: list[str] | None = None,
                        captions: list[str] | None = None, text: np.ndarray | None = None,
-                       keys: list[str] | None = None) -> dict:
+                       keys: list[str] | None = None, model: dict | None = None) -> dict:
     """Write <workdir>/embed/ exactly as the embed stage lays it out; returns the manifest."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -61,7 +61,7 @@ def write_embed_output(workdir: Path, vectors: np.ndarray, shard_size: int, phas
     digest = hashlib.sha256(np.ascontiguousarray(vectors, dtype=np.float16).tobytes()).hexdigest()[:16]
     manifest = {"stage": "embed", "config_hash": "synthetic", "input_hash": digest, "items": n, "rows": n, "dim": d,
                 "dtype": "float16", "text_emb": text is not None, "shards": shards,
-                "model": {"model": "synthetic", "pretrained": None, "name": "synthetic", "dim": d},
+                "model": model or {"model": "synthetic", "pretrained": None, "name": "synthetic", "dim": d},
                 "counts": {"images": n, "failed": 0, "shards": len(shards)}}
     write_json(out / "manifest.json", manifest)
     return manifest

@@ -1,0 +1,31 @@
+"""`knnd search "prompt"`: retrieval only. Prints the neighbours (key, caption, similarity) of a
+text prompt from any index directory, encoding the prompt with the CLIP the index was built from."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.retrieval import Retriever
+from pipeline.runner import stage_dir
+from pipeline.sample import load_index_clip, resolve_device
+
+
+def search(index_dir: Path, prompt: str, k: int, device: str = "cpu") -> list[dict]:
+    """The k nearest indexed images of `prompt`: [{rank, row, key, caption, similarity}]."""
+    from model.clip import encode_texts
+
+    retriever = Retriever(index_dir)
+    bundle = load_index_clip(retriever.infos, retriever.dir, device)
+    retriever.check_dim(bundle.embed_dim, f"the CLIP model {bundle.name}")
+    sims, rows = retriever.search(encode_texts(bundle, [prompt]), k)
+    hits = [(s, r) for s, r in zip(sims[0], rows[0]) if r >= 0]
+    return [{"rank": i + 1, "row": int(r), "key": key, "caption": caption, "similarity": float(s)}
+            for i, ((s, r), (key, caption)) in enumerate(zip(hits, retriever.describe([r for _, r in hits])))]
+
+
+def search_command(cfg, prompt: str, index_dir: str | None = None, k: int = 10) -> int:
+    index_dir = Path(index_dir) if index_dir else stage_dir(cfg, "index")
+    hits = search(index_dir, prompt, k, resolve_device(cfg))
+    print(f"{len(hits)} nearest images to {prompt!r} in {index_dir}:")
+    for h in hits:
+        print(f"{h['rank']:>3}  {h['similarity']:.3f}  {h['key']:<12} {h['caption']}")
+    return 0
