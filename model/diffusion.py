@@ -47,11 +47,13 @@ def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None):
 
 @torch.no_grad()
 def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
-           generator: torch.Generator | None = None, init_image=None, strength: float = 1.0,
+           generator: torch.Generator | list[torch.Generator] | None = None, init_image=None, strength: float = 1.0,
            scheduler: str = "ddim", neighbour_mask=None) -> np.ndarray:
     """Generate uint8 images [B, H, W, 3] for condition embeddings emb [B, n <= k+1, d].
 
-    Deterministic for a given CPU torch.Generator (noise is drawn on the CPU, on any device).
+    Deterministic for a given CPU torch.Generator (noise is drawn on the CPU, on any device). A list
+    of B generators draws each image's noise from its own generator, so image i of a batch is the
+    image a batch of one with generator i gives (batched sampling, per-image seeds).
     init_image (uint8 [B, H, W, 3] or [H, W, 3]) with strength in [0, 1]: image editing, start from
     the reference noised to timestep ~strength * T and run the remaining steps (the paper also puts
     f_img(reference) in neighbour slot 1 of emb: the caller's job). neighbour_mask: see
@@ -63,7 +65,10 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     sched.set_timesteps(steps)
     batch = emb.shape[0]
     shape = (batch, config.in_channels, config.resolution, config.resolution)
-    x = torch.randn(shape, generator=generator).to(device)
+    if isinstance(generator, list):
+        x = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator]).to(device)
+    else:
+        x = torch.randn(shape, generator=generator).to(device)
     timesteps = sched.timesteps
     if init_image is not None:
         timesteps = timesteps[steps - min(int(round(steps * strength)), steps):]

@@ -67,7 +67,7 @@ def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
     return run_demo(Path(args.workdir), minutes=args.minutes, limit=args.limit, set_args=args.set or [],
-                    encoder_minutes=args.encoder_minutes)
+                    encoder_minutes=args.encoder_minutes, force=args.force)
 
 
 def cmd_search(args) -> int:
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
     p.add_argument("--limit", type=int, default=None, help="use only N stickers, spread over the set (quick runs)")
     p.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
+    p.add_argument("--force", action="store_true", help="rebuild the stages after download (e.g. after changing --set values)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_demo)
 

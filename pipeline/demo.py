@@ -21,7 +21,15 @@ from pipeline.runner import read_json, run_stage, stage_dir, stage_status
 
 ENCODER_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / "demo_clip.json"
 ENCODER_MINUTES = 4.0
-STAGES_NOW = ["download", "embed"]
+TRAIN_MINUTES = 5.0
+PROMPTS = ["red heart", "smiling face", "green apple", "rocket"]
+MAIN_STAGES = ["dedup", "index", "neighbours", "pack", "train", "sample"]
+SWAP_STAGES = ["download", "embed", "dedup", "index"]
+
+
+def in_swap_subset(record: dict) -> bool:
+    """The second database: only the U+1F300-U+1F5FF block (nature, food, animals, objects)."""
+    return record["id"].split("-")[0][:3] in ("1F3", "1F4", "1F5")
 
 
 def demo_overrides(workdir: Path, url_list: Path) -> list[str]:
@@ -33,36 +41,72 @@ def demo_overrides(workdir: Path, url_list: Path) -> list[str]:
         "download.threads=16", "download.timeout=10",
         f"embed.model={encoder / 'encoder_config.json'}", f"embed.pretrained={encoder / 'encoder.pt'}",
         "embed.batch_size=256", "embed.text=true",
+        "pack.image_size=32",
+        "train.model=demo", "train.steps=100000", f"train.minutes={TRAIN_MINUTES}", "train.batch_size=32",
+        "train.checkpoint_every=250", "train.warmup_steps=100",
+        "sample.prompts=" + "[" + ", ".join(PROMPTS) + "]", "sample.steps=50", "sample.images_per_prompt=4",
     ]
 
 
 def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = None, set_args: list[str] = (),
-             encoder_minutes: float = ENCODER_MINUTES) -> int:
+             encoder_minutes: float = ENCODER_MINUTES, force: bool = False) -> int:
     start = time.time()
     workdir = workdir.resolve()
     print(f"demo: rendering OpenMoji stickers into {workdir / 'demo_source'}")
     stickers, records = prepare_demo_source(workdir, size=72, limit=limit)
     print(f"demo: {len(records)} stickers")
     url_list = workdir / "demo_source" / "urls.parquet"
-    cfg = load_config(None, demo_overrides(workdir, url_list) + list(set_args))
+    extra = list(set_args) + ([f"train.minutes={minutes}"] if minutes is not None else [])
+    cfg = load_config(None, demo_overrides(workdir, url_list) + extra)
+    swap_list = workdir / "swap" / "demo_source" / "urls.parquet"
+    swap_cfg = load_config(None, demo_overrides(workdir / "swap", swap_list) + extra
+                           + [f"embed.model={cfg.embed.model}", f"embed.pretrained={cfg.embed.pretrained}"])
     _write_config(cfg, workdir)
-
-    if stage_status(cfg, "download")[0] != "done":
-        port_file = workdir / "demo_source" / "port"
-        port = int(port_file.read_text()) if port_file.exists() else 0
-        with serve_directory(stickers, port=port) as base_url:
-            port_file.write_text(base_url.rsplit(":", 1)[1])
-            write_url_list(records, base_url, url_list)
-            print(f"demo: serving the stickers at {base_url} for the download stage")
-            run_stage("download", cfg)
-    else:
-        run_stage("download", cfg)
+    swap_records = [r for r in records if in_swap_subset(r)]
+    with_server(stickers, workdir, [(cfg, records, url_list), (swap_cfg, swap_records, swap_list)])
 
     train_encoder(cfg, workdir, encoder_minutes)
-    for name in STAGES_NOW[1:]:
-        run_stage(name, cfg)
-    report(cfg, workdir, start)
+    for name in ["embed"] + MAIN_STAGES:
+        run_stage(name, cfg, force=force)
+    print(f"\ndemo: database swapping: a second index over {len(swap_records)} stickers of U+1F300-U+1F5FF")
+    for name in SWAP_STAGES[1:]:
+        run_stage(name, swap_cfg, force=force)
+    swapped = sample_swapped(cfg, workdir / "swap" / "index", workdir / "sample_swap")
+    report(cfg, workdir, start, swapped)
     return 0
+
+
+def with_server(stickers: Path, workdir: Path, jobs) -> None:
+    """Download each (cfg, records, url list) not yet done, from one loopback server.
+
+    The server reuses its last port, so the URL lists, and with them the download stages,
+    stay up to date across demo runs."""
+    todo = [job for job in jobs if stage_status(job[0], "download")[0] != "done"]
+    if not todo:
+        for cfg, _, _ in jobs:
+            run_stage("download", cfg)
+        return
+    port_file = workdir / "demo_source" / "port"
+    port = int(port_file.read_text()) if port_file.exists() else 0
+    with serve_directory(stickers, port=port) as base_url:
+        port_file.write_text(base_url.rsplit(":", 1)[1])
+        print(f"demo: serving the stickers at {base_url} for the download stage")
+        for cfg, records, url_list in jobs:
+            url_list.parent.mkdir(parents=True, exist_ok=True)
+            write_url_list(records, base_url, url_list)
+            run_stage("download", cfg)
+
+
+def sample_swapped(cfg, index_dir: Path, out: Path) -> Path:
+    """The same prompts and seeds, the same model, neighbours from the second index."""
+    import argparse
+
+    from pipeline.sample import sample_command
+
+    args = argparse.Namespace(prompts=[], k=None, guidance=None, steps=None, seed=None, no_knn=False,
+                              init_image=None, strength=1.0, checkpoint=None, index=str(index_dir), out=str(out))
+    sample_command(cfg, args)
+    return out / "grid.png"
 
 
 def _write_config(cfg, workdir: Path) -> None:
@@ -107,9 +151,15 @@ def train_encoder(cfg, workdir: Path, minutes: float = ENCODER_MINUTES) -> dict:
     return metrics
 
 
-def report(cfg, workdir: Path, start: float) -> None:
+def report(cfg, workdir: Path, start: float, swapped: Path) -> None:
     from pipeline.cli import print_table
 
-    print_table(cfg, STAGES_NOW)
-    print(f"\ndemo: done in {(time.time() - start) / 60:.1f} minutes; config in {workdir / 'stages.yaml'}")
-    print(f"      see it with: knnd status -c {workdir / 'stages.yaml'}")
+    print_table(cfg, ["download", "embed"] + MAIN_STAGES)
+    dedup = read_json(stage_dir(cfg, "dedup") / "manifest.json")
+    print(f"\ndedup removed {dedup['counts']['removed']} of {dedup['counts']['images']} stickers "
+          f"({dedup['removed_by_reason']}); examples in {stage_dir(cfg, 'dedup') / 'keep.parquet'}")
+    print(f"\ndemo: done in {(time.time() - start) / 60:.1f} minutes")
+    print(f"  samples:             {stage_dir(cfg, 'sample') / 'grid.png'}")
+    print(f"  swapped database:    {swapped}")
+    print(f"  config:              {workdir / 'stages.yaml'}  (knnd status -c {workdir / 'stages.yaml'})")
+    print(f"  try:                 knnd search \"red heart\" -c {workdir / 'stages.yaml'}")

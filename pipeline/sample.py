@@ -126,20 +126,21 @@ class Sampler:
             reference = reference_embedding(self.clip, request.init_image)
             init_pixels = load_reference(request.init_image, self.config.resolution)
         emb, record = self.condition(prompt, request, reference)
-        emb = torch.from_numpy(emb)
-        images, records = [], []
-        for i in range(request.images_per_prompt):
-            generator = torch.Generator().manual_seed(request.seed + i)
-            images.append(diffusion.sample(self.model, emb, steps=request.steps, guidance=request.guidance,
-                                           generator=generator, init_image=init_pixels,
-                                           strength=request.strength if init_pixels is not None else 1.0)[0])
+        n = request.images_per_prompt
+        emb = torch.from_numpy(emb).expand(n, *emb.shape[1:]).contiguous()
+        generators = [torch.Generator().manual_seed(request.seed + i) for i in range(n)]
+        init = None if init_pixels is None else np.repeat(init_pixels[None], n, axis=0)
+        images = diffusion.sample(self.model, emb, steps=request.steps, guidance=request.guidance, generator=generators,
+                                  init_image=init, strength=request.strength if init_pixels is not None else 1.0)
+        records = []
+        for i in range(n):
             records.append({"prompt": prompt, "index_in_prompt": i, "seed": request.seed + i,
                             "guidance": request.guidance, "steps": request.steps,
                             "k": len(record["neighbour_keys"]), "no_knn": request.no_knn, **record,
                             "init_image": str(Path(request.init_image).resolve()) if request.init_image else None,
                             "strength": request.strength if request.init_image else None,
                             "index_dir": str(self.index_dir.resolve()), "checkpoint": str(self.checkpoint.resolve())})
-        return np.stack(images), records
+        return images, records
 
 
 def dimension_mismatch(checkpoint: Path, model_dim: int, index_dir: Path, index_dim: int) -> str:
