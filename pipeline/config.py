@@ -74,7 +74,7 @@ class EmbedConfig:
 @dataclass
 class DedupConfig:
     cosine_threshold: float = opt(0.9, "duplicates: CLIP cosine similarity above this", min=-1.0, max=1.0)
-    manhattan_threshold: int = opt(4, "duplicates: pHash bits differing at most this (among CLIP candidates only)", min=0)
+    manhattan_threshold: int = opt(2, "duplicates: pHash bits differing at most this (among CLIP candidates only; see README)", min=0)
     candidates: int = opt(16, "nearest neighbours examined per item for duplicates", min=1)
     batch_size: int = opt(16384, "queries per search batch", min=1, runtime=True)
 

@@ -1,0 +1,44 @@
+"""End to end on CPU: `knnd demo` on 100 stickers with tiny budgets, every stage through the CLI path.
+
+The encoder trains for seconds only, so its embeddings are nearly all alike: dedup's cosine
+test is switched off here (its behaviour is tested in test_dedup.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.runner import STAGES
+
+
+def test_demo_end_to_end_on_100_stickers(tmp_path, capsys):
+    work = tmp_path / "demo"
+    args = ["demo", "--workdir", str(work), "--limit", "100", "--encoder-minutes", "0.1", "--minutes", "0.05"]
+    sets = ["dedup.cosine_threshold=1.0", "dedup.manhattan_threshold=0", "train.model=tiny", "train.batch_size=8",
+            "train.checkpoint_every=5", "sample.steps=4", "sample.images_per_prompt=2", "neighbours.k=4",
+            "sample.k=4", "embed.batch_size=32"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    for name in STAGES:
+        manifest = json.loads((work / name / "manifest.json").read_text())
+        assert manifest["items"] > 0, name
+    assert json.loads((work / "download" / "manifest.json").read_text())["counts"]["images"] == 100
+    grid = Image.open(work / "sample" / "grid.png")
+    swapped = Image.open(work / "sample_swap" / "grid.png")
+    assert grid.size == swapped.size and grid.size[1] >= 4 * 32
+    main_records = [json.loads(line) for line in (work / "sample" / "samples.jsonl").read_text().splitlines()]
+    swap_records = [json.loads(line) for line in (work / "sample_swap" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in main_records] == [r["prompt"] for r in swap_records]
+    swap_keys = {k for r in swap_records for k in r["neighbour_keys"]}
+    import pyarrow.parquet as pq
+
+    swap_db = set(pq.read_table(sorted((work / "swap" / "embed" / "metadata").glob("*.parquet"))).column("key").to_pylist())
+    assert swap_keys <= swap_db  # the swapped samples were conditioned on the second database only
+    assert "grid.png" in out and "swapped database" in out
+    # a second run finds everything up to date and redoes nothing
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date, nothing to do") >= 8
+    assert np.asarray(Image.open(work / "sample" / "grid.png")).shape == np.asarray(grid).shape
