@@ -272,24 +272,10 @@ def _check_limits(key: str, value, meta) -> None:
             raise ConfigError(f"{key} must be at most {meta['max']}, got {value!r}")
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(text: str | int) -> int:
-    """ "4GB" -> 4_000_000_000, "1.5GiB" -> 1610612736; plain integers are bytes."""
-    if isinstance(text, int):
-        return text
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 512MB, 4GB, 1.5GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
 def check_config(cfg: Config) -> None:
     """Values that are each fine alone but impossible together, or malformed strings."""
+    from pipeline.knn import parse_bytes
+
     try:
         parse_bytes(cfg.index.memory_budget)
     except ValueError:

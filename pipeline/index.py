@@ -15,7 +15,6 @@ import time
 import numpy as np
 
 from pipeline import knn
-from pipeline.config import parse_bytes
 from pipeline.dedup import read_keep
 from pipeline.embeddings import Embeddings
 from pipeline.runner import StageRun, UsageError, write_json
@@ -98,7 +97,7 @@ def run(stage: StageRun) -> dict:
     emb = Embeddings(embed_dir, stage.inputs["embed"])
     kept_rows = np.nonzero(read_keep(stage.input_dirs["dedup"]))[0].astype(np.int64)
     n, d = len(kept_rows), emb.dim
-    budget = parse_bytes(conf.memory_budget)
+    budget = knn.parse_bytes(conf.memory_budget)
     try:
         factory = knn.choose_factory(n, d, budget) if conf.factory == "auto" else conf.factory
     except ValueError as e:
