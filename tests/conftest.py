@@ -163,3 +163,26 @@ def write_fake_download(workdir, shards: list[list[tuple[str, bytes | None, str]
 
 
 TINY_CLIP = os.path.join(os.path.dirname(__file__), "..", "model", "configs", "tiny_clip.json")
+
+
+def run_and_kill(stage: str, sets: list[str], marker_glob, at_least: int, timeout: float = 180) -> int:
+    """Run `knnd run STAGE` in a subprocess, SIGKILL its whole process group once `at_least`
+    files match `marker_glob` (a Path's glob, e.g. folder.glob('*.json') as a callable), and
+    return how many matched at the kill: a real kill, not a mock."""
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", stage] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while len(marker_glob()) < at_least and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(marker_glob())
+
+
+def markers(folder):
+    """A callable listing a stage's completion markers (for run_and_kill)."""
+    return lambda: list(folder.glob("*.json")) if folder.exists() else []

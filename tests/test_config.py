@@ -70,7 +70,7 @@ def test_cli_exits_2_and_writes_nothing(args, key, tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert main(args + ["--set", f"workdir={tmp_path / 'w'}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"knnd: error: ") and key in err
+    assert err.startswith("knnd: error: ") and key in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -2,20 +2,14 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from conftest import BAD_KINDS
+from conftest import BAD_KINDS, run_and_kill
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.runner import run_stage, stage_status
@@ -73,15 +67,8 @@ def test_resume_after_kill_gives_identical_shards(image_server, tmp_path, ray_lo
     server = image_server(n_good=18, delay=0.25)
     url_list = write_urls(tmp_path / "urls.parquet", [server.base + p for p in server.good])
     args = dl_args(tmp_path / "killed", url_list, "download.shard_size=3", "download.threads=1", "ray.num_cpus=1")
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "download"] + [a for s in args for a in ("--set", s)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp_path / "killed" / "download"
-    deadline = time.time() + 180
-    while len(list(out.glob("*_stats.json"))) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(list(out.glob("*_stats.json")))
+    done = run_and_kill("download", args, lambda: list(out.glob("*_stats.json")), at_least=2)
     assert 2 <= done < 6, f"kill landed after {done} of 6 shards"
     cfg = load_config(None, args)
     state, detail = stage_status(cfg, "download")

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import imagehash
@@ -16,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_CLIP, jpg_bytes, write_fake_download
+from conftest import TINY_CLIP, jpg_bytes, markers, run_and_kill, write_fake_download
 from model.clip import encode_images, load_clip
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -94,15 +90,7 @@ def test_killed_and_rerun_gives_identical_files(tmp_path, ray_local):
     for w in ("killed", "clean"):
         write_fake_download(tmp_path / w, shards)
     args = embed_args(tmp_path / "killed", "ray.num_cpus=2")
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "embed"] + [a for s in args for a in ("--set", s)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = tmp_path / "killed" / "embed" / "_run" / "done"
-    deadline = time.time() + 180
-    while (len(list(markers.glob("*.json"))) if markers.exists() else 0) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(list(markers.glob("*.json")))
+    done = run_and_kill("embed", args, markers(tmp_path / "killed" / "embed" / "_run" / "done"), at_least=3)
     assert 3 <= done < 30, f"kill landed after {done} of 30 shards"
     assert not (tmp_path / "killed" / "embed" / "manifest.json").exists()
     run_stage("embed", load_config(None, args))

@@ -1,17 +1,13 @@
 """neighbours stage: brute-force equality on an exact index, recall on IVF+PQ, exclusions, resume."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import markers, run_and_kill
 from pipeline import knn
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -125,15 +121,7 @@ def test_killed_and_rerun_is_identical_and_stale_when_dedup_changes(source, tmp_
         prepare(source, w)
         run_stage("index", load_config(None, stage_args(w, *sets)))
     args = stage_args(killed, *sets, "ray.num_cpus=1")
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "neighbours"] + [a for s in args for a in ("--set", s)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    markers = killed / "neighbours" / "_run" / "done"
-    deadline = time.time() + 180
-    while (len(list(markers.glob("*.json"))) if markers.exists() else 0) < 1 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(list(markers.glob("*.json")))
+    done = run_and_kill("neighbours", args, markers(killed / "neighbours" / "_run" / "done"), at_least=1)
     assert 1 <= done < 6, f"kill landed after {done} of 6 shards"
     cfg = load_config(None, stage_args(killed, *sets))
     assert stage_status(cfg, "neighbours") == ("partial", f"{done} of 6 shards")
