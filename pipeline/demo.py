@@ -154,13 +154,30 @@ def train_encoder(cfg, workdir: Path, minutes: float = ENCODER_MINUTES) -> dict:
     return metrics
 
 
+def dedup_examples(cfg, n: int = 8) -> list[str]:
+    """A few removed stickers next to the one kept for their group."""
+    import pyarrow.parquet as pq
+
+    from pipeline.embeddings import read_metadata
+
+    keep = pq.read_table(stage_dir(cfg, "dedup") / "keep.parquet").to_pandas()
+    embed_manifest = read_json(stage_dir(cfg, "embed") / "manifest.json")
+    captions = read_metadata(stage_dir(cfg, "embed"), embed_manifest, ["caption"])["caption"]
+    removed = keep[~keep["keep"]]
+    step = max(1, len(removed) // n)
+    return [f"{captions[r.row]!r} duplicates {captions[int(r.duplicate_of)]!r} ({r.reason}, {r.similarity:.3f})"
+            for r in removed.iloc[::step].head(n).itertuples()]
+
+
 def report(cfg, workdir: Path, start: float, swapped: Path) -> None:
     from pipeline.cli import print_table
 
     print_table(cfg, ["download", "embed"] + MAIN_STAGES)
     dedup = read_json(stage_dir(cfg, "dedup") / "manifest.json")
     print(f"\ndedup removed {dedup['counts']['removed']} of {dedup['counts']['images']} stickers "
-          f"({dedup['removed_by_reason']}); examples in {stage_dir(cfg, 'dedup') / 'keep.parquet'}")
+          f"({dedup['removed_by_reason']}), for example:")
+    for line in dedup_examples(cfg):
+        print(f"  {line}")
     print(f"\ndemo: done in {(time.time() - start) / 60:.1f} minutes")
     print(f"  samples:             {stage_dir(cfg, 'sample') / 'grid.png'}")
     print(f"  swapped database:    {swapped}")
