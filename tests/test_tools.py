@@ -1,0 +1,54 @@
+"""tools/: make_synthetic_embeddings writes an embed output the pipeline reads; bench.py --help runs."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.embeddings import Embeddings, read_metadata
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_synthetic_embeddings_writes_an_embed_output_the_reader_accepts(tmp_path):
+    subprocess.run([sys.executable, str(TOOLS / "make_synthetic_embeddings.py"), "--n", "2000", "--workdir", str(tmp_path),
+                    "--shard-size", "700", "--text"], check=True, capture_output=True)
+    emb = Embeddings(tmp_path / "embed")
+    assert emb.shape == (2000, 512) and len(emb.shards) == 3
+    x = emb[np.arange(2000)].astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=2e-3)
+    meta = read_metadata(emb.dir, emb.manifest, ["key", "row", "phash"])
+    assert list(meta["row"]) == list(range(2000)) and len(set(meta["key"])) == 2000
+    text = Embeddings(tmp_path / "embed", kind="text")
+    assert text.shape == (2000, 512)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -1)
+    nearest = sims.max(axis=1)
+    assert 0.01 < (nearest > 0.95).mean() < 0.1  # planted near-copies (2% of rows, and their originals)
+    assert np.median(nearest) < 0.9  # the rest are neighbours, not duplicates (dedup keeps them)
+    own = (text[np.arange(2000)].astype(np.float32) * x).sum(axis=1)
+    assert 0.3 < np.median(own) < 0.8  # text-like queries sit off the image distribution
+
+
+def test_synthetic_rows_do_not_depend_on_how_they_are_sliced():
+    tool = load_tool("make_synthetic_embeddings")
+    vectors = tool.SyntheticEmbeddings(2500, d=16, block_rows=1000, seed=3)
+    whole = vectors[0:2500]
+    np.testing.assert_array_equal(vectors[900:1100], whole[900:1100])
+    np.testing.assert_array_equal(np.asarray(vectors), whole)
+    np.testing.assert_array_equal(vectors.text[1999:2001], vectors.text[0:2500][1999:2001])
+
+
+def test_bench_help_runs():
+    out = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--help"], check=True, capture_output=True, text=True)
+    assert "--quick" in out.stdout and "--only" in out.stdout
