@@ -180,11 +180,16 @@ class StageRun:
         return Progress(self.name, total, done=done, unit=unit)
 
     def device(self) -> str:
-        if self.cfg.device != "auto":
-            return self.cfg.device
-        import torch
+        return resolve_device(self.cfg)
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+
+def resolve_device(cfg: Config) -> str:
+    """The `device` global: auto means cuda when available, else cpu."""
+    if cfg.device != "auto":
+        return cfg.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def stage_dir(cfg: Config, name: str) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.runner import StageError, StageRun, UsageError, atomic_path, read_json, stage_dir
+from pipeline.runner import StageError, StageRun, UsageError, atomic_path, read_json, resolve_device, stage_dir
 
 GRID_CELL = 128  # grid cells are upscaled (nearest) to at least this many pixels: 32 px samples are tiny
 LABEL_WIDTH = 160
@@ -259,14 +259,6 @@ def write_records(out: Path, records: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------- entry points
-
-
-def resolve_device(cfg) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_checkpoint(cfg, given: str | None) -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.retrieval import Retriever
-from pipeline.runner import stage_dir
-from pipeline.sample import load_index_clip, resolve_device
+from pipeline.runner import resolve_device, stage_dir
+from pipeline.sample import load_index_clip
 
 
 def search(index_dir: Path, prompt: str, k: int, device: str = "cpu") -> list[dict]:
