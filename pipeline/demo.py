@@ -47,7 +47,7 @@ def demo_overrides(workdir: Path, url_list: Path) -> list[str]:
         "pack.image_size=32",
         "train.model=demo", "train.steps=100000", f"train.minutes={TRAIN_MINUTES}", "train.batch_size=32",
         "train.checkpoint_every=250", "train.warmup_steps=100",
-        "sample.prompts=" + "[" + ", ".join(PROMPTS) + "]", "sample.steps=50", "sample.images_per_prompt=4",
+        "sample.prompts=" + "[" + ", ".join(PROMPTS) + "]", "sample.steps=25", "sample.images_per_prompt=4",
     ]
 
 
