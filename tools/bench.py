@@ -10,13 +10,16 @@ prints a table: section, figure, ours, reference, ratio, target (SPEC "Performan
 - ratio is "ours relative to the reference, above 1 is better for us": rates and recall are
   ours / reference, seconds are reference / ours. Compare ratios across machines, not absolute figures.
 - A stage and its reference alternate repetitions (ours, ref, ref, ours, ...), so load from other
-  processes hits both alike; medians are reported. Inputs are built before timing starts.
+  processes hits both alike; medians are reported. Inputs are built before timing starts; download
+  and embed first run their stage once untimed, so Ray's pooled workers have imported their libraries.
 - One local Ray is started at the beginning and reused by every stage; its start-up is a line of its
   own and is excluded from every figure. Stage timings are the wall time of `run_stage(..., force=True)`:
   what `knnd run STAGE --force` costs minus interpreter start, Ray start and config parsing.
 - Ray gives each stage task/actor `num_cpus=1`, so Ray sets OMP_NUM_THREADS=1 in it: torch and faiss
   run on one thread there. The embed and neighbours references are measured twice: with the thread
-  count a stage worker gets ("same threads") and with this process's default ("all cores").
+  count a stage worker gets ("same threads") and with this process's ("bench threads": the library
+  default, all cores, unless --threads). On a machine shared with other jobs, OpenMP with every core
+  busy can be several times slower than one thread: --threads 1 gives steadier figures there.
 
 Sections (--only): download, embed, dedup, index, neighbours, quality, train_input, sampling, growth.
 Pack/train/sample figures light up when pipeline/pack.py, train.py and sample.py exist.
@@ -147,8 +150,13 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def interleave(reps: int, runs: dict) -> dict[str, list]:
-    """Call each named run `reps` times, rotating which goes first; {name: [results]}."""
+def interleave(reps: int, runs: dict, warm_up: tuple = ()) -> dict[str, list]:
+    """Call each named run `reps` times, rotating which goes first; {name: [results]}.
+
+    The runs named in `warm_up` are called once first, untimed: Ray's pooled workers import their
+    libraries on first use, which would otherwise land in one side's first repetition only."""
+    for name in warm_up:
+        runs[name](-1)
     names = list(runs)
     results = {name: [] for name in names}
     for i in range(reps):
@@ -389,7 +397,7 @@ def section_download(b: Bench) -> None:
             signal.signal(signal.SIGINT, previous)
         return downloaded(folder) / seconds
 
-    res = interleave(b.args.reps, {"stage": stage, "bare": bare})
+    res = interleave(b.args.reps, {"stage": stage, "bare": bare}, warm_up=("stage",))
     kw = captured["kwargs"]
     b.meta["download_kwargs"] = {k: v for k, v in kw.items() if k not in ("url_list", "output_folder")}
     b.add(measured("download", f"images/s, {n} URLs from loopback", "img/s", res["stage"], res["bare"], target=0.9,
@@ -491,7 +499,8 @@ def section_embed(b: Bench) -> None:
                 torch.set_num_threads(default_threads)
         return run
 
-    res = interleave(b.args.reps, {"stage": stage, "same": bare(workers["torch"]), "all": bare(default_threads)})
+    res = interleave(b.args.reps, {"stage": stage, "same": bare(workers["torch"]), "all": bare(default_threads)},
+                     warm_up=("stage",))
     model = Path(cfg.embed.model).name if cfg.embed.model.endswith(".json") else cfg.embed.model
     size = bundle.image_size
     includes = ("ours: run_stage('embed') = Ray decode task (JPEG decode, PIL transforms, pHash) streaming to a "
@@ -500,7 +509,7 @@ def section_embed(b: Bench) -> None:
     note = f"{model} random init, {size} px, batch {batch}, {n} images"
     b.add(measured("embed", f"images/s vs bare loop, same threads ({workers['torch']})", "img/s", res["stage"],
                    res["same"], target=0.85, target_text=">= 0.85", note=note, includes=includes))
-    b.add(measured("embed", f"images/s vs bare loop, all cores ({default_threads} threads)", "img/s", res["stage"],
+    b.add(measured("embed", f"images/s vs bare loop, bench threads ({default_threads})", "img/s", res["stage"],
                    res["all"], target=0.85, target_text=">= 0.85", note="the encoder actor runs torch on "
                    f"{workers['torch']} thread(s) (Ray num_cpus=1)", includes=includes))
 
@@ -643,7 +652,7 @@ def section_neighbours(b: Bench) -> None:
     b.add(measured("neighbours", f"images/s vs faiss search, same threads ({workers['faiss']})", "img/s", res["stage"],
                    res["same"], target=0.9, target_text=">= 0.9", includes=includes,
                    note=f"{infos['factory']} {param}, k={k}, {len(rows):,} queries"))
-    b.add(measured("neighbours", f"images/s vs faiss search, all cores ({default_threads} threads)", "img/s",
+    b.add(measured("neighbours", f"images/s vs faiss search, bench threads ({default_threads})", "img/s",
                    res["stage"], res["all"], target=0.9, target_text=">= 0.9", includes=includes,
                    note=f"{cfg.neighbours.actors} actor(s) x {workers['faiss']} faiss thread(s)"))
 
@@ -830,7 +839,7 @@ def section_sampling(b: Bench) -> None:
 
     steps, batch, guidance = b.sizes.sample_steps, b.sizes.sample_batch, 8.0
 
-    def measure(model):
+    def runs_for(model) -> dict:
         torch.manual_seed(0)
         emb = torch.nn.functional.normalize(torch.randn(batch, model.config.k + 1, model.config.clip_dim), dim=-1)
         sample(model, emb, steps=2, guidance=guidance)  # warm-up: first-call allocations and kernels
@@ -838,11 +847,11 @@ def section_sampling(b: Bench) -> None:
         runs = {"ours": lambda i: clock(lambda: sample(model, emb, steps=steps, guidance=guidance,
                                                        generator=torch.Generator().manual_seed(i)))[0] / batch,
                 "bare": lambda i: clock(lambda: bare_ddim(model, emb, steps, guidance, torch.Generator().manual_seed(i)))[0] / batch}
-        return interleave(b.args.reps, runs)
+        return runs
 
     torch.manual_seed(0)
     model = KnnDenoiser(ModelConfig.demo()).eval()
-    res = measure(model)
+    res = interleave(b.args.reps, runs_for(model))
     params = sum(p.numel() for p in model.parameters()) / 1e6
     b.add(measured("sampling", f"s/image, {steps} DDIM steps, batch {batch}, guidance 8", "s", res["ours"], res["bare"],
                    higher_is_better=False, note=f"demo model {ModelConfig.demo().resolution} px, {params:.1f} M params, "
@@ -856,13 +865,18 @@ def section_sampling(b: Bench) -> None:
     from model.checkpoint import load_model
 
     wd = chain(b, "train")
-    seconds, manifest = run_stage_quietly(b, "sample", config(wd, *chain_overrides(b)))
+    cfg = config(wd, *chain_overrides(b))
     trained = load_model(wd / "train" / json.loads((wd / "train" / "manifest.json").read_text())["checkpoint"])
-    ref = measure(trained)["bare"]
-    b.add(measured("sampling", f"sample stage s/image, batch {batch}", "s", [seconds / manifest["items"]], ref,
-                   higher_is_better=False, note="one run; includes loading checkpoint, CLIP and index",
+
+    def stage(i):
+        seconds, manifest = run_stage_quietly(b, "sample", cfg)
+        return seconds / manifest["items"]
+
+    res = interleave(b.args.reps, {"stage": stage, "bare": runs_for(trained)["bare"]})
+    b.add(measured("sampling", f"sample stage s/image, batch {batch}", "s", res["stage"], res["bare"],
+                   higher_is_better=False, note="includes loading checkpoint, CLIP and index each run",
                    includes="ours: run_stage('sample') wall time / images (1 prompt x batch); reference: the bare "
-                            "diffusers loop with the stage's checkpoint"))
+                            "diffusers loop with the stage's checkpoint (EMA weights)"))
 
 
 # --------------------------------------------------------------------------- growth
@@ -933,6 +947,8 @@ def child_stage(name: str, workdir: str) -> int:
 
 def run_child(b: Bench, name: str, wd: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run-stage", name, "--workdir", str(wd)]
+    if b.args.threads:
+        cmd += ["--threads", str(b.args.threads)]
     with open(b.log_path, "ab") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, cwd=ROOT)
         log.write(proc.stdout)
@@ -981,6 +997,15 @@ RUNNERS = {"download": section_download, "embed": section_embed, "dedup": sectio
            "sampling": section_sampling, "growth": section_growth}
 
 
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -998,6 +1023,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quality-factories", default=None,
                    help='";"-separated factories for quality ("auto" and {nlist} allowed), e.g. '
                         '"auto;OPQ256_512,IVF{nlist},PQ256" (the paper\'s; OPQ training takes long on CPU)')
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and faiss threads in this process and its growth children (default: the "
+                        "libraries' own, all cores); Ray workers keep their 1 thread either way")
     p.add_argument("--run-stage", default=None, help=argparse.SUPPRESS)  # growth: one stage in a child process
     args = p.parse_args(argv)
     if args.only:
@@ -1022,6 +1050,7 @@ def sizes_for(args) -> Sizes:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    set_threads(args.threads)
     if args.run_stage:
         return child_stage(args.run_stage, args.workdir)
     b = Bench(args, sizes_for(args))
