@@ -40,12 +40,17 @@ def write_embed_output(workdir: Path, vectors: np.ndarray, shard_size: int, phas
     phash = phash or random_phashes(n)
     keys = keys or [f"{i:09d}" for i in range(n)]
     captions = captions or [f"item {i}" for i in range(n)]
+    import hashlib
+
+    digest = hashlib.sha256()  # over the float16 shards as written: same digest as hashing it all at once
     shards = []
     for s, start in enumerate(range(0, n, shard_size)):
         stop = min(start + shard_size, n)
         entry = {"shard": s, "rows": stop - start, "row_offset": start,
                  "img_emb": f"img_emb/img_emb_{s:05d}.npy", "metadata": f"metadata/metadata_{s:05d}.parquet"}
-        _save(out / entry["img_emb"], vectors[start:stop])
+        block = np.ascontiguousarray(vectors[start:stop], dtype=np.float16)
+        digest.update(block.tobytes())
+        _save(out / entry["img_emb"], block)
         if text is not None:
             entry["text_emb"] = f"text_emb/text_emb_{s:05d}.npy"
             _save(out / entry["text_emb"], text[start:stop])
@@ -56,10 +61,7 @@ def write_embed_output(workdir: Path, vectors: np.ndarray, shard_size: int, phas
         with atomic_path(out / entry["metadata"]) as tmp:
             pq.write_table(table, tmp)
         shards.append(entry)
-    import hashlib
-
-    digest = hashlib.sha256(np.ascontiguousarray(vectors, dtype=np.float16).tobytes()).hexdigest()[:16]
-    manifest = {"stage": "embed", "config_hash": "synthetic", "input_hash": digest, "items": n, "rows": n, "dim": d,
+    manifest = {"stage": "embed", "config_hash": "synthetic", "input_hash": digest.hexdigest()[:16], "items": n, "rows": n, "dim": d,
                 "dtype": "float16", "text_emb": text is not None, "shards": shards,
                 "model": model or {"model": "synthetic", "pretrained": None, "name": "synthetic", "dim": d},
                 "counts": {"images": n, "failed": 0, "shards": len(shards)}}
