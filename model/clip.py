@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.imageops import flatten_alpha  # noqa: F401 - re-exported: the project's one alpha rule
+
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
 
@@ -94,15 +96,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} is not a state_dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def flatten_alpha(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """RGB copy of `image` with any transparency composited onto `background` (white, as img2dataset)."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def preprocess_images(bundle: ClipBundle, images: list[Image.Image]) -> torch.Tensor:

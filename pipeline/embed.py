@@ -16,6 +16,7 @@ import collections
 import io
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def decode_sample(parts: dict, pil_transform, phash_size: int):
     import imagehash
     from PIL import Image
 
-    from model.clip import flatten_alpha
+    from model.imageops import flatten_alpha
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     data = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
@@ -143,7 +144,11 @@ class ClipEncoder:
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def info(self) -> dict:
-        return {"dim": self.bundle.embed_dim, "name": self.bundle.name, "pil_transform": self.pil_stage}
+        from model.imageops import PilTransform
+
+        # a torch-free copy when it can replay the steps, so decode workers need not import torch
+        pil = PilTransform.from_torchvision(self.pil_stage) or self.pil_stage
+        return {"dim": self.bundle.embed_dim, "name": self.bundle.name, "pil_transform": pil}
 
     def encode(self, chunk: dict) -> dict:  # Ray actors expose named methods, not __call__
         return self(chunk)
@@ -212,25 +217,37 @@ def run(stage: StageRun) -> dict:
     shards = [s for s in download["shards"]]
     stage.plan(len(shards))
     ensure_ray(stage.cfg)
+    started = time.perf_counter()
     device = stage.device()
     encoder = ray.remote(ClipEncoder).options(num_gpus=1 if device == "cuda" else 0, num_cpus=1).remote(
         _abs(conf.model), _abs(conf.pretrained), device, conf.batch_size, conf.text)
     info = ray.get(encoder.info.remote())
+    ready = time.perf_counter()
     decode = ray.remote(decode_chunks).options(num_cpus=1, max_retries=0)
     progress = stage.progress(len(shards), unit="images")
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     transform_ref = ray.put(info["pil_transform"])
     chunk_size = conf.batch_size * 4
-    running = collections.deque()
+    running, encoded = collections.deque(), 0
+
+    def finish_oldest():
+        nonlocal encoded
+        rows = _finish_shard(stage, encoder, *running.popleft(), info["dim"])
+        encoded += rows
+        progress.update(1, rows)
+
     for shard in todo:
         tar = str(stage.input_dirs["download"] / shard["tar"])
         chunks = decode.remote(tar, transform_ref, conf.phash_size, chunk_size, shard["successes"])
         running.append((shard["shard"], tar, chunks))
         while len(running) > conf.decode_workers:
-            progress.update(1, _finish_shard(stage, encoder, *running.popleft(), info["dim"]))
+            finish_oldest()
     while running:
-        progress.update(1, _finish_shard(stage, encoder, *running.popleft(), info["dim"]))
-    return finalize(stage, [s["shard"] for s in shards], info)
+        finish_oldest()
+    end = time.perf_counter()
+    timing = {"encoder_start_s": round(ready - started, 3), "images_this_run": encoded,
+              "images_per_s_after_start": round(encoded / (end - ready), 2) if encoded else None}
+    return finalize(stage, [s["shard"] for s in shards], info) | {"timing": timing}
 
 
 def _finish_shard(stage: StageRun, encoder, shard: int, tar: str, chunks, dim: int) -> int:

@@ -104,3 +104,39 @@ def test_killed_and_rerun_gives_identical_files(tmp_path, ray_local):
             assert pq.read_table(killed / f).equals(pq.read_table(clean / f)), f
         else:
             assert np.array_equal(np.load(killed / f), np.load(clean / f)), f
+
+
+def _torchvision_val_transforms():
+    from open_clip.transform import image_transform
+    from torchvision import transforms as T
+
+    from pipeline.embed import split_transform
+
+    for size, mode, interp in [(64, "shortest", "bicubic"), (224, "shortest", "bilinear"), ((48, 40), "squash", "bicubic")]:
+        yield split_transform(image_transform(size, is_train=False, resize_mode=mode, interpolation=interp))[0]
+    yield T.Compose([T.Resize(32, max_size=40), T.CenterCrop(36)])  # max_size cap, then a crop larger than the image
+
+
+def test_pil_transform_is_pixel_identical_to_torchvision():
+    """Decode workers replay open_clip's PIL steps without torch; the pixels must not change."""
+    from model.imageops import PilTransform
+
+    rng = np.random.default_rng(0)
+    sizes = [(256, 256), (300, 200), (200, 301), (17, 90), (64, 64), (65, 63), (31, 500), (1, 1)]
+    for tv in _torchvision_val_transforms():
+        ours = PilTransform.from_torchvision(tv)
+        assert ours is not None, tv
+        for w, h in sizes:
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            expected, got = np.asarray(tv(image)), np.asarray(ours(image))
+            assert got.shape == expected.shape and np.array_equal(got, expected), (tv, (w, h))
+
+
+def test_pil_transform_declines_steps_it_cannot_replay():
+    from open_clip.transform import image_transform
+
+    from model.imageops import PilTransform
+    from pipeline.embed import split_transform
+
+    longest = split_transform(image_transform(64, is_train=False, resize_mode="longest"))[0]  # ResizeKeepRatio
+    assert PilTransform.from_torchvision(longest) is None
