@@ -96,7 +96,8 @@ class NeighboursConfig:
     k: int = opt(10, "neighbours per image (paper: 10)", min=1)
     candidates: int = opt(32, "candidates fetched per image before removing self and near-duplicates", min=1)
     batch_size: int = opt(8192, "queries per search batch", min=1, runtime=True)
-    actors: int = opt(1, "Ray actors holding the index", min=1, runtime=True)
+    actors: str | int = opt("auto", '"auto" (one per CPU, as memory allows) or a number of Ray actors holding the index',
+                            runtime=True)
 
 
 @dataclass
@@ -287,6 +288,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f'index.nprobe must be "auto" or a positive integer, got {cfg.index.nprobe!r}')
     if isinstance(cfg.index.nprobe, int) and cfg.index.nprobe < 1:
         raise ConfigError(f"index.nprobe must be at least 1, got {cfg.index.nprobe}")
+    if isinstance(cfg.neighbours.actors, str) and cfg.neighbours.actors != "auto":
+        raise ConfigError(f'neighbours.actors must be "auto" or a positive integer, got {cfg.neighbours.actors!r}')
+    if isinstance(cfg.neighbours.actors, int) and cfg.neighbours.actors < 1:
+        raise ConfigError(f"neighbours.actors must be at least 1, got {cfg.neighbours.actors}")
     if cfg.neighbours.candidates < cfg.neighbours.k + 1:
         raise ConfigError(f"neighbours.candidates ({cfg.neighbours.candidates}) must exceed neighbours.k ({cfg.neighbours.k}): "
                           f"set neighbours.candidates to at least {cfg.neighbours.k + 1} (self is among the candidates)")

@@ -73,8 +73,8 @@ class Embeddings:
             yield np.arange(start, start + len(array), dtype=np.int64), np.asarray(array, dtype=np.float32)
 
 
-def read_metadata(embed_dir: Path, manifest: dict, columns: list[str]) -> dict[str, np.ndarray]:
-    """Columns of the embed metadata for every row, in row order."""
+def read_metadata_table(embed_dir: Path, manifest: dict, columns: list[str]):
+    """Columns of the embed metadata for every row, in row order, as one Arrow table (compact strings)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -85,5 +85,10 @@ def read_metadata(embed_dir: Path, manifest: dict, columns: list[str]) -> dict[s
             tables.append(pq.read_table(path, columns=columns))
         except (OSError, pa.ArrowInvalid) as e:
             raise StageError(f"{path} is missing or corrupt ({e}): {REBUILD}") from None
-    table = pa.concat_tables(tables)
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def read_metadata(embed_dir: Path, manifest: dict, columns: list[str]) -> dict[str, np.ndarray]:
+    """Columns of the embed metadata for every row, in row order."""
+    table = read_metadata_table(embed_dir, manifest, columns)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}

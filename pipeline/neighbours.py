@@ -4,7 +4,8 @@ Columns: key, row, neighbour_keys (list<string>[k]), neighbour_rows (list<int64>
 similarities (list<float32>[k], descending). As in the paper, the image itself and
 near-identical candidates (cosine above dedup.cosine_threshold or pHash within
 dedup.manhattan_threshold bits) are dropped; extra candidates are fetched until k remain.
-Ray actors hold the index (memory-mapped) and take embed shards one at a time.
+Ray actors (one per CPU by default, each with one faiss thread) hold the index, memory-mapped so
+they share its pages, and take embed shards one at a time.
 """
 from __future__ import annotations
 
@@ -44,10 +45,14 @@ class NeighbourWorker:
                  cosine_threshold: float, manhattan_threshold: int, batch_size: int):
         from pathlib import Path
 
+        from pipeline.embeddings import read_metadata_table
+
         self.retriever = Retriever(index_dir)
         self.keep = read_keep(Path(dedup_dir))
-        meta = self.retriever.metadata()
-        self.keys, self.bits = meta["key"], knn.phash_bits_from_hex(meta["phash"])
+        emb = self.retriever.embeddings
+        meta = read_metadata_table(emb.dir, emb.manifest, ["key", "phash"])
+        self.keys = meta.column("key").combine_chunks()  # Arrow strings: a few bytes over the key per row, in every actor
+        self.bits = knn.phash_bits_from_hex(meta.column("phash").to_pylist())
         self.out = Path(out_dir)
         self.k, self.candidates, self.batch_size = k, candidates, batch_size
         self.thresholds = (cosine_threshold, manhattan_threshold)
@@ -87,9 +92,9 @@ class NeighbourWorker:
         rows = np.concatenate(all_rows) if all_rows else np.zeros((0, self.k), np.int64)
         k = self.k
         table = pa.table({
-            "key": pa.array(self.keys[q_rows], pa.string()),
+            "key": self.keys.take(q_rows),
             "row": pa.array(q_rows),
-            "neighbour_keys": pa.FixedSizeListArray.from_arrays(pa.array(self.keys[rows.reshape(-1)], pa.string()), k),
+            "neighbour_keys": pa.FixedSizeListArray.from_arrays(self.keys.take(rows.reshape(-1)), k),
             "neighbour_rows": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), k),
             "similarities": pa.FixedSizeListArray.from_arrays(pa.array(sims.reshape(-1), pa.float32()), k),
         })
@@ -99,6 +104,23 @@ class NeighbourWorker:
 
     def process(self, shard: dict, embed_dir: str) -> tuple[int, int]:  # the Ray actor method
         return self(shard, embed_dir)
+
+
+ACTOR_BASE_BYTES = 400 << 20  # an actor's Python, numpy, faiss and pyarrow, before any rows
+ACTOR_ROW_BYTES = 64  # per embed row in every actor: key (Arrow string), pHash, keep flag, with room
+
+
+def actor_count(actors: str | int, rows: int) -> int:
+    """`neighbours.actors`: a number, or "auto" = one single-threaded actor per CPU Ray sees, as many as
+    half of Ray's free memory holds (each keeps every key and pHash; the index pages are shared)."""
+    import ray
+
+    if actors != "auto":
+        return int(actors)
+    resources = ray.available_resources()
+    cpus = int(resources.get("CPU", 1))
+    fit = int(resources.get("memory", 0) // 2 // (ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * rows))
+    return max(1, min(cpus, fit))
 
 
 def run(stage: StageRun) -> dict:
@@ -114,7 +136,8 @@ def run(stage: StageRun) -> dict:
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")
     if todo:
-        actors = [ray.remote(NeighbourWorker).options(num_cpus=1).remote(*args) for _ in range(min(conf.actors, len(todo)))]
+        n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"]), len(todo))
+        actors = [ray.remote(NeighbourWorker).options(num_cpus=1).remote(*args) for _ in range(n_actors)]
         pool = ActorPool(actors)
         embed_dir = str(stage.input_dirs["embed"])
         for shard, count in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir), todo):

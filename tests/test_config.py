@@ -38,6 +38,8 @@ def test_int_accepted_where_float_expected():
     (["download.resize_mode=stretch"], r"download\.resize_mode must be one of no, border"),
     (["index.memory_budget=lots"], r'index\.memory_budget must be a size such as "4GB"'),
     (["index.nprobe=fast"], r'index\.nprobe must be "auto" or a positive integer'),
+    (["neighbours.actors=many"], r'neighbours\.actors must be "auto" or a positive integer'),
+    (["neighbours.actors=0"], r"neighbours\.actors must be at least 1, got 0"),
     (["neighbours.k=10", "neighbours.candidates=5"], r"neighbours\.candidates \(5\) must exceed neighbours\.k \(10\)"),
     (["embed.model=null"], r"embed\.model must not be null"),
     (["embed.batch_size"], r"expected key\.sub=value"),

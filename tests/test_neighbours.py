@@ -133,3 +133,18 @@ def test_killed_and_rerun_is_identical_and_stale_when_dedup_changes(source, tmp_
     assert stage_status(cfg, "neighbours")[0] == "done"
     run_stage("dedup", load_config(None, stage_args(killed, "dedup.cosine_threshold=0.95")), force=True)
     assert stage_status(cfg, "neighbours")[0] == "stale"
+
+
+def test_auto_actor_count_is_one_per_cpu_within_half_the_free_memory(monkeypatch):
+    import ray
+
+    from pipeline.neighbours import ACTOR_BASE_BYTES, ACTOR_ROW_BYTES, actor_count
+
+    per_actor = ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * 10_000_000
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 16.0, "memory": 100 * per_actor})
+    assert actor_count("auto", 10_000_000) == 16  # CPUs bound it
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 16.0, "memory": 7 * per_actor})
+    assert actor_count("auto", 10_000_000) == 3  # half of the memory holds 3.5 actors
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 16.0, "memory": per_actor})
+    assert actor_count("auto", 10_000_000) == 1  # never fewer than one
+    assert actor_count(5, 10_000_000) == 5
