@@ -3,7 +3,8 @@
 `factory: auto` picks the most accurate index that fits `memory_budget` for N (exact, HNSW,
 IVF, then the paper's OPQ+IVF+PQ); an explicit factory string is used as given. Training uses
 a random sample sized to the index; vectors are added shard by shard from the float16 files.
-`nprobe: auto` is tuned to `target_recall` (recall@10 against exact search). Recall is then
+`nprobe: auto` is tuned to `target_recall` (recall@10 against exact search) on image queries and,
+when the embed stage wrote caption embeddings, on text-like queries too. Recall is then
 measured on image queries (database items, self excluded, as the neighbours stage searches)
 and on text-like queries (caption embeddings, when the embed stage wrote them: what sampling
 sends), with and without exact re-ranking from the stored float16 embeddings.
@@ -110,11 +111,12 @@ def run(stage: StageRun) -> dict:
     q_rows = np.sort(rng.choice(kept_rows, size=min(conf.eval_queries, n), replace=False))
     image_queries = emb[q_rows].astype(np.float32)
     image_true = ground_truth(emb, kept_rows, image_queries, K_EVAL + 1)
-    tuning = _set_nprobe(index, image_queries, image_true[:, :K_EVAL], conf)
     sets = {"image": (image_queries, image_true, q_rows)}
     text_queries = _text_queries(embed_dir, stage.inputs["embed"], conf, rng)
     if text_queries is not None:
         sets["text"] = (text_queries, ground_truth(emb, kept_rows, text_queries, K_EVAL), None)
+    tuning = _set_nprobe(index, {name: (q, true[:, :K_EVAL]) for name, (q, true, _) in sets.items()}, conf,
+                         emb if conf.refine else None)
     recall = {}
     for name, (queries, true, rows) in sets.items():
         recall[name] = evaluate(index, emb, queries, true, rows, refine=False)
@@ -137,18 +139,29 @@ def run(stage: StageRun) -> dict:
             "factory": factory, "recall": recall}
 
 
-def _set_nprobe(index, queries, true, conf) -> dict:
+def _set_nprobe(index, query_sets: dict, conf, refine_from: Embeddings | None) -> dict:
+    """Fix nprobe (efSearch for HNSW): the configured value, or the smallest that reaches target_recall
+    on every query set (image queries, and caption embeddings when there are some: text queries sit
+    farther from the images and need more cells), measured as searches will run (refined or not)."""
     name = knn.search_param_name(index)
     if name is None:
         return {}
     if conf.nprobe != "auto":
         knn.set_search_param(index, name, int(conf.nprobe))
         return {"name": name, "value": int(conf.nprobe), "tuned": False}
-    t = knn.tune_nprobe(index, queries, true, K_EVAL, conf.target_recall)
-    if not t.reached:
-        print(f"index: {name} {t.value} reaches recall@10 {t.recall:.3f} only, below target {conf.target_recall}; "
-              f"consider refine: true or a larger memory_budget")
-    return {"name": name, "value": int(t.value), "tuned": True, "recall@10": round(float(t.recall), 4), "reached": bool(t.reached)}
+    by_set = {kind: knn.tune_nprobe(index, q, true, K_EVAL, conf.target_recall, embeddings=refine_from,
+                                    k_factor=REFINE_K_FACTOR) for kind, (q, true) in query_sets.items()}
+    value = max(t.value for t in by_set.values())
+    knn.set_search_param(index, name, value)
+    reached = all(t.reached for t in by_set.values())
+    if not reached:
+        print(f"index: {name} {value} reaches recall@10 "
+              + ", ".join(f"{t.recall:.3f} on {kind} queries" for kind, t in by_set.items())
+              + f", below target {conf.target_recall}; consider refine: true or a larger memory_budget")
+    return {"name": name, "value": int(value), "tuned": True, "reached": bool(reached),
+            "recall@10": round(float(by_set["image"].recall), 4),
+            "by_queries": {kind: {"value": int(t.value), "recall@10": round(float(t.recall), 4), "reached": bool(t.reached)}
+                           for kind, t in by_set.items()}}
 
 
 def _text_queries(embed_dir, manifest, conf, rng):

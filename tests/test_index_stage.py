@@ -68,6 +68,18 @@ def test_tuned_ivf_pq_reaches_target_and_refine_recovers_text_recall(database, t
     assert r["text_refined"]["recall@10"] > r["text"]["recall@10"] + 0.05  # PQ alone loses text recall
 
 
+def test_auto_nprobe_reaches_target_on_text_queries_too(database, tmp_path):
+    """Text-like queries sit off the image distribution and need more cells than image queries."""
+    root, _, _ = database
+    work, _ = build(root, tmp_path, "index.factory=IVF256,Flat", "index.target_recall=0.95", "index.eval_queries=300")
+    infos = json.loads((work / "index" / "index_infos.json").read_text())
+    tuning = infos["nprobe_tuning"]
+    by = tuning["by_queries"]
+    assert tuning["reached"] and by["text"]["value"] > by["image"]["value"]
+    assert infos["nprobe"] == by["text"]["value"]
+    assert infos["recall"]["text"]["recall@10"] >= 0.95 and infos["recall"]["image"]["recall@10"] >= 0.95
+
+
 def test_fixed_nprobe_is_used(database, tmp_path):
     root, _, _ = database
     work, _ = build(root, tmp_path, "index.factory=IVF64,Flat", "index.nprobe=3", "index.eval_queries=100")
