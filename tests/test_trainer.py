@@ -15,14 +15,7 @@ from model.denoiser import ModelConfig
 from model.trainer import TrainParams, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; OpenMP spin-waiting on a shared 2-core machine
-    made them ~100x slower. Restored for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, shared cores
 
 
 def make_samples(n, resolution=16, k=3, d=32, seed=0):

@@ -77,7 +77,7 @@ class Sizes:
 
 
 QUICK = Sizes(download_images=400, download_shard=200, corpus_images=600, corpus_shard=300, search_n=25_000,
-              quality_factories=["auto", "IVF{nlist},SQ4"], growth_n=[10_000, 20_000], sample_batch=2)
+              quality_factories=["auto", "IVF{nlist},SQ4"], growth_n=[5_000, 10_000], sample_batch=2, sample_steps=20)
 FULL = Sizes(download_images=4000, download_shard=1000, corpus_images=3000, corpus_shard=1000, search_n=100_000,
              quality_factories=["auto", "IVF{nlist},SQ4", "OPQ64_256,IVF{nlist},PQ64"],
              growth_n=[100_000, 1_000_000], sample_batch=4)
@@ -307,30 +307,17 @@ class LoopbackImages:
     """HTTP server on 127.0.0.1 serving /img/{i}.jpg (a pool of distinct JPEGs, i modulo the pool)."""
 
     def __init__(self, pool: int):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from pipeline.loopback import LoopbackServer
 
         self.pool = [picture(i) for i in range(pool)]
-        images = self.pool
+        self.server = LoopbackServer(self.route)
+        self.base = self.server.base
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                try:
-                    body = images[int(self.path.split("/")[-1].split(".")[0]) % len(images)]
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/jpeg")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                except (ValueError, BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def route(self, path: str):
+        try:
+            return 200, "image/jpeg", self.pool[int(path.split("/")[-1].split(".")[0]) % len(self.pool)], 0
+        except ValueError:
+            return 404, "text/plain", b"", 0
 
     def url_list(self, path: Path, n: int) -> Path:
         import pyarrow as pa
@@ -341,8 +328,7 @@ class LoopbackImages:
         return path
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 # --------------------------------------------------------------------------- download
@@ -862,9 +848,10 @@ def section_sampling(b: Bench) -> None:
     model = KnnDenoiser(ModelConfig.demo()).eval()
     res = interleave(b.args.reps, runs_for(model))
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    per_100 = "" if steps == 100 else f"; x{100 / steps:g} for 100 steps: {median(res['ours']) * 100 / steps:.2f} s"
     b.add(measured("sampling", f"s/image, {steps} DDIM steps, batch {batch}, guidance 8", "s", res["ours"], res["bare"],
                    higher_is_better=False, note=f"demo model {ModelConfig.demo().resolution} px, {params:.1f} M params, "
-                   f"random weights, {torch.get_num_threads()} threads",
+                   f"random weights, {torch.get_num_threads()} threads{per_100}",
                    includes="ours: model.diffusion.sample (guided batch of 2B, condition re-encoded every step); "
                             "reference: diffusers DDIMScheduler loop around the same U-Net, condition encoded once"))
     if not all(stage_exists(s) for s in ("pack", "train", "sample")):
