@@ -68,7 +68,8 @@ class EmbedConfig:
     batch_size: int = opt(256, "images per model call", min=1, runtime=True)
     phash_size: int = opt(8, "perceptual hash side: the hash has phash_size^2 bits", min=2, max=32)
     text: bool = opt(False, "also embed captions into embed/text_emb/ (text-like queries for index recall)")
-    decode_workers: int = opt(1, "CPU tasks decoding shards ahead of the model", min=1, runtime=True)
+    decode_workers: str | int = opt("auto", '"auto" (every CPU but the encoder\'s) or a number of CPU tasks decoding '
+                                    "shards ahead of the model", runtime=True)
 
 
 @dataclass
@@ -288,10 +289,11 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f'index.nprobe must be "auto" or a positive integer, got {cfg.index.nprobe!r}')
     if isinstance(cfg.index.nprobe, int) and cfg.index.nprobe < 1:
         raise ConfigError(f"index.nprobe must be at least 1, got {cfg.index.nprobe}")
-    if isinstance(cfg.neighbours.actors, str) and cfg.neighbours.actors != "auto":
-        raise ConfigError(f'neighbours.actors must be "auto" or a positive integer, got {cfg.neighbours.actors!r}')
-    if isinstance(cfg.neighbours.actors, int) and cfg.neighbours.actors < 1:
-        raise ConfigError(f"neighbours.actors must be at least 1, got {cfg.neighbours.actors}")
+    for key, value in (("embed.decode_workers", cfg.embed.decode_workers), ("neighbours.actors", cfg.neighbours.actors)):
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f'{key} must be "auto" or a positive integer, got {value!r}')
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
     if cfg.neighbours.candidates < cfg.neighbours.k + 1:
         raise ConfigError(f"neighbours.candidates ({cfg.neighbours.candidates}) must exceed neighbours.k ({cfg.neighbours.k}): "
                           f"set neighbours.candidates to at least {cfg.neighbours.k + 1} (self is among the candidates)")

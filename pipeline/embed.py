@@ -209,6 +209,15 @@ def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
+def decode_worker_count(decode_workers: str | int) -> int:
+    """`embed.decode_workers`: a number, or "auto" = every CPU Ray sees but the encoder's one."""
+    import ray
+
+    if decode_workers != "auto":
+        return int(decode_workers)
+    return max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+
+
 def run(stage: StageRun) -> dict:
     import ray
 
@@ -227,8 +236,9 @@ def run(stage: StageRun) -> dict:
     progress = stage.progress(len(shards), unit="images")
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     transform_ref = ray.put(info["pil_transform"])
-    chunk_size = conf.batch_size * 4
+    chunk_size = conf.batch_size  # one model batch per chunk: small enough to keep the encoder fed early
     running, encoded = collections.deque(), 0
+    workers = decode_worker_count(conf.decode_workers)
 
     def finish_oldest():
         nonlocal encoded
@@ -240,12 +250,12 @@ def run(stage: StageRun) -> dict:
         tar = str(stage.input_dirs["download"] / shard["tar"])
         chunks = decode.remote(tar, transform_ref, conf.phash_size, chunk_size, shard["successes"])
         running.append((shard["shard"], tar, chunks))
-        while len(running) > conf.decode_workers:
+        while len(running) > workers:
             finish_oldest()
     while running:
         finish_oldest()
     end = time.perf_counter()
-    timing = {"encoder_start_s": round(ready - started, 3), "images_this_run": encoded,
+    timing = {"encoder_start_s": round(ready - started, 3), "images_this_run": encoded, "decode_workers": workers,
               "images_per_s_after_start": round(encoded / (end - ready), 2) if encoded else None}
     return finalize(stage, [s["shard"] for s in shards], info) | {"timing": timing}
 

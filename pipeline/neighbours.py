@@ -9,6 +9,8 @@ they share its pages, and take embed shards one at a time.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from pipeline import knn
@@ -102,6 +104,9 @@ class NeighbourWorker:
             pq.write_table(table, tmp)
         return shard["shard"], len(q_rows)
 
+    def ready(self) -> bool:
+        return True
+
     def process(self, shard: dict, embed_dir: str) -> tuple[int, int]:  # the Ray actor method
         return self(shard, embed_dir)
 
@@ -135,14 +140,21 @@ def run(stage: StageRun) -> dict:
             cfg.dedup.cosine_threshold, cfg.dedup.manhattan_threshold, conf.batch_size)
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")
+    timing = {"actors": 0, "images_this_run": 0}
     if todo:
+        started = time.perf_counter()
         n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"]), len(todo))
         actors = [ray.remote(NeighbourWorker).options(num_cpus=1).remote(*args) for _ in range(n_actors)]
+        ray.get([a.ready.remote() for a in actors])  # process start, imports, index mmap, metadata
+        ready = time.perf_counter()
         pool = ActorPool(actors)
         embed_dir = str(stage.input_dirs["embed"])
         for shard, count in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir), todo):
             stage.mark_done(shard, {"rows": count})
             progress.update(1, count)
+            timing["images_this_run"] += count
+        timing |= {"actors": n_actors, "actor_start_s": round(ready - started, 3),
+                   "images_per_s_after_start": round(timing["images_this_run"] / (time.perf_counter() - ready), 1)}
     stats = stage.done_stats()
     total = sum(stats[s["shard"]]["rows"] for s in shards)
     return {
@@ -151,4 +163,5 @@ def run(stage: StageRun) -> dict:
         "k": conf.k,
         "shards": [{"shard": s["shard"], "rows": stats[s["shard"]]["rows"],
                     "neighbours": f"neighbours_{s['shard']:05d}.parquet"} for s in shards],
+        "timing": timing,
     }
