@@ -90,8 +90,8 @@ def run(stage: StageRun) -> dict:
           f"{conf.steps} steps of {conf.batch_size} on {'GPU' if use_gpu else 'CPU'}"
           + (f", at most {conf.minutes:g} min" if conf.minutes is not None else ""), file=sys.stderr)
     try:
-        with MetricsTail(stage.dir / "metrics.jsonl", conf.steps):
-            budget = None if conf.minutes is None else conf.minutes * 60
+        budget = None if conf.minutes is None else conf.minutes * 60
+        with MetricsTail(stage.dir / "metrics.jsonl", conf.steps, budget_seconds=budget):
             result = train(dataclasses.replace(params, max_seconds=budget), config, paths, stage.dir)
     except ValueError as e:  # the trainer's own messages: corrupt pack shard, foreign checkpoint
         raise StageError(str(e)) from None
@@ -144,8 +144,10 @@ class MetricsTail:
     """Prints the trainer's progress every few seconds, read from metrics.jsonl (which rank 0
     appends), so the in-process and the Ray Train paths report the same way."""
 
-    def __init__(self, path: Path, total_steps: int, every: float = 5.0, stream=None):
+    def __init__(self, path: Path, total_steps: int, every: float = 5.0, stream=None, budget_seconds: float | None = None):
         self.path, self.total, self.every = Path(path), total_steps, every
+        # train.minutes: the run stops at this time if the steps have not run out first
+        self.deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
         self.stream = stream or sys.stderr
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -175,9 +177,12 @@ class MetricsTail:
         now, step = time.monotonic(), last["step"]
         self.first = self.first or (now, step)
         self.last_step = step
-        eta = "?"
+        left = None
         if step > self.first[1]:
-            eta = _hms((now - self.first[0]) / (step - self.first[1]) * (self.total - step))
+            left = (now - self.first[0]) / (step - self.first[1]) * (self.total - step)
+        if self.deadline is not None:
+            left = min(left if left is not None else float("inf"), max(self.deadline - now, 0.0))
+        eta = "?" if left is None else _hms(left)
         self.stream.write(f"train: step {step}/{self.total}, loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
                           f"{last['samples_per_s']:.1f} samples/s, ETA {eta}\n")
         self.stream.flush()

@@ -112,3 +112,28 @@ def test_presets_follow_the_pack_resolution_or_fail_naming_both_keys(tmp_path):
     assert not (tmp_path / "train").exists()
     with pytest.raises(UsageError, match="fewer than train.batch_size 16"):
         run_stage("train", train_config(tmp_path, "train.batch_size=16"))
+
+
+def test_progress_eta_stops_at_the_minutes_budget(tmp_path, monkeypatch):
+    import io
+    import json
+
+    import pipeline.train as train_module
+
+    clock = [0.0]
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: clock[0])
+    metrics, out = tmp_path / "metrics.jsonl", io.StringIO()
+
+    def at(t, step):
+        clock[0] = t
+        with metrics.open("a") as f:
+            f.write(json.dumps({"step": step, "loss": 0.5, "lr": 1e-4, "samples_per_s": 30.0}) + "\n")
+        tail._print()
+        return out.getvalue().splitlines()[-1]
+
+    tail = train_module.MetricsTail(metrics, total_steps=1000, stream=out, budget_seconds=60)
+    at(0.0, 10)
+    assert at(10.0, 20).endswith("ETA 0:00:50")  # 98 s of steps left, but the budget ends at 60 s
+    tail = train_module.MetricsTail(metrics, total_steps=1000, stream=out)
+    at(10.0, 30)
+    assert at(20.0, 40).endswith("ETA 0:16:00")  # no budget: 960 steps at 1 step/s
