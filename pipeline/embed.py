@@ -148,7 +148,8 @@ class ClipEncoder:
 
         # a torch-free copy when it can replay the steps, so decode workers need not import torch
         pil = PilTransform.from_torchvision(self.pil_stage) or self.pil_stage
-        return {"dim": self.bundle.embed_dim, "name": self.bundle.name, "pil_transform": pil}
+        return {"dim": self.bundle.embed_dim, "name": self.bundle.name, "pil_transform": pil,
+                "image_size": self.bundle.image_size}
 
     def encode(self, chunk: dict) -> dict:  # Ray actors expose named methods, not __call__
         return self(chunk)
@@ -209,13 +210,17 @@ def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
-def decode_worker_count(decode_workers: str | int) -> int:
-    """`embed.decode_workers`: a number, or "auto" = every CPU Ray sees but the encoder's one."""
+def decode_worker_count(decode_workers: str | int, shard_bytes: int) -> int:
+    """`embed.decode_workers`: a number, or "auto" = every CPU Ray sees but the encoder's, as many as
+    half of Ray's object store holds: each in-flight shard sits there decoded (`shard_bytes`), and
+    one more shard than there are workers is in flight."""
     import ray
 
     if decode_workers != "auto":
         return int(decode_workers)
-    return max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+    cpus = int(ray.cluster_resources().get("CPU", 2)) - 1
+    fit = int(ray.available_resources().get("object_store_memory", 0) // 2 // max(shard_bytes, 1)) - 1
+    return max(1, min(cpus, fit))
 
 
 def run(stage: StageRun) -> dict:
@@ -238,7 +243,8 @@ def run(stage: StageRun) -> dict:
     transform_ref = ray.put(info["pil_transform"])
     chunk_size = conf.batch_size  # one model batch per chunk: small enough to keep the encoder fed early
     running, encoded = collections.deque(), 0
-    workers = decode_worker_count(conf.decode_workers)
+    largest = max((s["successes"] for s in todo), default=0)
+    workers = decode_worker_count(conf.decode_workers, largest * info["image_size"] ** 2 * 3)
 
     def finish_oldest():
         nonlocal encoded

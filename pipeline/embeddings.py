@@ -85,7 +85,7 @@ def read_metadata_table(embed_dir: Path, manifest: dict, columns: list[str]):
             tables.append(pq.read_table(path, columns=columns))
         except (OSError, pa.ArrowInvalid) as e:
             raise StageError(f"{path} is missing or corrupt ({e}): {REBUILD}") from None
-    return pa.concat_tables(tables).combine_chunks()
+    return pa.concat_tables(tables)
 
 
 def read_metadata(embed_dir: Path, manifest: dict, columns: list[str]) -> dict[str, np.ndarray]:

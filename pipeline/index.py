@@ -3,8 +3,9 @@
 `factory: auto` picks the most accurate index that fits `memory_budget` for N (exact, HNSW,
 IVF, then the paper's OPQ+IVF+PQ); an explicit factory string is used as given. Training uses
 a random sample sized to the index; vectors are added shard by shard from the float16 files.
-`nprobe: auto` is tuned to `target_recall` (recall@10 against exact search) on image queries and,
-when the embed stage wrote caption embeddings, on text-like queries too. Recall is then
+`nprobe: auto` is tuned to `target_recall` (recall@10 against exact search) on image queries (the
+value neighbours uses) and, when the embed stage wrote caption embeddings, separately on text-like
+queries (`nprobe_text`, the value search and sampling use). Recall is then
 measured on image queries (database items, self excluded, as the neighbours stage searches)
 and on text-like queries (caption embeddings, when the embed stage wrote them: what sampling
 sends), with and without exact re-ranking from the stored float16 embeddings.
@@ -115,19 +116,24 @@ def run(stage: StageRun) -> dict:
     text_queries = _text_queries(embed_dir, stage.inputs["embed"], conf, rng)
     if text_queries is not None:
         sets["text"] = (text_queries, ground_truth(emb, kept_rows, text_queries, K_EVAL), None)
-    tuning = _set_nprobe(index, {name: (q, true[:, :K_EVAL]) for name, (q, true, _) in sets.items()}, conf,
-                         emb if conf.refine else None)
+    tuning = _tune(index, {name: (q, true[:, :K_EVAL]) for name, (q, true, _) in sets.items()}, conf,
+                   emb if conf.refine else None)
     recall = {}
     for name, (queries, true, rows) in sets.items():
+        if tuning:  # each kind of query is searched with its own value
+            knn.set_search_param(index, tuning["name"], tuning["by_queries"][name]["value"])
         recall[name] = evaluate(index, emb, queries, true, rows, refine=False)
         if conf.refine:
             recall[f"{name}_refined"] = evaluate(index, emb, queries, true, rows, refine=True)
+    if tuning:
+        knn.set_search_param(index, tuning["name"], tuning["value"])
 
     knn.save_index(index, stage.dir / "image.index")
     fixed, per_vector = knn.index_cost(factory, d)
     infos = {
         "factory": factory, "n": n, "d": d, "metric": "inner_product",
         "nprobe": tuning.get("value"), "search_param": tuning.get("name"), "nprobe_tuning": tuning,
+        "nprobe_text": tuning.get("by_queries", {}).get("text", {}).get("value"),
         "bytes_per_vector": per_vector, "index_bytes": knn.estimate_index_bytes(factory, n, d),
         "memory_budget": conf.memory_budget, "refine": conf.refine, "refine_k_factor": REFINE_K_FACTOR,
         "build_seconds": round(time.time() - start, 2), "recall": recall,
@@ -139,29 +145,28 @@ def run(stage: StageRun) -> dict:
             "factory": factory, "recall": recall}
 
 
-def _set_nprobe(index, query_sets: dict, conf, refine_from: Embeddings | None) -> dict:
-    """Fix nprobe (efSearch for HNSW): the configured value, or the smallest that reaches target_recall
-    on every query set (image queries, and caption embeddings when there are some: text queries sit
-    farther from the images and need more cells), measured as searches will run (refined or not)."""
+def _tune(index, query_sets: dict, conf, refine_from: Embeddings | None) -> dict:
+    """nprobe (efSearch for HNSW) per kind of query: the configured value, or the smallest that reaches
+    target_recall, measured as searches will run (refined or not). Image queries give `value`, which
+    the neighbours stage uses; text-like queries (caption embeddings, when there are some) sit farther
+    from the images and usually need more cells: their value is what `knnd search` and sampling use."""
     name = knn.search_param_name(index)
     if name is None:
         return {}
     if conf.nprobe != "auto":
-        knn.set_search_param(index, name, int(conf.nprobe))
-        return {"name": name, "value": int(conf.nprobe), "tuned": False}
+        fixed = {"value": int(conf.nprobe), "tuned": False}
+        return {"name": name, "value": int(conf.nprobe), "tuned": False, "by_queries": {kind: fixed for kind in query_sets}}
     by_set = {kind: knn.tune_nprobe(index, q, true, K_EVAL, conf.target_recall, embeddings=refine_from,
                                     k_factor=REFINE_K_FACTOR) for kind, (q, true) in query_sets.items()}
-    value = max(t.value for t in by_set.values())
-    knn.set_search_param(index, name, value)
-    reached = all(t.reached for t in by_set.values())
-    if not reached:
-        print(f"index: {name} {value} reaches recall@10 "
-              + ", ".join(f"{t.recall:.3f} on {kind} queries" for kind, t in by_set.items())
-              + f", below target {conf.target_recall}; consider refine: true or a larger memory_budget")
-    return {"name": name, "value": int(value), "tuned": True, "reached": bool(reached),
-            "recall@10": round(float(by_set["image"].recall), 4),
-            "by_queries": {kind: {"value": int(t.value), "recall@10": round(float(t.recall), 4), "reached": bool(t.reached)}
-                           for kind, t in by_set.items()}}
+    for kind, t in by_set.items():
+        if not t.reached:
+            print(f"index: {name} {t.value} reaches recall@10 {t.recall:.3f} only on {kind} queries, below target "
+                  f"{conf.target_recall}; consider refine: true or a larger memory_budget")
+    image = by_set["image"]
+    return {"name": name, "value": int(image.value), "tuned": True, "reached": bool(image.reached),
+            "recall@10": round(float(image.recall), 4),
+            "by_queries": {kind: {"value": int(t.value), "tuned": True, "recall@10": round(float(t.recall), 4),
+                                  "reached": bool(t.reached)} for kind, t in by_set.items()}}
 
 
 def _text_queries(embed_dir, manifest, conf, rng):

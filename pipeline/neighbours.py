@@ -47,13 +47,18 @@ class NeighbourWorker:
                  cosine_threshold: float, manhattan_threshold: int, batch_size: int):
         from pathlib import Path
 
+        import faiss
+        import pyarrow as pa
+
         from pipeline.embeddings import read_metadata_table
 
+        faiss.omp_set_num_threads(1)  # one actor per CPU: threads inside an actor would oversubscribe
         self.retriever = Retriever(index_dir)
         self.keep = read_keep(Path(dedup_dir))
         emb = self.retriever.embeddings
         meta = read_metadata_table(emb.dir, emb.manifest, ["key", "phash"])
-        self.keys = meta.column("key").combine_chunks()  # Arrow strings: a few bytes over the key per row, in every actor
+        # Arrow strings (64-bit offsets past 2 GiB of keys): a few bytes over the key per row, in every actor
+        self.keys = meta.column("key").cast(pa.large_string()).combine_chunks()
         self.bits = knn.phash_bits_from_hex(meta.column("phash").to_pylist())
         self.out = Path(out_dir)
         self.k, self.candidates, self.batch_size = k, candidates, batch_size
@@ -94,9 +99,9 @@ class NeighbourWorker:
         rows = np.concatenate(all_rows) if all_rows else np.zeros((0, self.k), np.int64)
         k = self.k
         table = pa.table({
-            "key": self.keys.take(q_rows),
+            "key": self.keys.take(q_rows).cast(pa.string()),
             "row": pa.array(q_rows),
-            "neighbour_keys": pa.FixedSizeListArray.from_arrays(self.keys.take(rows.reshape(-1)), k),
+            "neighbour_keys": pa.FixedSizeListArray.from_arrays(self.keys.take(rows.reshape(-1)).cast(pa.string()), k),
             "neighbour_rows": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), k),
             "similarities": pa.FixedSizeListArray.from_arrays(pa.array(sims.reshape(-1), pa.float32()), k),
         })

@@ -19,7 +19,9 @@ from pipeline.runner import StageError, UsageError, read_json
 class Retriever:
     """A loaded (memory-mapped) index plus the embeddings and metadata behind it."""
 
-    def __init__(self, index_dir: str | Path):
+    def __init__(self, index_dir: str | Path, queries: str = "image"):
+        """`queries`: "image" (database items, as neighbours sends) or "text" (prompts): IVF/HNSW indexes
+        search each with the nprobe/efSearch the index stage tuned for it."""
         self.dir = Path(index_dir)
         infos_path = self.dir / "index_infos.json"
         if not infos_path.exists():
@@ -31,8 +33,10 @@ class Retriever:
         except RuntimeError as e:
             raise StageError(f"{self.dir / 'image.index'} cannot be read ({str(e).splitlines()[0][:200]}): "
                              f"rebuild it with `knnd run index --force`") from None
-        if self.infos.get("search_param") and self.infos.get("nprobe"):
-            knn.set_search_param(self.index, self.infos["search_param"], int(self.infos["nprobe"]))
+        nprobe = self.infos.get("nprobe_text") if queries == "text" else None
+        nprobe = nprobe or self.infos.get("nprobe")
+        if self.infos.get("search_param") and nprobe:
+            knn.set_search_param(self.index, self.infos["search_param"], int(nprobe))
         self.embeddings = Embeddings(Path(self.infos["embed_dir"]))
         self.dim = int(self.infos["d"])
         self._meta: dict | None = None

@@ -78,7 +78,7 @@ class Sampler:
         except ValueError as e:  # names the file: damaged, foreign or not weights-only
             raise StageError(str(e)) from None
         self.config = self.model.config
-        self.retriever = Retriever(self.index_dir)
+        self.retriever = Retriever(self.index_dir, queries="text")
         if self.retriever.dim != self.config.clip_dim:
             raise UsageError(dimension_mismatch(self.checkpoint, self.config.clip_dim, self.index_dir, self.retriever.dim))
         self.clip = load_index_clip(self.retriever.infos, self.index_dir, device)

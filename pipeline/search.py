@@ -13,7 +13,7 @@ def search(index_dir: Path, prompt: str, k: int, device: str = "cpu") -> list[di
     """The k nearest indexed images of `prompt`: [{rank, row, key, caption, similarity}]."""
     from model.clip import encode_texts
 
-    retriever = Retriever(index_dir)
+    retriever = Retriever(index_dir, queries="text")
     bundle = load_index_clip(retriever.infos, retriever.dir, device)
     retriever.check_dim(bundle.embed_dim, f"the CLIP model {bundle.name}")
     sims, rows = retriever.search(encode_texts(bundle, [prompt]), k)

@@ -146,8 +146,8 @@ class MetricsTail:
 
     def __init__(self, path: Path, total_steps: int, every: float = 5.0, stream=None, budget_seconds: float | None = None):
         self.path, self.total, self.every = Path(path), total_steps, every
-        # train.minutes: the run stops at this time if the steps have not run out first
-        self.deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
+        # train.minutes: the trainer's clock starts after its set-up; this one at the first metrics line
+        self.budget, self.deadline = budget_seconds, None
         self.stream = stream or sys.stderr
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -176,6 +176,8 @@ class MetricsTail:
             return
         now, step = time.monotonic(), last["step"]
         self.first = self.first or (now, step)
+        if self.budget is not None and self.deadline is None:
+            self.deadline = now + self.budget
         self.last_step = step
         left = None
         if step > self.first[1]:

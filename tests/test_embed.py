@@ -140,3 +140,41 @@ def test_pil_transform_declines_steps_it_cannot_replay():
 
     longest = split_transform(image_transform(64, is_train=False, resize_mode="longest"))[0]  # ResizeKeepRatio
     assert PilTransform.from_torchvision(longest) is None
+
+
+def test_decode_workers_import_no_torch(tmp_path):
+    """Decode workers start in well under a second because decoding needs Pillow only."""
+    import subprocess
+    import sys
+
+    write_fake_download(tmp_path, [[(f"{i:04d}", jpg_bytes(i), f"caption {i}") for i in range(3)]])
+    script = f"""
+import sys
+from PIL import Image
+from model.imageops import PilTransform
+from pipeline.embed import decode_chunks
+chunks = list(decode_chunks({str(tmp_path / "download" / "00000.tar")!r},
+                            PilTransform([("resize", [32], None, Image.BICUBIC), ("center_crop", (32, 32))]), 8, 2, 3))
+assert [len(c["key"]) for c in chunks] == [2, 1], chunks
+assert chunks[0]["pixels"].shape == (2, 32, 32, 3)
+print(sorted(m for m in ("torch", "torchvision", "open_clip") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_auto_decode_workers_leave_the_encoder_a_cpu_and_fit_the_object_store(monkeypatch):
+    import ray
+
+    from pipeline.embed import decode_worker_count
+
+    shard = 10_000 * 224 * 224 * 3  # a decoded 10k-image shard at 224 px: 1.5 GB
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 15.0, "object_store_memory": 100 * shard})
+    assert decode_worker_count("auto", shard) == 15  # CPUs bound it
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 15.0, "object_store_memory": 10 * shard})
+    assert decode_worker_count("auto", shard) == 4  # 5 shards in half the store: 4 workers + 1 being encoded
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 15.0, "object_store_memory": shard})
+    assert decode_worker_count("auto", shard) == 1
+    assert decode_worker_count(3, shard) == 3

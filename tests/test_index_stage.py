@@ -73,11 +73,16 @@ def test_auto_nprobe_reaches_target_on_text_queries_too(database, tmp_path):
     root, _, _ = database
     work, _ = build(root, tmp_path, "index.factory=IVF256,Flat", "index.target_recall=0.95", "index.eval_queries=300")
     infos = json.loads((work / "index" / "index_infos.json").read_text())
-    tuning = infos["nprobe_tuning"]
-    by = tuning["by_queries"]
-    assert tuning["reached"] and by["text"]["value"] > by["image"]["value"]
-    assert infos["nprobe"] == by["text"]["value"]
+    by = infos["nprobe_tuning"]["by_queries"]
+    assert by["image"]["reached"] and by["text"]["reached"] and by["text"]["value"] > by["image"]["value"]
+    assert infos["nprobe"] == by["image"]["value"] and infos["nprobe_text"] == by["text"]["value"]
     assert infos["recall"]["text"]["recall@10"] >= 0.95 and infos["recall"]["image"]["recall@10"] >= 0.95
+    # neighbours (image queries) and search/sampling (text) each search with their own value
+    from pipeline.retrieval import Retriever
+
+    for queries, value in (("image", infos["nprobe"]), ("text", infos["nprobe_text"])):
+        index = faiss.extract_index_ivf(Retriever(work / "index", queries=queries).index)
+        assert index.nprobe == value
 
 
 def test_fixed_nprobe_is_used(database, tmp_path):

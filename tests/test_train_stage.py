@@ -133,7 +133,7 @@ def test_progress_eta_stops_at_the_minutes_budget(tmp_path, monkeypatch):
 
     tail = train_module.MetricsTail(metrics, total_steps=1000, stream=out, budget_seconds=60)
     at(0.0, 10)
-    assert at(10.0, 20).endswith("ETA 0:00:50")  # 98 s of steps left, but the budget ends at 60 s
+    assert at(10.0, 20).endswith("ETA 0:00:50")  # 980 s of steps left, but the budget ends at 60 s
     tail = train_module.MetricsTail(metrics, total_steps=1000, stream=out)
     at(10.0, 30)
     assert at(20.0, 40).endswith("ETA 0:16:00")  # no budget: 960 steps at 1 step/s
