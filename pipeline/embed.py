@@ -16,12 +16,11 @@ import collections
 import io
 import json
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.runner import StageError, StageRun, atomic_path, ensure_ray
+from pipeline.runner import RunClock, StageError, StageRun, atomic_path, auto_count, ensure_ray
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 1 << 26  # decompression-bomb guard for our own decoding (Pillow)
@@ -218,9 +217,8 @@ def decode_worker_count(decode_workers: str | int, shard_bytes: int) -> int:
 
     if decode_workers != "auto":
         return int(decode_workers)
-    cpus = int(ray.cluster_resources().get("CPU", 2)) - 1
-    fit = int(ray.available_resources().get("object_store_memory", 0) // 2 // max(shard_bytes, 1)) - 1
-    return max(1, min(cpus, fit))
+    return auto_count(decode_workers, int(ray.cluster_resources().get("CPU", 2)) - 1,
+                      ray.available_resources().get("object_store_memory", 0) / 2, shard_bytes, extra_in_flight=1)
 
 
 def run(stage: StageRun) -> dict:
@@ -231,25 +229,24 @@ def run(stage: StageRun) -> dict:
     shards = [s for s in download["shards"]]
     stage.plan(len(shards))
     ensure_ray(stage.cfg)
-    started = time.perf_counter()
+    clock = RunClock()
     device = stage.device()
     encoder = ray.remote(ClipEncoder).options(num_gpus=1 if device == "cuda" else 0, num_cpus=1).remote(
         _abs(conf.model), _abs(conf.pretrained), device, conf.batch_size, conf.text)
     info = ray.get(encoder.info.remote())
-    ready = time.perf_counter()
+    clock.ready()
     decode = ray.remote(decode_chunks).options(num_cpus=1, max_retries=0)
     progress = stage.progress(len(shards), unit="images")
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     transform_ref = ray.put(info["pil_transform"])
     chunk_size = conf.batch_size  # one model batch per chunk: small enough to keep the encoder fed early
-    running, encoded = collections.deque(), 0
+    running = collections.deque()
     largest = max((s["successes"] for s in todo), default=0)
     workers = decode_worker_count(conf.decode_workers, largest * info["image_size"] ** 2 * 3)
 
     def finish_oldest():
-        nonlocal encoded
         rows = _finish_shard(stage, encoder, *running.popleft(), info["dim"])
-        encoded += rows
+        clock.items += rows
         progress.update(1, rows)
 
     for shard in todo:
@@ -260,9 +257,7 @@ def run(stage: StageRun) -> dict:
             finish_oldest()
     while running:
         finish_oldest()
-    end = time.perf_counter()
-    timing = {"encoder_start_s": round(ready - started, 3), "images_this_run": encoded, "decode_workers": workers,
-              "images_per_s_after_start": round(encoded / (end - ready), 2) if encoded else None}
+    timing = clock.report("encoder") | {"decode_workers": workers}
     return finalize(stage, [s["shard"] for s in shards], info) | {"timing": timing}
 
 

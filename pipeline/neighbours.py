@@ -9,14 +9,12 @@ they share its pages, and take embed shards one at a time.
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from pipeline import knn
 from pipeline.dedup import read_keep
 from pipeline.retrieval import Retriever
-from pipeline.runner import StageError, StageRun, UsageError, atomic_path, ensure_ray, stage_dir
+from pipeline.runner import RunClock, StageError, StageRun, UsageError, atomic_path, auto_count, ensure_ray, stage_dir
 
 
 def check(cfg) -> None:
@@ -128,9 +126,8 @@ def actor_count(actors: str | int, rows: int) -> int:
     if actors != "auto":
         return int(actors)
     resources = ray.available_resources()
-    cpus = int(resources.get("CPU", 1))
-    fit = int(resources.get("memory", 0) // 2 // (ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * rows))
-    return max(1, min(cpus, fit))
+    return auto_count(actors, int(resources.get("CPU", 1)), resources.get("memory", 0) / 2,
+                      ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * rows)
 
 
 def run(stage: StageRun) -> dict:
@@ -147,19 +144,18 @@ def run(stage: StageRun) -> dict:
     progress = stage.progress(len(shards), unit="images")
     timing = {"actors": 0, "images_this_run": 0}
     if todo:
-        started = time.perf_counter()
+        clock = RunClock()
         n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"]), len(todo))
         actors = [ray.remote(NeighbourWorker).options(num_cpus=1).remote(*args) for _ in range(n_actors)]
         ray.get([a.ready.remote() for a in actors])  # process start, imports, index mmap, metadata
-        ready = time.perf_counter()
+        clock.ready()
         pool = ActorPool(actors)
         embed_dir = str(stage.input_dirs["embed"])
         for shard, count in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir), todo):
             stage.mark_done(shard, {"rows": count})
             progress.update(1, count)
-            timing["images_this_run"] += count
-        timing |= {"actors": n_actors, "actor_start_s": round(ready - started, 3),
-                   "images_per_s_after_start": round(timing["images_this_run"] / (time.perf_counter() - ready), 1)}
+            clock.items += count
+        timing = clock.report("actor") | {"actors": n_actors}
     stats = stage.done_stats()
     total = sum(stats[s["shard"]]["rows"] for s in shards)
     return {

@@ -101,6 +101,30 @@ def package_versions() -> dict:
 # --------------------------------------------------------------------------- progress
 
 
+def auto_count(setting: str | int, cpus: int, budget_bytes: float, unit_bytes: float, extra_in_flight: int = 0) -> int:
+    """A worker-count setting: a number, or "auto" = `cpus` workers, no more than `budget_bytes` holds
+    at `unit_bytes` each (with `extra_in_flight` units held beyond one per worker); at least 1."""
+    if setting != "auto":
+        return int(setting)
+    fit = int(budget_bytes // max(unit_bytes, 1)) - extra_in_flight
+    return max(1, min(cpus, fit))
+
+
+class RunClock:
+    """A stage's fixed start-up and its throughput after it, for the manifest (bench reads both)."""
+
+    def __init__(self):
+        self.started, self.ready_at, self.items = time.perf_counter(), None, 0
+
+    def ready(self) -> None:
+        self.ready_at = time.perf_counter()
+
+    def report(self, workers: str) -> dict:
+        after = time.perf_counter() - self.ready_at
+        return {f"{workers}_start_s": round(self.ready_at - self.started, 3), "images_this_run": self.items,
+                "images_per_s_after_start": round(self.items / after, 2) if self.items else None}
+
+
 class Progress:
     """One progress line: shards done / total, items/s and ETA, at most once a second."""
 

@@ -179,12 +179,12 @@ class MetricsTail:
         if self.budget is not None and self.deadline is None:
             self.deadline = now + self.budget
         self.last_step = step
-        left = None
+        left = []  # seconds to the last step at the rate so far, and to the minutes budget
         if step > self.first[1]:
-            left = (now - self.first[0]) / (step - self.first[1]) * (self.total - step)
+            left.append((now - self.first[0]) / (step - self.first[1]) * (self.total - step))
         if self.deadline is not None:
-            left = min(left if left is not None else float("inf"), max(self.deadline - now, 0.0))
-        eta = "?" if left is None else _hms(left)
+            left.append(max(self.deadline - now, 0.0))
+        eta = _hms(min(left)) if left else "?"
         self.stream.write(f"train: step {step}/{self.total}, loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
                           f"{last['samples_per_s']:.1f} samples/s, ETA {eta}\n")
         self.stream.flush()
