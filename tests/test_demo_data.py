@@ -88,15 +88,14 @@ def test_red_heart_renders_red_on_transparent(tmp_path):
     assert a == 255 and r > 150 and g < 100 and b < 100
 
 
-def test_cairosvg_fallback_when_resvg_fails(tmp_path, monkeypatch):
+def test_an_svg_resvg_refuses_is_named(tmp_path, monkeypatch):
     def refuse(**kwargs):
         raise ValueError("unsupported")
 
     monkeypatch.setattr(demo_data.resvg_py, "svg_to_bytes", refuse)
-    demo_data._render_one((str(_svg("2764")), str(tmp_path / "2764.png"), SIZE))
-    with Image.open(tmp_path / "2764.png") as image:
-        assert image.size == (SIZE, SIZE) and image.mode == "RGBA"
-        assert image.getpixel((0, 0))[3] == 0
+    with pytest.raises(ValueError, match=r"resvg cannot render .*2764\.svg \(unsupported\)"):
+        demo_data._render_one((str(_svg("2764")), str(tmp_path / "2764.png"), SIZE))
+    assert not (tmp_path / "2764.png").exists()
 
 
 def test_second_call_writes_nothing(rendered):
