@@ -3,7 +3,9 @@
 Columns: key, row, neighbour_keys (list<string>[k]), neighbour_rows (list<int64>[k]),
 similarities (list<float32>[k], descending). As in the paper, the image itself and
 near-identical candidates (cosine above dedup.cosine_threshold or pHash within
-dedup.manhattan_threshold bits) are dropped; extra candidates are fetched until k remain.
+dedup.manhattan_threshold bits) are dropped; extra candidates are fetched until k remain. The two
+thresholds are those the dedup stage that wrote keep.parquet used (its manifest's "thresholds"),
+not the current config's, so a re-run after editing dedup.* never mixes two rules.
 Ray actors (one per CPU by default, each with one faiss thread) hold the index, memory-mapped so
 they share its pages, and take embed shards one at a time.
 """
@@ -130,16 +132,29 @@ def actor_count(actors: str | int, rows: int) -> int:
                       ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * rows)
 
 
+def dedup_thresholds(stage: StageRun) -> tuple[float, int]:
+    """(cosine, manhattan) of the dedup run that wrote keep.parquet, from its manifest."""
+    thresholds = stage.inputs["dedup"].get("thresholds")
+    if not isinstance(thresholds, dict) or not {"cosine", "manhattan"} <= set(thresholds):
+        path = stage.input_dirs["dedup"] / "manifest.json"
+        raise StageError(f"{path} does not record the near-duplicate thresholds that built keep.parquet "
+                         f"(\"thresholds\": {{\"cosine\": ..., \"manhattan\": ...}}): rebuild it with "
+                         f"`knnd run dedup --force`")
+    return float(thresholds["cosine"]), int(thresholds["manhattan"])
+
+
 def run(stage: StageRun) -> dict:
     import ray
     from ray.util import ActorPool
 
     conf, cfg = stage.conf, stage.cfg
     shards = stage.inputs["embed"]["shards"]
+    cosine, manhattan = dedup_thresholds(stage)
     stage.plan(len(shards))
     ensure_ray(cfg)
-    args = (str(stage.input_dirs["index"]), str(stage.input_dirs["dedup"]), str(stage.dir), conf.k, conf.candidates,
-            cfg.dedup.cosine_threshold, cfg.dedup.manhattan_threshold, conf.batch_size)
+    # absolute: Ray workers need not share the driver's working directory
+    args = (str(stage.input_dirs["index"].resolve()), str(stage.input_dirs["dedup"].resolve()), str(stage.dir.resolve()),
+            conf.k, conf.candidates, cosine, manhattan, conf.batch_size)
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")
     timing = {"actors": 0, "images_this_run": 0}
@@ -150,7 +165,7 @@ def run(stage: StageRun) -> dict:
         ray.get([a.ready.remote() for a in actors])  # process start, imports, index mmap, metadata
         clock.ready()
         pool = ActorPool(actors)
-        embed_dir = str(stage.input_dirs["embed"])
+        embed_dir = str(stage.input_dirs["embed"].resolve())
         for shard, count in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir), todo):
             stage.mark_done(shard, {"rows": count})
             progress.update(1, count)

@@ -166,3 +166,19 @@ def test_bf16_autocast_training_runs(stickers, tmp_path):
     with pytest.raises(ValueError, match="precision"):
         train_demo_clip(images[:16], captions[:16], tmp_path / "x", Path(TINY), holdout=0.0, max_steps=1,
                         train=ClipTrainConfig(precision="fp8"))
+
+
+def test_training_prints_progress_lines_to_stderr(stickers, tmp_path, capsys):
+    import re
+
+    images, captions = stickers
+    train = ClipTrainConfig(batch_size=16, num_threads=1, precision="fp32")
+    kwargs = dict(holdout=0.0, max_steps=3, train=train)
+    metrics = train_demo_clip(images[:16], captions[:16], tmp_path, Path(TINY), progress_every=0, **kwargs)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("encoder:")]
+    pattern = r"encoder: step (\d+), loss \d+\.\d+, \d+ images/s, ETA \d+:\d\d:\d\d"
+    assert len(lines) == 3 and all(re.fullmatch(pattern, line) for line in lines), lines
+    assert [int(re.match(pattern, line).group(1)) for line in lines] == [1, 2, 3]
+    assert lines[-1].endswith("ETA 0:00:00")  # max_steps reached
+    # the interval is no part of the result: the cached encoder answers for any interval
+    assert train_demo_clip(images[:16], captions[:16], tmp_path, Path(TINY), progress_every=10.0, **kwargs) == metrics

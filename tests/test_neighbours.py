@@ -148,3 +148,29 @@ def test_auto_actor_count_is_one_per_cpu_within_half_the_free_memory(monkeypatch
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 16.0, "memory": per_actor})
     assert actor_count("auto", 10_000_000) == 1  # never fewer than one
     assert actor_count(5, 10_000_000) == 5
+
+
+def test_thresholds_come_from_the_dedup_manifest_not_the_current_config(source, tmp_path, ray_local):
+    """Editing dedup.* and forcing neighbours must not mix two rules: neighbours drops what the dedup that
+    wrote keep.parquet called near-identical (its manifest's "thresholds"), whatever the config says now."""
+    import json
+
+    from pipeline.runner import StageError
+
+    work = tmp_path / "w"
+    sets = ["dedup.cosine_threshold=0.99", "neighbours.k=5", "neighbours.candidates=8", "index.factory=Flat"]
+    prepare(source, work)
+    run_stage("index", load_config(None, stage_args(work, *sets)))
+    run_stage("neighbours", load_config(None, stage_args(work, *sets)))
+    built = read_all(work)
+    assert built["similarities"].map(max).max() > 0.5  # the edit below would change the lists
+    edited = load_config(None, stage_args(work, *sets, "dedup.cosine_threshold=0.5", "dedup.manhattan_threshold=20"))
+    run_stage("neighbours", edited, force=True)
+    assert read_all(work).equals(built)
+
+    manifest = work / "dedup" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["thresholds"]
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(StageError, match=r"(?s)dedup/manifest\.json.*knnd run dedup --force"):
+        run_stage("neighbours", edited, force=True)

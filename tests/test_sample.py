@@ -110,6 +110,24 @@ def test_same_seed_gives_the_same_pngs_and_full_records(work, tmp_path, capsys):
     assert grid.height > 2 * 128 and grid.width > 2 * 128
 
 
+def test_without_out_each_call_writes_a_new_timestamped_folder(work, capsys):
+    import re
+    from pathlib import Path
+
+    args = ["sample", "red heart", "-k", "3", "--steps", "2", "--seed", "3", "-c", work["config"]]
+    grids = []
+    for _ in range(2):
+        assert main(args) == 0
+        grids += [Path(line.removeprefix("grid: ")) for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("grid: ")]
+    assert len(grids) == 2 and grids[0].parent != grids[1].parent, grids
+    for grid in grids:
+        assert grid.name == "grid.png" and grid.is_file()
+        assert grid.parent.parent == work["a"] / "sample_cli"
+        assert re.fullmatch(r"\d{8}-\d{6}(-\d+)?", grid.parent.name), grid
+        assert len(records(grid.parent)) == 2  # this call's images only
+
+
 def test_index_of_another_dimension_is_a_usage_error_naming_both(work, tmp_path, capsys):
     assert knnd_sample(work, tmp_path / "out", "--index", str(work["c"])) == 2
     err = capsys.readouterr().err

@@ -137,3 +137,27 @@ def test_progress_eta_stops_at_the_minutes_budget(tmp_path, monkeypatch):
     tail = train_module.MetricsTail(metrics, total_steps=1000, stream=out)
     at(10.0, 30)
     assert at(20.0, 40).endswith("ETA 0:16:00")  # no budget: 960 steps at 1 step/s
+
+
+def test_shard_paths_handed_to_the_trainer_are_absolute_with_a_relative_workdir(tmp_path, monkeypatch):
+    """Ray Train runs each worker in a folder of its own: a path relative to the driver's working
+    directory would name no file there (and read as a corrupt pack shard)."""
+    from pathlib import Path
+
+    class Captured(Exception):
+        pass
+
+    seen = {}
+
+    def capture(params, config, shard_paths, out_dir):
+        seen["paths"] = [Path(p) for p in shard_paths]  # out_dir: model.trainer.train resolves it itself
+        raise Captured
+
+    monkeypatch.chdir(tmp_path)
+    write_pack(Path("work/x"))
+    monkeypatch.setattr(model.trainer, "train", capture)
+    with pytest.raises(Captured):
+        run_stage("train", train_config("work/x"))
+    assert [p.name for p in seen["paths"]] == ["00000.tar", "00001.tar"]
+    assert all(p.is_absolute() and p.is_file() for p in seen["paths"]), seen["paths"]
+    assert seen["paths"][0].parent == (tmp_path / "work" / "x" / "pack").resolve()
