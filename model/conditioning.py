@@ -5,7 +5,8 @@ add a learned per-slot position embedding, contextualise the slots with a small 
 encoder, and hand the resulting tokens to the U-Net's cross-attention layers.
 
 Slot 0 holds the query embedding (f_img(x) in training, f_txt(prompt) at inference); slots 1..k hold
-the neighbours. Fewer than k + 1 slots may be given (the no-kNN ablation, or fewer neighbours than
+the neighbours. Any slot can be masked, slot 0 included (query dropout in training teaches the model
+to draw from the neighbours alone, which is what makes retrieval and database swapping matter). Fewer than k + 1 slots may be given (the no-kNN ablation, or fewer neighbours than
 the model was trained with): the missing slots are padded with zeros and *masked*, both in the
 self-attention here and in the denoiser's cross-attention, so they carry no information at all.
 """
@@ -34,8 +35,8 @@ class ConditionEncoder(nn.Module):
                 neighbour_mask: torch.Tensor | None = None):
         """Encode emb; rows where drop_mask is True get the null context.
 
-        neighbour_mask [B, n] (True = slot present) masks individual slots; slots beyond emb's n are
-        always masked. Returns (context, key_mask); key_mask is None when every slot is present,
+        neighbour_mask [B, n] (True = slot present) masks individual slots, slot 0 (the query) included;
+        slots beyond emb's n are always masked; a row with every slot masked keeps slot 0. Returns (context, key_mask); key_mask is None when every slot is present,
         else a [B, k+1] bool mask to pass to cross-attention.
         """
         batch, slots, _ = emb.shape
@@ -64,5 +65,8 @@ def _slot_mask(emb: torch.Tensor, total: int, neighbour_mask: torch.Tensor | Non
         return None
     mask = torch.zeros(batch, total, dtype=torch.bool, device=emb.device)
     mask[:, :slots] = True if neighbour_mask is None else neighbour_mask.to(emb.device, torch.bool)
-    mask[:, 0] = True  # the query slot is never masked: attention needs at least one key
+    # A row may drop its query slot (training with query dropout: the neighbours alone must carry
+    # the condition), but attention needs at least one key: a row with nothing left keeps slot 0.
+    empty = ~mask.any(dim=1)
+    mask[:, 0] |= empty
     return mask

@@ -37,8 +37,13 @@ class TrainParams:
     batch_size: int = 32            # per worker
     lr: float = 3e-4                # peak learning rate (AdamW)
     weight_decay: float = 0.01      # on weight matrices only, not on norms and biases
-    warmup_steps: int = 100         # linear warm-up, then cosine decay to lr / 10
+    warmup_steps: int = 100         # linear warm-up, then lr_schedule
+    lr_schedule: str = "cosine"     # "cosine" (decay to lr / 10 at `steps`) | "constant"
     cond_drop_prob: float = 0.1     # condition -> null context, for classifier-free guidance
+    query_drop_prob: float = 0.0    # mask the query slot alone: the neighbours must carry the condition
+    query_noise: float = 0.0        # query <- normalise(query + query_noise * random unit vector)
+    loss_weighting: str = "none"    # "none" | "min_snr" (Hang et al. 2023, gamma = min_snr_gamma)
+    min_snr_gamma: float = 5.0
     grad_clip: float = 1.0          # max global gradient norm
     ema_decay: float = 0.999        # EMA of the weights (ramped up over the first steps)
     checkpoint_every: int = 500     # steps between checkpoints (plus one at the end)
@@ -93,7 +98,7 @@ def train_loop(config: dict) -> dict:
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = make_optimizer(model, params)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, params.warmup_steps, params.steps))
+        optimizer, lambda s: lr_factor(s, params.warmup_steps, params.steps, params.lr_schedule))
     if checkpoint:
         load_training_state(checkpoint, ema, optimizer, lr_schedule)
     net = model
@@ -109,11 +114,13 @@ def train_loop(config: dict) -> dict:
     batches = iter(data)
     while step < stop:
         image, emb = next(batches)
-        noise, t, drop = step_randomness(params, rank, step, image.shape,
-                                         model_config.num_train_timesteps)
+        noise, t, drop, slots = step_randomness(params, rank, step, image.shape,
+                                                model_config.num_train_timesteps, emb.shape[1])
+        if params.query_noise > 0:
+            emb = noisy_query(emb, params.query_noise, params, rank, step)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         loss = train_step(net, optimizer, lr_schedule, noise_scheduler, params, device,
-                          image, emb, noise, t, drop)
+                          image, emb, noise, t, drop, slots)
         step += 1
         ema_update(model, ema, min(params.ema_decay, (1 + step) / (10 + step)))
         if out_of_time(deadline, config.get("distributed", False), device):
@@ -153,14 +160,20 @@ def resume_checkpoint(directory: Path, model_config: ModelConfig) -> dict | None
 
 
 def train_step(net, optimizer, lr_schedule, noise_scheduler, params, device, image, emb, noise,
-               t, drop) -> torch.Tensor:
-    """One optimizer step of the epsilon/v-prediction MSE loss; returns the (detached) loss."""
+               t, drop, slots=None) -> torch.Tensor:
+    """One optimizer step of the epsilon/v-prediction MSE loss (min-SNR weighted on request);
+    `slots` [B, k+1] bool masks condition slots (query dropout). Returns the (detached) loss."""
     image, emb, noise, t, drop = (x.to(device, non_blocking=True)
                                   for x in (image, emb, noise, t, drop))
+    slots = None if slots is None else slots.to(device, non_blocking=True)
     x_t, target = training_example(noise_scheduler, image, noise, t)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        prediction = net(x_t, t, emb, drop)
-    loss = F.mse_loss(prediction.float(), target)
+        prediction = net(x_t, t, emb, drop, slots)
+    if params.loss_weighting == "min_snr":
+        per_sample = (prediction.float() - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weight(noise_scheduler, t, params.min_snr_gamma)).mean()
+    else:
+        loss = F.mse_loss(prediction.float(), target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), params.grad_clip)
@@ -169,20 +182,49 @@ def train_step(net, optimizer, lr_schedule, noise_scheduler, params, device, ima
     return loss.detach()
 
 
-def step_randomness(params: TrainParams, rank: int, step: int, shape, num_timesteps: int):
-    """(noise, t, drop_mask) for a step, from a CPU generator seeded by (seed, rank, step)."""
+def step_randomness(params: TrainParams, rank: int, step: int, shape, num_timesteps: int,
+                    slots: int = 1):
+    """(noise, t, drop_mask, slot_mask) for a step, from a CPU generator seeded by (seed, rank,
+    step). slot_mask [B, slots] is None without query dropout (the draws before it are unchanged)."""
     seed = np.random.SeedSequence([params.seed, rank, step]).generate_state(1, np.uint64)[0]
     generator = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(shape, generator=generator)
     t = torch.randint(0, num_timesteps, (shape[0],), generator=generator)
     drop = torch.rand(shape[0], generator=generator) < params.cond_drop_prob
-    return noise, t, drop
+    slot_mask = None
+    if params.query_drop_prob > 0 and slots > 1:
+        slot_mask = torch.ones(shape[0], slots, dtype=torch.bool)
+        slot_mask[:, 0] = torch.rand(shape[0], generator=generator) >= params.query_drop_prob
+    return noise, t, drop, slot_mask
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.1 at total_steps."""
+def noisy_query(emb: torch.Tensor, sigma: float, params: TrainParams, rank: int, step: int) -> torch.Tensor:
+    """emb with slot 0 replaced by normalise(q + sigma * u), u a random unit vector (cosine to q about
+    1 / sqrt(1 + sigma^2)): the query is a blurred pointer, as a caption's embedding is at inference,
+    and the neighbours must supply the detail. Seeded by (seed, rank, step, 1)."""
+    seed = np.random.SeedSequence([params.seed, rank, step, 1]).generate_state(1, np.uint64)[0]
+    u = F.normalize(torch.randn(emb.shape[0], emb.shape[2], generator=torch.Generator().manual_seed(int(seed))), dim=-1)
+    query = F.normalize(F.normalize(emb[:, 0].float(), dim=-1) + sigma * u, dim=-1)
+    return torch.cat([query[:, None].to(emb.dtype), emb[:, 1:]], dim=1)
+
+
+def min_snr_weight(noise_scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights per sample: min(SNR, gamma) / SNR for epsilon targets,
+    min(SNR, gamma) / (SNR + 1) for v targets (Hang et al., 2023)."""
+    alphas = noise_scheduler.alphas_cumprod.to(t.device)[t]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
+    """Linear warm-up to 1, then constant, or cosine decay to 0.1 at total_steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 

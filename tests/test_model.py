@@ -177,3 +177,19 @@ def test_batched_sampling_with_per_image_generators_equals_one_at_a_time():
                   generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
     for a, b in zip(one, both):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batch numerics may round one step apart
+
+
+def test_a_masked_query_slot_carries_no_information():
+    """Query dropout: with slot 0 masked the output depends on the neighbours alone."""
+    model = make_model()
+    emb_a = random_emb(model.config, seed=1)
+    emb_b = emb_a.clone()
+    emb_b[:, 0] = random_emb(model.config, seed=3)[:, 0]  # other query, same neighbours
+    no_query = torch.ones(2, model.config.k + 1, dtype=torch.bool)
+    no_query[:, 0] = False
+    out_a = forward(model, emb_a, neighbour_mask=no_query)
+    torch.testing.assert_close(out_a, forward(model, emb_b, neighbour_mask=no_query))
+    assert not torch.allclose(out_a, forward(model, emb_a))  # the query matters when present
+    emb_c = emb_a.clone()
+    emb_c[:, 1:] = random_emb(model.config, seed=4)[:, 1:]  # same query, other neighbours
+    assert not torch.allclose(out_a, forward(model, emb_c, neighbour_mask=no_query))

@@ -21,7 +21,7 @@ prints a table: section, figure, ours, reference, ratio, target (SPEC "Performan
   default, all cores, unless --threads). On a machine shared with other jobs, OpenMP with every core
   busy can be several times slower than one thread: --threads 1 gives steadier figures there.
 
-Sections (--only): download, embed, dedup, index, neighbours, quality, train_input, sampling, growth.
+Sections (--only): download, embed, dedup, index, neighbours, quality, train_input, sampling, train_step, growth.
 Pack/train/sample figures light up when pipeline/pack.py, train.py and sample.py exist.
 """
 from __future__ import annotations
@@ -52,7 +52,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-SECTIONS = ["download", "embed", "dedup", "index", "neighbours", "quality", "train_input", "sampling", "growth"]
+SECTIONS = ["download", "embed", "dedup", "index", "neighbours", "quality", "train_input", "sampling", "train_step",
+            "growth"]
 RAY_SECTIONS = {"download", "embed", "neighbours", "train_input", "sampling"}  # sections whose stages use Ray
 RAY_STAGES = {"download", "embed", "neighbours", "pack"}
 DEMO_CLIP = ROOT / "model" / "configs" / "demo_clip.json"
@@ -1001,12 +1002,34 @@ def section_growth(b: Bench) -> None:
                   includes="log(time ratio) / log(N ratio): 1 = linear, 2 = quadratic"))
 
 
+# --------------------------------------------------------------------------- train step
+
+
+def section_train_step(b: Bench) -> None:
+    """Our training step vs a bare diffusers loop over the same U-Net (tools/bench_train.py), at the
+    demo's old (32 px) and new (16 px) settings; random data of the demo's shapes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_train
+    from model.denoiser import ModelConfig
+
+    steps = 10 if b.args.quick else 30
+    for name, (resolution, attention) in bench_train.VARIANTS.items():
+        config = ModelConfig.demo(resolution=resolution, attention_resolutions=attention, clip_dim=256, k=10)
+        runs = {"ours": lambda i: bench_train.ours(config, bench_train.batches(None, resolution), steps),
+                "bare": lambda i: bench_train.bare(config, bench_train.batches(None, resolution), steps)}
+        res = interleave(b.args.reps, runs)
+        b.add(measured("train step", f"samples/s, demo U-Net, {name}", "samples/s", res["ours"], res["bare"], target=0.9,
+                       target_text=">= 0.9", note=f"batch {bench_train.BATCH}, {steps} timed steps after 5 warm-up",
+                       includes="ours: condition encoder, query dropout, masks; bare: UNet2DConditionModel + a linear "
+                                "projection of the k + 1 embeddings, MSE, AdamW"))
+
+
 # --------------------------------------------------------------------------- main
 
 
 RUNNERS = {"download": section_download, "embed": section_embed, "dedup": section_dedup, "index": section_index,
            "neighbours": section_neighbours, "quality": section_quality, "train_input": section_train_input,
-           "sampling": section_sampling, "growth": section_growth}
+           "sampling": section_sampling, "train_step": section_train_step, "growth": section_growth}
 
 
 def set_threads(threads: int | None) -> None:

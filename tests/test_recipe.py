@@ -1,0 +1,58 @@
+"""The CPU training recipe's pieces: query dropout draws, min-SNR weights, the constant LR schedule,
+and the train section's model choices (attention levels, prediction type, schedule)."""
+import numpy as np
+import pytest
+import torch
+
+from model.denoiser import ModelConfig
+from model.diffusion import make_scheduler
+from model.trainer import TrainParams, lr_factor, min_snr_weight, step_randomness
+from pipeline.config import load_config
+from pipeline.runner import UsageError
+from pipeline.train import model_config
+
+
+def test_query_dropout_masks_the_query_slot_only_and_leaves_the_other_draws_unchanged():
+    shape = (4000, 3, 8, 8)
+    plain = step_randomness(TrainParams(seed=3), 0, 7, shape, 1000, slots=11)
+    dropped = step_randomness(TrainParams(seed=3, query_drop_prob=0.5), 0, 7, shape, 1000, slots=11)
+    assert plain[3] is None
+    for a, b in zip(plain[:3], dropped[:3]):  # noise, timesteps and condition drops: the same stream
+        assert torch.equal(a, b)
+    slots = dropped[3]
+    assert slots.shape == (4000, 11) and slots[:, 1:].all()
+    assert 0.46 < (~slots[:, 0]).float().mean().item() < 0.54
+    again = step_randomness(TrainParams(seed=3, query_drop_prob=0.5), 0, 7, shape, 1000, slots=11)[3]
+    assert torch.equal(slots, again)  # seeded by (seed, rank, step): resumable
+
+
+def test_min_snr_weights_by_hand():
+    config = ModelConfig.tiny()
+    scheduler = make_scheduler(config)
+    t = torch.tensor([0, 500, 999])
+    alpha = scheduler.alphas_cumprod[t].double()
+    snr = alpha / (1 - alpha)
+    expected = [min(s, 5.0) / s for s in snr.tolist()]
+    np.testing.assert_allclose(min_snr_weight(scheduler, t, 5.0).double().numpy(), expected, rtol=1e-5)
+    assert min_snr_weight(scheduler, t, 5.0)[0] < 0.01 < min_snr_weight(scheduler, t, 5.0)[2] == pytest.approx(1.0)
+    v = make_scheduler(ModelConfig.tiny(prediction_type="v_prediction"))
+    np.testing.assert_allclose(min_snr_weight(v, t, 5.0).double().numpy(),
+                               [min(s, 5.0) / (s + 1) for s in snr.tolist()], rtol=1e-5)
+
+
+def test_constant_and_cosine_schedules():
+    assert [lr_factor(s, 20, 1000, "constant") for s in (0, 9, 19, 20, 500, 999)] == [0.05, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert lr_factor(999, 20, 1000, "cosine") == pytest.approx(0.1, abs=1e-4)
+    assert lr_factor(20, 20, 1000, "cosine") == pytest.approx(1.0)
+
+
+def test_train_section_chooses_attention_levels_prediction_and_schedule():
+    conf = load_config(None, ["train.attention_resolutions=[4]", "train.prediction_type=v_prediction",
+                              "train.beta_schedule=linear"]).train
+    config = model_config("demo", 16, 256, 10, conf)
+    assert config.attention_resolutions == (4,) and config.prediction_type == "v_prediction"
+    assert config.beta_schedule == "linear" and config.resolution == 16
+    assert model_config("demo", 16, 256, 10, load_config(None, []).train).attention_resolutions == (8, 4)
+    bad = load_config(None, ["train.attention_resolutions=[32]"]).train
+    with pytest.raises(UsageError, match=r"train.attention_resolutions has \[32\].*choose from \[16, 8, 4\]"):
+        model_config("demo", 16, 256, 10, bad)
