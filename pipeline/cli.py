@@ -82,6 +82,12 @@ def cmd_sample(args) -> int:
     return sample_command(_config(args), args)
 
 
+def cmd_evaluate(args) -> int:
+    from pipeline.evaluate import evaluate_command
+
+    return evaluate_command(_config(args), args.checkpoint, args.index, args.out, k=args.k, no_knn=args.no_knn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knnd", description="KNN-Diffusion: data pipeline, trainer and sampler")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,12 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, help="DDIM steps")
     p.add_argument("--seed", type=int, help="seed of the initial noise")
-    p.add_argument("--out", help="output folder (default: <workdir>/sample_cli; `knnd run sample` writes <workdir>/sample)")
+    p.add_argument("--out", help="output folder (default: a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>[-N] per call; "
+                                 "`knnd run sample` writes <workdir>/sample)")
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone (the paper's ablation)")
     p.add_argument("--init-image", help="reference image to edit (replaces the first neighbour, noised start)")
     p.add_argument("--strength", type=float, default=0.7, help="how far the reference is noised (0..1)")
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="grade a checkpoint against an index on held-out prompts: metrics.json + report.html")
+    p.add_argument("--checkpoint", help="checkpoint file or folder (default: the latest in train/checkpoints)")
+    p.add_argument("--index", help="index directory to retrieve from (default: this workdir's index/)")
+    p.add_argument("--out", help="output folder (default: <workdir>/evaluate_cli/<checkpoint>-<index>-k<k>)")
+    p.add_argument("-k", type=int, help="neighbours per prompt (default: evaluate.k, else sample.k)")
+    p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

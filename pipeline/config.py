@@ -78,6 +78,9 @@ class DedupConfig:
     manhattan_threshold: int = opt(2, "duplicates: pHash bits differing at most this (among CLIP candidates only; see README)", min=0)
     candidates: int = opt(16, "nearest neighbours examined per item for duplicates", min=1)
     batch_size: int = opt(16384, "queries per search batch", min=1, runtime=True)
+    holdout: float = opt(0.01, "fraction of the kept images held out of the index and training (`knnd evaluate`'s prompts)",
+                         min=0.0, max=0.5)
+    holdout_max: int = opt(5000, "at most this many held-out images", min=0)
 
 
 @dataclass
@@ -115,8 +118,18 @@ class TrainConfig:
     batch_size: int = opt(32, "samples per step, over all workers", min=1)
     lr: float = opt(2e-4, "peak learning rate (AdamW)", min=0.0)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
-    warmup_steps: int = opt(100, "linear warm-up steps before the cosine decay", min=0)
+    warmup_steps: int = opt(100, "linear warm-up steps before lr_schedule", min=0)
+    lr_schedule: str = opt("cosine", "after warm-up: cosine (decay to lr/10 at `steps`) or constant", choices=["cosine", "constant"])
     cond_drop_prob: float = opt(0.1, "probability of dropping the condition (classifier-free guidance)", min=0.0, max=1.0)
+    query_drop_prob: float = opt(0.0, "probability of masking the query slot alone, so the neighbours carry the condition",
+                                 min=0.0, max=1.0)
+    query_noise: float = opt(0.0, "query <- normalise(query + this * a random unit vector) in training (cosine ~1/sqrt(1+x^2))",
+                             min=0.0)
+    loss_weighting: str = opt("none", "none (plain MSE) or min_snr (min-SNR-gamma weights, gamma 5)", choices=["none", "min_snr"])
+    prediction_type: str = opt("epsilon", "what the U-Net predicts: epsilon or v_prediction", choices=["epsilon", "v_prediction"])
+    beta_schedule: str = opt("squaredcos_cap_v2", "noise schedule: squaredcos_cap_v2 (cosine) or linear",
+                             choices=["squaredcos_cap_v2", "linear"])
+    attention_resolutions: list[int] | None = opt(None, "U-Net levels (pixel sizes) with cross-attention (null: the preset's)")
     grad_clip: float = opt(1.0, "gradient norm clip", min=0.0)
     ema_decay: float = opt(0.999, "EMA decay of the weights used for sampling", min=0.0, max=1.0)
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)", min=1)
@@ -137,6 +150,25 @@ class SampleConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    prompts: str | None = opt(None, "a file of prompts, one per line (null: captions of the images dedup held out)")
+    max_prompts: int = opt(200, "at most this many prompts (a seeded sample of them)", min=2)
+    images_per_prompt: int = opt(1, "samples per prompt (image j of a prompt uses seed + j)", min=1)
+    k: int | None = opt(None, "neighbours per prompt (null: sample.k); 0 conditions on the text alone", min=0)
+    steps: int = opt(25, "DDIM steps", min=1)
+    guidance: float = opt(3.0, "classifier-free guidance scale", min=0.0)
+    seed: int = opt(0, "seed of the prompt sample and of the initial noise")
+    encoder: str | None = opt(None, "evaluation CLIP: open_clip name or model-config JSON (null: the embed stage's CLIP)")
+    encoder_pretrained: str | None = opt(None, "its pretrained tag or checkpoint (with evaluate.encoder)")
+    train_images: int = opt(5000, "training images embedded for the real-vs-real floor and memorisation", min=10)
+    database_images: int = opt(1000, "images of each compared database (FD/KID to the database)", min=10)
+    compare_index: list[str] = opt([], "more index folders whose databases the samples are compared with (FD/KID)")
+    report_prompts: int = opt(48, "prompts shown in report.html", min=1)
+    bootstrap: int = opt(500, "bootstrap resamples over prompts for the 95 % intervals", min=50)
+    batch_size: int = opt(64, "images per sampling batch", min=1, runtime=True)
+
+
+@dataclass
 class Config:
     workdir: str = opt("work/run1", "each stage writes under <workdir>/<stage>/")
     device: str = opt("auto", "auto: cuda when available, else cpu", choices=["auto", "cpu", "cuda"], runtime=True)
@@ -149,6 +181,7 @@ class Config:
     pack: PackConfig = dataclasses.field(default_factory=PackConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -260,7 +293,7 @@ def _matches(t, value) -> tuple[bool, Any]:
 
 
 def _type_name(allowed) -> str:
-    names = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string"}
+    names = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string", list[int]: "list of integers"}
     return " or ".join(names.get(t, "list of strings") for t in allowed if t is not type(None))
 
 

@@ -6,6 +6,11 @@ among CLIP candidate pairs only, when their perceptual hashes differ in at most
 often sit within 8 bits of each other). Candidates are each item's `candidates` nearest
 neighbours from a faiss index (IVF beyond small N), so cost grows about linearly with N.
 Groups are connected components; the smallest row of each group is kept.
+
+Then `holdout` of the kept images (at most `holdout_max`), chosen by a hash of their key, are held
+out of the database and of training (`keep` false, `holdout` true, reason "holdout"): their captions
+are `knnd evaluate`'s prompts and their pictures its real images. Their duplicates were already
+removed, so no near-copy of a held-out image reaches training.
 """
 from __future__ import annotations
 
@@ -85,17 +90,21 @@ def run(stage: StageRun) -> dict:
     index, factory = candidate_index(emb)
     pairs, sims, reasons = find_duplicate_edges(emb, index, phash_bits, conf, progress)
     labels = knn.connected_components(n, pairs)
-    keep = labels == np.arange(n)
+    representative = labels == np.arange(n)
+    holdout = holdout_mask(meta["key"], representative, conf.holdout, conf.holdout_max)
+    keep = representative & ~holdout
     best_sim, best_reason = strongest_edge(n, pairs, sims, reasons)
     names = np.array(["cosine", "phash"])
-    removed = ~keep
+    removed = ~representative
+    reason = np.where(removed, names[np.maximum(best_reason, 0)], np.where(holdout, "holdout", ""))
     table = pa.table({
         "key": pa.array(meta["key"], pa.string()),
         "row": pa.array(np.arange(n, dtype=np.int64)),
         "keep": pa.array(keep),
-        "duplicate_of": pa.array(labels.astype(np.int64), mask=keep),
-        "reason": pa.array(np.where(removed, names[np.maximum(best_reason, 0)], ""), pa.string(), mask=keep),
-        "similarity": pa.array(best_sim, pa.float32(), mask=keep),
+        "duplicate_of": pa.array(labels.astype(np.int64), mask=representative),
+        "reason": pa.array(reason, pa.string(), mask=keep),
+        "similarity": pa.array(best_sim, pa.float32(), mask=representative),
+        "holdout": pa.array(holdout),
     })
     with atomic_path(stage.dir / "keep.parquet") as tmp:
         pq.write_table(table, tmp)
@@ -103,7 +112,7 @@ def run(stage: StageRun) -> dict:
     stage.mark_done(0, {"kept": int(keep.sum())})
     return {
         "items": n,
-        "counts": {"images": n, "kept": int(keep.sum()), "removed": int(removed.sum()),
+        "counts": {"images": n, "kept": int(keep.sum()), "removed": int(removed.sum()), "holdout": int(holdout.sum()),
                    "groups": int(len(np.unique(labels[removed]))), **{f"removed_{k}": v for k, v in by_reason.items()}},
         "removed_by_reason": by_reason,
         "kept": int(keep.sum()),
@@ -111,6 +120,37 @@ def run(stage: StageRun) -> dict:
         "thresholds": {"cosine": conf.cosine_threshold, "manhattan": conf.manhattan_threshold},
         "output": "keep.parquet",
     }
+
+
+def holdout_mask(keys, representative: np.ndarray, fraction: float, most: int) -> np.ndarray:
+    """floor(fraction * representatives), at most `most`, chosen by the blake2b hash of their key: the
+    same keys whatever the row order or the seed, and a stable choice when the data grows."""
+    import hashlib
+
+    rows = np.nonzero(representative)[0]
+    count = min(int(fraction * len(rows)), most)
+    mask = np.zeros(len(representative), bool)
+    if count:
+        digests = np.array([int.from_bytes(hashlib.blake2b(str(keys[r]).encode(), digest_size=8).digest(), "big")
+                            for r in rows], dtype=np.uint64)
+        mask[rows[np.argsort(digests, kind="stable")[:count]]] = True
+    return mask
+
+
+def read_holdout(dedup_dir) -> np.ndarray:
+    """The rows held out for evaluation (sorted), from keep.parquet's `holdout` column."""
+    import pyarrow.parquet as pq
+
+    from pipeline.runner import StageError
+
+    path = dedup_dir / "keep.parquet"
+    try:
+        table = pq.read_table(path, columns=["row", "holdout"])
+    except Exception as e:  # noqa: BLE001 - any read failure means the same fix
+        raise StageError(f"{path} is missing, corrupt or older than held-out evaluation ({e}): "
+                         f"rebuild it with `knnd run dedup --force`") from None
+    rows = table.column("row").to_numpy()
+    return np.sort(rows[table.column("holdout").to_numpy(zero_copy_only=False)])
 
 
 def read_keep(dedup_dir) -> np.ndarray:

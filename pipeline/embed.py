@@ -250,7 +250,7 @@ def run(stage: StageRun) -> dict:
         progress.update(1, rows)
 
     for shard in todo:
-        tar = str(stage.input_dirs["download"] / shard["tar"])
+        tar = str((stage.input_dirs["download"] / shard["tar"]).resolve())  # Ray workers: absolute
         chunks = decode.remote(tar, transform_ref, conf.phash_size, chunk_size, shard["successes"])
         running.append((shard["shard"], tar, chunks))
         while len(running) > workers:
@@ -339,5 +339,6 @@ def finalize(stage: StageRun, shard_ids: list[int], info: dict) -> dict:
         "rows": offset,
         "dtype": "float16",
         "text_emb": bool(stage.conf.text),
+        "download_dir": str(stage.input_dirs["download"].resolve()),  # the pictures behind the rows (evaluate, reports)
         "shards": out_shards,
     }

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import knn
 from pipeline.dedup import read_keep
 from pipeline.embeddings import Embeddings
-from pipeline.runner import StageRun, UsageError, write_json
+from pipeline.runner import StageRun, UsageError, atomic_path, write_json
 
 K_EVAL = 10
 REFINE_K_FACTOR = 4
@@ -129,6 +129,8 @@ def run(stage: StageRun) -> dict:
         knn.set_search_param(index, tuning["name"], tuning["value"])
 
     knn.save_index(index, stage.dir / "image.index")
+    with atomic_path(stage.dir / "rows.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, kept_rows, allow_pickle=False)  # which embed rows the index holds (evaluation, reports)
     fixed, per_vector = knn.index_cost(factory, d)
     infos = {
         "factory": factory, "n": n, "d": d, "metric": "inner_product",
@@ -141,7 +143,7 @@ def run(stage: StageRun) -> dict:
     }
     write_json(stage.dir / "index_infos.json", infos)
     stage.mark_done(0, {"n": n})
-    return {"items": n, "counts": {"vectors": n}, "index": "image.index", "infos": "index_infos.json",
+    return {"items": n, "counts": {"vectors": n}, "index": "image.index", "infos": "index_infos.json", "rows": "rows.npy",
             "factory": factory, "recall": recall}
 
 

@@ -54,6 +54,13 @@ class Retriever:
             return knn.refine_search(self.index, self.embeddings, queries, k, self.infos.get("refine_k_factor", 4))
         return knn.search(self.index, queries, k)
 
+    def index_rows(self) -> np.ndarray:
+        """The embed rows this index holds (rows.npy; every row for indexes built before it existed)."""
+        path = self.dir / "rows.npy"
+        if path.exists():
+            return np.load(path, allow_pickle=False)
+        return np.arange(len(self.embeddings), dtype=np.int64)
+
     def metadata(self) -> dict:
         if self._meta is None:
             self._meta = read_metadata(self.embeddings.dir, self.embeddings.manifest, ["key", "caption", "phash"])

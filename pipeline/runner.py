@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.config import Config, fingerprint_hash, output_fingerprint, section, to_dict
 
-STAGES = ["download", "embed", "dedup", "index", "neighbours", "pack", "train", "sample"]
+STAGES = ["download", "embed", "dedup", "index", "neighbours", "pack", "train", "sample", "evaluate"]
 UPSTREAM = {
     "download": [],
     "embed": ["download"],
@@ -31,6 +31,7 @@ UPSTREAM = {
     "pack": ["download", "embed", "neighbours"],
     "train": ["pack"],
     "sample": ["embed", "index", "train"],
+    "evaluate": ["embed", "dedup", "index", "pack", "train"],
 }
 VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray", "img2dataset", "webdataset",
                       "diffusers", "numpy", "pyarrow", "imagehash", "knn-diffusion"]
@@ -149,12 +150,13 @@ class Progress:
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
         new = self.done - self.start_done
-        eta = "?" if new == 0 else _hms(elapsed / new * (self.total - self.done))
+        eta = "?" if new == 0 else hms(elapsed / new * (self.total - self.done))
         return (f"{self.stage}: {self.done}/{self.total} shards, {self.items} {self.unit} "
                 f"({self.rate():.1f} {self.unit}/s), ETA {eta}")
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """Seconds as H:MM:SS, the format of every progress line's ETA."""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 

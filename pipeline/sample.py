@@ -13,7 +13,7 @@ edits REF as in the paper: f_img(REF) replaces the first neighbour and the rever
 from REF noised to ~s * T.
 
 `knnd run sample` writes into <workdir>/sample/ (resumable per prompt); `knnd sample` writes into
---out, by default <workdir>/sample_cli/, and needs no manifest of its own.
+--out, by default a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>/ per call, and needs no manifest of its own.
 """
 from __future__ import annotations
 
@@ -115,6 +115,24 @@ class Sampler:
         if reference is not None:
             slots.insert(1, reference)
         return np.concatenate(slots)[None], record
+
+    def conditions(self, prompts: list[str], k: int):
+        """Many prompts at once, for evaluation: (emb float32 [P, 1 + k, d], slot mask bool [P, 1 + k]
+        (False where the index returned fewer than k), retrieved rows int64 [P, k] (-1: none),
+        similarities float32 [P, k]). k = 0 conditions on the text embeddings alone."""
+        from model.clip import encode_texts
+
+        texts = np.concatenate([encode_texts(self.clip, prompts[s:s + 256]) for s in range(0, len(prompts), 256)])
+        if k == 0:
+            return texts[:, None, :], np.ones((len(prompts), 1), bool), np.zeros((len(prompts), 0), np.int64), \
+                np.zeros((len(prompts), 0), np.float32)
+        sims, rows = self.retriever.search(texts, k)
+        found = rows >= 0
+        neighbours = self.retriever.embeddings[np.where(found, rows, 0).ravel()].astype(np.float32)
+        neighbours = neighbours.reshape(len(prompts), k, -1) * found[..., None]
+        emb = np.concatenate([texts[:, None, :], neighbours], axis=1)
+        mask = np.concatenate([np.ones((len(prompts), 1), bool), found], axis=1)
+        return emb, mask, rows, sims.astype(np.float32)
 
     def __call__(self, prompt: str, request: SampleRequest) -> tuple[np.ndarray, list[dict]]:
         import torch
@@ -302,7 +320,8 @@ def generate(sampler: Sampler, request: SampleRequest, out: Path, done=None, ski
 
 
 def sample_command(cfg, args) -> int:
-    """`knnd sample "prompt" ...`: CLI flags override the sample: section; writes into --out."""
+    """`knnd sample "prompt" ...`: CLI flags override the sample: section; writes into --out, by default
+    a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>[-N]/ per call (an earlier call's images are kept)."""
     conf = cfg.sample
     request = SampleRequest(
         prompts=list(args.prompts) or list(conf.prompts),
@@ -315,8 +334,22 @@ def sample_command(cfg, args) -> int:
     request.validate()
     checkpoint = resolve_checkpoint(cfg, args.checkpoint)
     index_dir = Path(args.index or conf.index or stage_dir(cfg, "index"))
-    out = Path(args.out) if args.out else stage_dir(cfg, "sample_cli")
     sampler = Sampler(checkpoint, index_dir, resolve_device(cfg))
+    if args.out:
+        out = Path(args.out)
+    else:  # claimed with mkdir, so two calls in the same second (or at once) get two folders
+        import time
+
+        base = stage_dir(cfg, "sample_cli") / time.strftime("%Y%m%d-%H%M%S")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        out, n = base, 1
+        while True:
+            try:
+                out.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                out = base.with_name(f"{base.name}-{n}")
     records = generate(sampler, request, out)
     write_records(out, records)
     grid = write_grid(out, records, request.prompts, request.images_per_prompt)

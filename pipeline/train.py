@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.runner import StageError, StageRun, UsageError, _hms, ensure_ray, read_json, stage_dir
+from pipeline.runner import StageError, StageRun, UsageError, ensure_ray, hms, read_json, stage_dir
 
 PRESETS = ("tiny", "demo", "paper")
 
@@ -24,12 +24,13 @@ PRESETS = ("tiny", "demo", "paper")
 # --------------------------------------------------------------------------- configs
 
 
-def model_config(preset: str, resolution: int, clip_dim: int, k: int):
+def model_config(preset: str, resolution: int, clip_dim: int, k: int, conf=None):
     """The preset's network at `resolution`, fed `clip_dim`-dimensional embeddings of k neighbours.
 
     Cross-attention stays at the same U-Net levels (tiny attends at its second level: 8 px at
     16 px, 16 px at 32 px), so a preset keeps its shape and parameter count at any resolution that
-    its levels divide. Raises UsageError naming both keys when they do not fit together.
+    its levels divide; `conf` (the train section) may override the attention levels, the prediction
+    type and the noise schedule. Raises UsageError naming the keys when they do not fit together.
     """
     from model.denoiser import ModelConfig
 
@@ -40,9 +41,18 @@ def model_config(preset: str, resolution: int, clip_dim: int, k: int):
         raise UsageError(f"pack.image_size {resolution} does not fit train.model {preset}: its {levels} U-Net levels "
                          f"halve the image {levels - 1} times, so the size must be a multiple of {2 ** (levels - 1)} "
                          f"(the preset's own is {base.resolution}); change pack.image_size or train.model")
-    attend = [base.level_resolutions().index(r) for r in base.attention_resolutions]
-    return build(resolution=resolution, attention_resolutions=tuple(resolution // 2 ** i for i in attend),
-                 clip_dim=clip_dim, k=k)
+    attend = tuple(resolution // 2 ** base.level_resolutions().index(r) for r in base.attention_resolutions)
+    extra = {}
+    if conf is not None:
+        extra = {"prediction_type": conf.prediction_type, "beta_schedule": conf.beta_schedule}
+        if conf.attention_resolutions is not None:
+            levels_px = [resolution // 2 ** i for i in range(levels)]
+            wrong = sorted(set(conf.attention_resolutions) - set(levels_px))
+            if wrong:
+                raise UsageError(f"train.attention_resolutions has {wrong}, which are not U-Net levels at pack.image_size "
+                                 f"{resolution}: choose from {levels_px} (or null for the preset's)")
+            attend = tuple(conf.attention_resolutions)
+    return build(resolution=resolution, attention_resolutions=attend, clip_dim=clip_dim, k=k, **extra)
 
 
 def train_params(conf, use_gpu: bool):
@@ -50,8 +60,10 @@ def train_params(conf, use_gpu: bool):
     from model.trainer import TrainParams
 
     return TrainParams(steps=conf.steps, batch_size=conf.batch_size // conf.num_workers, lr=conf.lr,
-                       weight_decay=conf.weight_decay, warmup_steps=conf.warmup_steps,
-                       cond_drop_prob=conf.cond_drop_prob, grad_clip=conf.grad_clip, ema_decay=conf.ema_decay,
+                       weight_decay=conf.weight_decay, warmup_steps=conf.warmup_steps, lr_schedule=conf.lr_schedule,
+                       cond_drop_prob=conf.cond_drop_prob, query_drop_prob=conf.query_drop_prob,
+                       query_noise=conf.query_noise,
+                       loss_weighting=conf.loss_weighting, grad_clip=conf.grad_clip, ema_decay=conf.ema_decay,
                        checkpoint_every=conf.checkpoint_every, seed=conf.seed, num_workers=conf.num_workers,
                        use_gpu=use_gpu)
 
@@ -60,7 +72,7 @@ def check(cfg) -> None:
     """Usage errors found before anything is written: preset vs pack, batch vs pack size, GPU."""
     conf = cfg.train
     pack = read_json(stage_dir(cfg, "pack") / "manifest.json", "Rebuild it with `knnd run pack --force`.")
-    model_config(conf.model, pack["image_size"], pack["d"], pack["k"])
+    model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
     if pack["items"] < conf.batch_size:
         raise UsageError(f"the pack holds {pack['items']} samples, fewer than train.batch_size {conf.batch_size}: "
                          f"lower train.batch_size or pack more images")
@@ -79,10 +91,11 @@ def run(stage: StageRun) -> dict:
     from model.trainer import train
 
     conf, pack = stage.conf, stage.inputs["pack"]
-    config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"])
+    config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
     use_gpu = conf.use_gpu or stage.device() == "cuda"
     params = train_params(conf, use_gpu)
-    paths = [stage.input_dirs["pack"] / s["tar"] for s in pack["shards"] if s["samples"]]
+    # absolute: Ray Train moves every worker into a folder of its own
+    paths = [(stage.input_dirs["pack"] / s["tar"]).resolve() for s in pack["shards"] if s["samples"]]
     stage.plan(conf.steps)  # `knnd status` counts steps of the latest checkpoint (count_done_shards)
     if use_gpu or conf.num_workers > 1:
         ensure_ray(stage.cfg)  # Ray Train joins ray.address instead of starting a Ray of its own
@@ -184,7 +197,7 @@ class MetricsTail:
             left.append((now - self.first[0]) / (step - self.first[1]) * (self.total - step))
         if self.deadline is not None:
             left.append(max(self.deadline - now, 0.0))
-        eta = _hms(min(left)) if left else "?"
+        eta = hms(min(left)) if left else "?"
         self.stream.write(f"train: step {step}/{self.total}, loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
                           f"{last['samples_per_s']:.1f} samples/s, ETA {eta}\n")
         self.stream.flush()

@@ -105,7 +105,7 @@ def test_same_groups_as_brute_force(tmp_path):
         hashes[j] = flipped.hex()
     write_embed_output(tmp_path, x, shard_size=128, phash=hashes)
     run_stage("dedup", load_config(None, [f"workdir={tmp_path}", "dedup.manhattan_threshold=3", "dedup.candidates=8",
-                                          "dedup.batch_size=100"]))
+                                          "dedup.batch_size=100", "dedup.holdout=0"]))
     keep = pq.read_table(tmp_path / "dedup" / "keep.parquet").to_pandas()
     xs = np.load(tmp_path / "embed" / "img_emb" / "img_emb_00000.npy")  # float16 as stored
     x16 = np.concatenate([xs] + [np.load(tmp_path / "embed" / "img_emb" / f"img_emb_{s:05d}.npy") for s in range(1, 5)])

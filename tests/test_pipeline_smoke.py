@@ -37,8 +37,22 @@ def test_demo_end_to_end_on_100_stickers(tmp_path, capsys):
     swap_db = set(pq.read_table(sorted((work / "swap" / "embed" / "metadata").glob("*.parquet"))).column("key").to_pylist())
     assert swap_keys <= swap_db  # the swapped samples were conditioned on the second database only
     assert "grid.png" in out and "swapped database" in out
+    metrics = json.loads((work / "evaluate" / "metrics.json").read_text())
+    assert metrics["prompts"] >= 2 and metrics["k"] == 4 and set(metrics["databases"]) == {
+        str((work / "index").resolve()), str((work / "swap" / "index").resolve())}
+    for name in ("prompt_accuracy@1", "prompt_accuracy@5", "clip_score", "memorisation"):
+        ci = metrics["generated"][name]
+        assert ci["low"] <= ci["value"] <= ci["high"], name
+    assert metrics["real"]["prompt_accuracy@5"]["value"] >= metrics["chance@5"] - 1e-9 or metrics["prompts"] <= 5
+    report = (work / "evaluate" / "report.html").read_text()
+    assert report.count('class="sample"') == metrics["images"] and "http://" not in report
+    assert "report.html" in out and "prompt acc@5" in out
+    # any checkpoint against any index, without neighbours, into its own folder
+    assert main(["evaluate", "--no-knn", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "noknn")]) == 0
+    no_knn = json.loads((tmp_path / "noknn" / "metrics.json").read_text())
+    assert no_knn["k"] == 0 and no_knn["prompts"] == metrics["prompts"] and no_knn["checkpoint"] == metrics["checkpoint"]
     # a second run finds everything up to date and redoes nothing
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
-    assert out.count("up to date, nothing to do") >= 8
+    assert out.count("up to date, nothing to do") >= 9
     assert np.asarray(Image.open(work / "sample" / "grid.png")).shape == np.asarray(grid).shape

@@ -1,0 +1,375 @@
+"""evaluate stage and `knnd evaluate`: how well a checkpoint draws what its prompts say.
+
+For a set of prompts (the captions of the images dedup held out of the index and of training, or
+`evaluate.prompts`), it samples `images_per_prompt` images per prompt with fixed seeds against an
+index, embeds the samples, the held-out real images and the training images (all at the model's
+resolution) with an evaluation CLIP (`evaluate.encoder`, by default the embed stage's), and reports,
+each with a bootstrap 95 % interval over prompts:
+
+- prompt accuracy @1/@5: every prompt ranked by similarity to each sample (chance 1/P, 5/P), next to
+  the same accuracy of the real held-out images (the ceiling this encoder allows);
+- CLIP score, 100 * max(cos(sample, prompt), 0);
+- FD and KID to the real held-out images, with the real-vs-real floor (training vs held-out images);
+- precision / recall (k = 3) in the same space;
+- memorisation: each sample's highest cosine to a training image, next to the held-out images' own;
+- FD / KID to the pictures of each compared database (the index sampled from, `compare_index`).
+
+Writes `metrics.json`, `report.html` (prompts with their neighbours and samples, the metric table,
+the loss curve), `grid.png` and one PNG per sample under `samples/`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.runner import StageRun, UsageError, atomic_path, read_json, resolve_device, stage_dir, write_json
+
+
+@dataclass
+class EvalSetup:
+    """What one evaluation compares: a checkpoint, an index, a prompt set and where to write."""
+    checkpoint: Path
+    index_dir: Path
+    out: Path
+    k: int
+    no_knn: bool = False
+
+
+# --------------------------------------------------------------------------- prompts and real images
+
+
+def prompt_set(cfg) -> tuple[list[str], np.ndarray | None]:
+    """(prompts, held-out rows or None). Held-out captions are de-duplicated (first row kept) and a
+    seeded sample of at most evaluate.max_prompts is taken, in row order."""
+    from pipeline.dedup import read_holdout
+    from pipeline.embeddings import read_metadata
+
+    conf = cfg.evaluate
+    rng = np.random.default_rng(conf.seed)
+    if conf.prompts:
+        path = Path(conf.prompts)
+        if not path.is_file():
+            raise UsageError(f"evaluate.prompts {path} does not exist: give a text file with one prompt per line")
+        prompts = list(dict.fromkeys(line.strip() for line in path.read_text().splitlines() if line.strip()))
+        if len(prompts) < 2:
+            raise UsageError(f"evaluate.prompts {path} holds {len(prompts)} distinct prompt(s): prompt accuracy needs at least 2")
+        pick = np.sort(rng.permutation(len(prompts))[:conf.max_prompts])
+        return [prompts[i] for i in pick], None
+    embed_dir = stage_dir(cfg, "embed")
+    rows = read_holdout(stage_dir(cfg, "dedup"))
+    captions = read_metadata(embed_dir, read_json(embed_dir / "manifest.json"), ["caption"])["caption"]
+    first = {}
+    for row in rows:
+        caption = str(captions[row] or "").strip()
+        if caption and caption not in first:
+            first[caption] = row
+    if len(first) < 2:
+        raise UsageError(f"dedup held out {len(rows)} image(s) with {len(first)} distinct caption(s): evaluation needs at least 2. "
+                         f"Raise dedup.holdout and run `knnd run dedup --force` (and the stages after it), "
+                         f"or set evaluate.prompts to a file of prompts")
+    chosen = np.sort(rng.permutation(len(first))[:conf.max_prompts])
+    items = list(first.items())
+    return [items[i][0] for i in chosen], np.array([items[i][1] for i in chosen], np.int64)
+
+
+def training_images(cfg, limit: int, seed: int) -> np.ndarray:
+    """A seeded sample of at most `limit` training images (uint8 [n, H, W, 3]) from the pack shards."""
+    from model.data import read_pack_shard
+
+    pack_dir = stage_dir(cfg, "pack")
+    manifest = read_json(pack_dir / "manifest.json", "Rebuild it with `knnd run pack --force`.")
+    total = sum(s["samples"] for s in manifest["shards"])
+    keep = set(np.random.default_rng(seed).permutation(total)[:limit].tolist())
+    images, offset = [], 0
+    for shard in manifest["shards"]:
+        if not shard["samples"]:
+            continue
+        if any(offset + i in keep for i in range(shard["samples"])):
+            data = read_pack_shard(pack_dir / shard["tar"])
+            images += [data["image"][i] for i in range(len(data["keys"])) if offset + i in keep]
+        offset += shard["samples"]
+    return np.stack(images)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
+    """Sample every prompt: {images uint8 [P*n, H, W, 3], prompt_of [P*n], rows [P, k], sims [P, k]}.
+    Image j of prompt p starts from noise seeded by seed + j (as `knnd sample --seed`)."""
+    import torch
+
+    from model import diffusion
+
+    k = 0 if setup.no_knn else setup.k
+    sampler.check_k(k)
+    emb, mask, rows, sims = sampler.conditions(prompts, k)
+    n = conf.images_per_prompt
+    prompt_of = np.repeat(np.arange(len(prompts)), n)
+    seeds = np.tile(np.arange(n), len(prompts)) + conf.seed
+    out, start = [], time.time()
+    for s in range(0, len(prompt_of), conf.batch_size):
+        sel = prompt_of[s:s + conf.batch_size]
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + conf.batch_size]]
+        out.append(diffusion.sample(sampler.model, torch.from_numpy(emb[sel]), steps=conf.steps, guidance=conf.guidance,
+                                    generator=generators, neighbour_mask=torch.from_numpy(mask[sel])))
+        print(f"evaluate: sampled {s + len(sel)}/{len(prompt_of)} images ({time.time() - start:.0f} s)", file=sys.stderr)
+    return {"images": np.concatenate(out), "prompt_of": prompt_of, "rows": rows, "sims": sims,
+            "seconds": round(time.time() - start, 1)}
+
+
+# --------------------------------------------------------------------------- features and metrics
+
+
+def load_encoder(conf, index_infos: dict, index_dir: Path, device: str):
+    """The evaluation CLIP: evaluate.encoder, or the CLIP that embedded the index's images."""
+    from model.clip import load_clip
+    from pipeline.sample import load_index_clip
+
+    if conf.encoder is None:
+        return load_index_clip(index_infos, index_dir, device)
+    try:
+        return load_clip(conf.encoder, conf.encoder_pretrained, device)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        raise UsageError(f"evaluate.encoder {conf.encoder!r} (pretrained {conf.encoder_pretrained!r}) cannot be loaded ({e}): "
+                         f"give an open_clip model name or model-config JSON and a local checkpoint") from None
+
+
+def image_features(bundle, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """uint8 [n, H, W, 3] -> L2-normalised float32 [n, d], through the encoder's own preprocessing."""
+    from PIL import Image
+
+    from model.clip import encode_images, preprocess_images
+
+    parts = [encode_images(bundle, preprocess_images(bundle, [Image.fromarray(im) for im in images[s:s + batch]]))
+             for s in range(0, len(images), batch)]
+    return np.concatenate(parts) if parts else np.zeros((0, bundle.embed_dim), np.float32)
+
+
+def text_features(bundle, prompts: list[str]) -> np.ndarray:
+    from model.clip import encode_texts
+
+    return np.concatenate([encode_texts(bundle, prompts[s:s + 256]) for s in range(0, len(prompts), 256)])
+
+
+def interval(estimate_low_high) -> dict:
+    value, low, high = (float(x) for x in estimate_low_high)
+    return {"value": round(value, 4), "low": round(low, 4), "high": round(high, 4)}
+
+
+def per_image_metrics(feats: np.ndarray, text: np.ndarray, prompt_of: np.ndarray, train: np.ndarray, n_boot: int) -> dict:
+    """Prompt accuracy @1/@5, CLIP score and memorisation of one image set, with cluster-bootstrap intervals."""
+    from model import metrics
+
+    acc = metrics.prompt_accuracy(feats, text, prompt_of, ks=(1, 5))
+    ci = lambda values: interval(metrics.bootstrap_ci(values, prompt_of, n_boot=n_boot))  # noqa: E731
+    return {"prompt_accuracy@1": ci(acc[1]), "prompt_accuracy@5": ci(acc[5]),
+            "clip_score": ci(metrics.clip_score(feats, text, prompt_of)),
+            "memorisation": ci(metrics.memorisation(feats, train))}
+
+
+def set_metrics(fake: np.ndarray, fake_groups: np.ndarray, real: np.ndarray, n_boot: int) -> dict:
+    """FD, KID, precision and recall of `fake` against `real`, intervals over the fake set's prompts."""
+    from model import metrics
+
+    real_groups = np.arange(len(real))
+    boot = max(50, n_boot // 5)  # each resample recomputes a covariance square root
+    out = {"fd": interval(metrics.bootstrap_pair_ci(fake, real, fake_groups, real_groups, metrics.frechet_distance, boot)),
+           "kid": interval(metrics.bootstrap_pair_ci(fake, real, fake_groups, real_groups,
+                                                     metrics.kernel_inception_distance, boot))}
+    both = lambda a, b: metrics.precision_recall(b, a, k=3)  # noqa: E731 - real first in precision_recall
+    value, low, high = metrics.bootstrap_pair_ci(fake, real, fake_groups, real_groups, both, boot)
+    out["precision"] = interval((value[0], low[0], high[0]))
+    out["recall"] = interval((value[1], low[1], high[1]))
+    return out
+
+
+def database_sample(index_dir: Path, size: int, limit: int, seed: int) -> tuple[np.ndarray, str]:
+    """Up to `limit` pictures of the database behind an index folder, at the model's resolution."""
+    from pipeline.images import DatabaseImages
+    from pipeline.retrieval import Retriever
+
+    retriever = Retriever(index_dir)
+    indexed = np.asarray(retriever.index_rows())
+    pick = np.sort(np.random.default_rng(seed).permutation(indexed)[:limit])
+    images = DatabaseImages(Path(retriever.infos["embed_dir"])).load(pick, size)
+    return np.stack([images[r] for r in pick if r in images]), str(Path(index_dir).resolve())
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def evaluate(cfg, setup: EvalSetup) -> dict:
+    """Sample, embed, measure; write metrics.json, report.html, grid.png and samples/ into setup.out."""
+    from model import metrics
+    from pipeline.images import DatabaseImages
+    from pipeline.sample import Sampler
+
+    conf, device, start = cfg.evaluate, resolve_device(cfg), time.time()
+    prompts, held_rows = prompt_set(cfg)
+    sampler = Sampler(setup.checkpoint, setup.index_dir, device)
+    size = sampler.config.resolution
+    print(f"evaluate: {len(prompts)} prompts x {conf.images_per_prompt} images, k={0 if setup.no_knn else setup.k}, "
+          f"{conf.steps} steps, guidance {conf.guidance}, index {setup.index_dir}", file=sys.stderr)
+    generated = generate(sampler, prompts, setup, conf)
+    encoder = load_encoder(conf, sampler.retriever.infos, setup.index_dir, device)
+    text = text_features(encoder, prompts)
+    fake = image_features(encoder, generated["images"])
+    train_images = training_images(cfg, conf.train_images, conf.seed)
+    train = image_features(encoder, train_images)
+    result = {"prompts": len(prompts), "images": int(len(fake)), "chance@1": round(1 / len(prompts), 4),
+              "chance@5": round(min(5, len(prompts)) / len(prompts), 4),
+              "generated": per_image_metrics(fake, text, generated["prompt_of"], train, conf.bootstrap)}
+    real_images = None
+    if held_rows is not None:
+        loaded = DatabaseImages(stage_dir(cfg, "embed")).load(held_rows, size)
+        have = np.array([r in loaded for r in held_rows])
+        real_images = np.stack([loaded[r] for r in held_rows[have]])
+        real = image_features(encoder, real_images)
+        real_prompt_of = np.nonzero(have)[0]
+        result["real"] = per_image_metrics(real, text, real_prompt_of, train, conf.bootstrap)
+        result["ratio"] = {f"prompt_accuracy@{k}": round(result["generated"][f"prompt_accuracy@{k}"]["value"]
+                                                         / max(result["real"][f"prompt_accuracy@{k}"]["value"], 1e-9), 4)
+                           for k in (1, 5)}
+        result["to_real"] = set_metrics(fake, generated["prompt_of"], real, conf.bootstrap)
+        floor_rows = np.random.default_rng(conf.seed + 1).permutation(len(train))[:len(real)]
+        result["floor"] = {"fd": round(metrics.frechet_distance(train[floor_rows], real), 4),
+                           "kid": round(metrics.kernel_inception_distance(train[floor_rows], real), 6),
+                           "what": "training vs held-out real images, as many as held-out"}
+    result["databases"] = {}
+    for index_dir in [setup.index_dir, *map(Path, conf.compare_index)]:
+        db_images, name = database_sample(index_dir, size, conf.database_images, conf.seed)
+        db = image_features(encoder, db_images)
+        result["databases"][name] = {"images": len(db), **{m: interval(metrics.bootstrap_pair_ci(
+            fake, db, generated["prompt_of"], np.arange(len(db)), fn, max(50, conf.bootstrap // 5)))
+            for m, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance))}}
+    result |= {"checkpoint": str(setup.checkpoint.resolve()), "step": checkpoint_step(setup.checkpoint),
+               "index": str(setup.index_dir.resolve()), "k": 0 if setup.no_knn else setup.k, "no_knn": setup.no_knn,
+               "steps": conf.steps, "guidance": conf.guidance, "seed": conf.seed,
+               "images_per_prompt": conf.images_per_prompt, "encoder": encoder.name,
+               "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
+    write_outputs(setup.out, result, prompts, generated, real_images, held_rows, sampler, conf)
+    return result
+
+
+def checkpoint_step(path: Path) -> int | None:
+    try:
+        return int(Path(path).stem.split("_")[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def write_outputs(out: Path, result: dict, prompts, generated, real_images, held_rows, sampler, conf) -> None:
+    from pipeline.evaluate_outputs import write_grid_and_samples, write_html
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", result)
+    write_grid_and_samples(out, prompts, generated, conf.images_per_prompt)
+    write_html(out, result, prompts, generated, real_images, held_rows, sampler, conf)
+    print(f"evaluate: metrics in {out / 'metrics.json'}, report {out / 'report.html'}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def check(cfg) -> None:
+    train = read_json(stage_dir(cfg, "train") / "manifest.json", "Rebuild it with `knnd run train --force`.")
+    k = cfg.sample.k if cfg.evaluate.k is None else cfg.evaluate.k
+    if k > train["model_config"]["k"]:
+        raise UsageError(f"evaluate.k ({k}) exceeds the {train['model_config']['k']} neighbours the model was trained with: "
+                         f"lower evaluate.k")
+    for index_dir in cfg.evaluate.compare_index:
+        if not (Path(index_dir) / "index_infos.json").exists():
+            raise UsageError(f"evaluate.compare_index {index_dir} is not an index folder (no index_infos.json)")
+
+
+def run(stage: StageRun) -> dict:
+    cfg = stage.cfg
+    train = stage.inputs["train"]
+    k = cfg.sample.k if stage.conf.k is None else stage.conf.k
+    setup = EvalSetup(checkpoint=stage.input_dirs["train"] / train["checkpoint"], index_dir=stage.input_dirs["index"],
+                      out=stage.dir, k=k, no_knn=k == 0)
+    stage.plan(1)
+    result = evaluate(cfg, setup)
+    stage.mark_done(0, {"prompts": result["prompts"]})
+    print_metrics(result)
+    return {"items": result["images"], "counts": {"prompts": result["prompts"], "images": result["images"]},
+            "metrics": "metrics.json", "report": "report.html", "summary": summary_line(result)}
+
+
+def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
+                     no_knn: bool = False) -> int:
+    """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts."""
+    from pipeline.sample import resolve_checkpoint
+
+    path = resolve_checkpoint(cfg, checkpoint)
+    index_dir = Path(index or cfg.sample.index or stage_dir(cfg, "index"))
+    if not (index_dir / "index_infos.json").exists():
+        raise UsageError(f"--index {index_dir} is not an index folder (no index_infos.json): build one with `knnd run index`")
+    if k is None:
+        k = cfg.sample.k if cfg.evaluate.k is None else cfg.evaluate.k
+    name = f"{path.stem}-{index_dir.name}-{'noknn' if no_knn else f'k{k}'}"
+    folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
+    result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn))
+    print_metrics(result)
+    print(f"report: {folder / 'report.html'}")
+    return 0
+
+
+def summary_line(result: dict) -> str:
+    g = result["generated"]
+    line = (f"prompt acc@5 {g['prompt_accuracy@5']['value']:.3f} (chance {result['chance@5']:.3f}), "
+            f"CLIP score {g['clip_score']['value']:.2f}")
+    if "to_real" in result:
+        line += (f", real acc@5 {result['real']['prompt_accuracy@5']['value']:.3f}, ratio {result['ratio']['prompt_accuracy@5']:.2f}, "
+                 f"FD {result['to_real']['fd']['value']:.3f}, KID {result['to_real']['kid']['value']:.4f}")
+    return line
+
+
+def metric_rows(result: dict) -> list[dict]:
+    """The metric table (report.html and the terminal): name, value, interval, reference, note."""
+    g, rows = result["generated"], []
+
+    def add(name, ci, reference=None, note=None):
+        rows.append({"name": name, "value": ci["value"], "low": ci["low"], "high": ci["high"],
+                     "reference": reference, "note": note})
+
+    real = result.get("real")
+    for k in (1, 5):
+        key = f"prompt_accuracy@{k}"
+        ref = f"real held-out {real[key]['value']:.3f}; chance {result[f'chance@{k}']:.3f}" if real else f"chance {result[f'chance@{k}']:.3f}"
+        add(f"prompt accuracy @{k}", g[key], ref, f"generated / real = {result['ratio'][key]:.2f}" if real else None)
+    add("CLIP score", g["clip_score"], f"real held-out {real['clip_score']['value']:.2f}" if real else None)
+    if "to_real" in result:
+        t, floor = result["to_real"], result["floor"]
+        add("FD to held-out images", t["fd"], f"floor (train vs held-out) {floor['fd']:.3f}")
+        add("KID to held-out images", t["kid"], f"floor {floor['kid']:.4f}")
+        add("precision (k=3)", t["precision"])
+        add("recall (k=3)", t["recall"])
+    add("memorisation (max cos to a training image)", g["memorisation"],
+        f"real held-out {real['memorisation']['value']:.3f}" if real else None)
+    for name, db in result["databases"].items():
+        add(f"FD to database {Path(name).parent.name}/{Path(name).name}", db["fd"], f"{db['images']} images")
+        add(f"KID to database {Path(name).parent.name}/{Path(name).name}", db["kid"])
+    return rows
+
+
+def print_metrics(result: dict) -> None:
+    print(f"\nevaluate: {result['prompts']} prompts, {result['images']} images, step {result['step']}, "
+          f"k={result['k']}, encoder {result['encoder']}")
+    print(f"{'metric':<44} {'value':>9}  {'95 % interval':<20} reference")
+    for row in metric_rows(result):
+        print(f"{row['name']:<44} {row['value']:>9.4f}  [{row['low']:.4f}, {row['high']:.4f}]".ljust(76)
+              + f" {row['reference'] or ''}")
+
+
+def read_result(folder: Path) -> dict:
+    return json.loads((Path(folder) / "metrics.json").read_text())
+
+
+__all__ = ["EvalSetup", "evaluate", "evaluate_command", "run", "check", "metric_rows", "read_result", "atomic_path"]

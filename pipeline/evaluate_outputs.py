@@ -1,0 +1,86 @@
+"""What `knnd evaluate` leaves to look at: samples/ PNGs, grid.png and report.html."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.runner import atomic_path
+
+GRID_PROMPTS = 16
+REPORT_NEIGHBOURS = 5
+
+
+def write_grid_and_samples(out: Path, prompts: list[str], generated: dict, per_prompt: int) -> Path:
+    """samples/<p>_<j>.png for every sample; grid.png of the first GRID_PROMPTS prompts (a row each)."""
+    from PIL import Image
+
+    from pipeline.sample import write_grid
+
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (image, p) in enumerate(zip(generated["images"], generated["prompt_of"])):
+        j = i % per_prompt
+        name = f"samples/{p:04d}_{j}.png"
+        with atomic_path(out / name) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+        if p < GRID_PROMPTS:
+            records.append({"image": name, "prompt_index": int(p), "index_in_prompt": j})
+    return write_grid(out, records, prompts[:GRID_PROMPTS], per_prompt)
+
+
+def loss_curve(checkpoint: Path) -> list[tuple[int, float]]:
+    """(step, loss) from the metrics.jsonl of the run that wrote the checkpoint (empty if none)."""
+    path = Path(checkpoint).resolve().parent.parent / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(m["step"]), float(m["loss"])) for m in lines if int(m["step"]) <= _step(checkpoint)]
+
+
+def _step(checkpoint: Path) -> float:
+    try:
+        return int(Path(checkpoint).stem.split("_")[1])
+    except (IndexError, ValueError):
+        return float("inf")
+
+
+def write_html(out: Path, result: dict, prompts, generated, real_images, held_rows, sampler, conf) -> Path:
+    """report.html: summary, metric table, loss curve, and the first report_prompts prompts with their
+    retrieved neighbours (thumbnails from the index's own database), samples and real image."""
+    from pipeline.evaluate import metric_rows
+    from pipeline.html_report import write_report
+    from pipeline.images import DatabaseImages
+
+    shown = min(conf.report_prompts, len(prompts))
+    rows, sims = generated["rows"][:shown, :REPORT_NEIGHBOURS], generated["sims"][:shown, :REPORT_NEIGHBOURS]
+    database = DatabaseImages(sampler.retriever.embeddings.dir) if rows.size else None
+    thumbs = database.load(rows[rows >= 0], 64) if database else {}
+    real_by_prompt = {}
+    if real_images is not None:
+        real_by_prompt = dict(zip(range(len(real_images)), real_images))  # filled in prompt order when all decoded
+        if len(real_images) != len(prompts):
+            real_by_prompt = {}
+    entries = []
+    for p in range(shown):
+        neighbours = [{"image": thumbs.get(int(r)), "caption": str(database.captions[r]) if database else "",
+                       "similarity": float(s)} for r, s in zip(rows[p], sims[p]) if r >= 0]
+        entries.append({"prompt": prompts[p], "samples": list(generated["images"][generated["prompt_of"] == p]),
+                        "real": real_by_prompt.get(p), "neighbours": neighbours})
+    summary = [("checkpoint", f"{result['checkpoint']} (step {result['step']})"), ("index", result["index"]),
+               ("condition", "text embedding alone (--no-knn)" if result["no_knn"] else f"text embedding + {result['k']} neighbours"),
+               ("sampling", f"{result['steps']} DDIM steps, guidance {result['guidance']}, seed {result['seed']}, "
+                            f"{result['images_per_prompt']} image(s) per prompt, {result['sampling_seconds']} s"),
+               ("evaluation encoder", result["encoder"]), ("prompts", f"{result['prompts']} (showing {shown})")]
+    report = {"title": f"knnd evaluate: step {result['step']}, {Path(result['index']).parent.name}/{Path(result['index']).name}",
+              "summary": summary, "metrics": metric_rows(result), "loss": loss_curve(Path(result["checkpoint"])),
+              "prompts": entries,
+              "notes": ["Intervals are bootstrap 95 % intervals over prompts. Prompt accuracy ranks every evaluation "
+                        "prompt by cosine similarity to each image in the evaluation encoder's space; the real held-out "
+                        "images give the ceiling that encoder allows. All images are compared at the model's resolution."]}
+    return write_report(out / "report.html", report)
+
+
+__all__ = ["write_grid_and_samples", "write_html", "loss_curve", "np"]

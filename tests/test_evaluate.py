@@ -1,0 +1,76 @@
+"""Held-out evaluation data (dedup's holdout, evaluate's prompt set) and `knnd evaluate`'s usage errors.
+The metrics are tested against hand computations in test_metrics.py; the whole stage runs in
+test_pipeline_smoke.py."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.dedup import holdout_mask, read_holdout
+from pipeline.evaluate import prompt_set
+from pipeline.runner import UsageError, run_stage
+from pipeline.synthetic import clustered_unit_vectors, write_embed_output
+
+
+def test_holdout_is_a_fraction_of_the_representatives_chosen_by_key():
+    keys = [f"key{i}" for i in range(200)]
+    representative = np.ones(200, bool)
+    representative[::4] = False  # 150 representatives
+    mask = holdout_mask(keys, representative, 0.1, 1000)
+    assert mask.sum() == 15 and not (mask & ~representative).any()
+    order = np.random.default_rng(0).permutation(200)  # the same data in another row order
+    shuffled = holdout_mask([keys[i] for i in order], representative[order], 0.1, 1000)
+    assert {keys[i] for i in order[shuffled]} == {keys[i] for i in np.nonzero(mask)[0]}
+    assert holdout_mask(keys, representative, 0.1, 4).sum() == 4
+    assert holdout_mask(keys, representative, 0.0, 1000).sum() == 0
+    assert set(np.nonzero(holdout_mask(keys, representative, 0.2, 1000))[0]) >= set(np.nonzero(mask)[0])  # grows stably
+
+
+def test_held_out_images_leave_the_index_and_give_the_prompts(tmp_path):
+    x = clustered_unit_vectors(300, 16, 30, seed=0)
+    captions = [f"caption {i % 280}" for i in range(300)]  # a few repeated captions
+    write_embed_output(tmp_path, x, shard_size=100, captions=captions)
+    cfg = load_config(None, [f"workdir={tmp_path}", "dedup.cosine_threshold=0.999", "dedup.manhattan_threshold=0",
+                             "dedup.holdout=0.1", "evaluate.max_prompts=20"])
+    manifest = run_stage("dedup", cfg)
+    keep = pq.read_table(tmp_path / "dedup" / "keep.parquet").to_pandas()
+    held = read_holdout(tmp_path / "dedup")
+    assert manifest["counts"]["holdout"] == len(held) == int(0.1 * (keep["duplicate_of"].isna().sum()))
+    assert (keep.loc[held, "reason"] == "holdout").all() and not keep.loc[held, "keep"].any()
+    run_stage("index", cfg)
+    indexed = np.load(tmp_path / "index" / "rows.npy")
+    assert not set(held) & set(indexed) and set(indexed) == set(np.nonzero(keep["keep"])[0])
+    prompts, rows = prompt_set(cfg)
+    assert len(prompts) == 20 == len(set(prompts)) and set(rows) <= set(held)
+    assert prompts == [captions[r] for r in rows] and list(rows) == sorted(rows)
+    again, again_rows = prompt_set(cfg)  # seeded: the same sample every time
+    assert again == prompts and np.array_equal(again_rows, rows)
+
+
+def test_no_held_out_images_is_a_usage_error_naming_the_fix(tmp_path):
+    write_embed_output(tmp_path, clustered_unit_vectors(50, 16, 5, seed=0), shard_size=50)
+    cfg = load_config(None, [f"workdir={tmp_path}", "dedup.holdout=0"])
+    run_stage("dedup", cfg)
+    with pytest.raises(UsageError, match="Raise dedup.holdout.*or set evaluate.prompts"):
+        prompt_set(cfg)
+
+
+def test_prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("red heart\n\nrocket\nred heart\n")
+    assert prompt_set(load_config(None, [f"evaluate.prompts={path}"])) == (["red heart", "rocket"], None)
+    path.write_text("only one\n")
+    with pytest.raises(UsageError, match="at least 2"):
+        prompt_set(load_config(None, [f"evaluate.prompts={path}"]))
+    with pytest.raises(UsageError, match="does not exist"):
+        prompt_set(load_config(None, [f"evaluate.prompts={tmp_path / 'nope.txt'}"]))
+
+
+def test_evaluate_command_usage_errors(tmp_path, capsys):
+    assert main(["evaluate", "--set", f"workdir={tmp_path}"]) == 2
+    assert "run `knnd run train` first" in capsys.readouterr().err
+    (tmp_path / "ck.pt").write_bytes(b"")
+    assert main(["evaluate", "--set", f"workdir={tmp_path}", "--checkpoint", str(tmp_path / "ck.pt"),
+                 "--index", str(tmp_path / "nowhere")]) == 2
+    assert "is not an index folder" in capsys.readouterr().err
