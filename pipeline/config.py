@@ -154,7 +154,7 @@ class EvaluateConfig:
     prompts: str | None = opt(None, "a file of prompts, one per line (null: captions of the images dedup held out)")
     max_prompts: int = opt(200, "at most this many prompts (a seeded sample of them)", min=2)
     images_per_prompt: int = opt(1, "samples per prompt (image j of a prompt uses seed + j)", min=1)
-    k: int | None = opt(None, "neighbours per prompt (null: sample.k); 0 conditions on the text alone", min=0)
+    k: int = opt(10, "neighbours per prompt; 0 conditions on the text alone (--no-knn)", min=0)
     steps: int = opt(25, "DDIM steps", min=1)
     guidance: float = opt(3.0, "classifier-free guidance scale", min=0.0)
     seed: int = opt(0, "seed of the prompt sample and of the initial noise")

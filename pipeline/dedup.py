@@ -108,6 +108,9 @@ def run(stage: StageRun) -> dict:
     })
     with atomic_path(stage.dir / "keep.parquet") as tmp:
         pq.write_table(table, tmp)
+    if conf.holdout > 0 and holdout.sum() < 2:
+        print(f"dedup: only {int(holdout.sum())} image(s) held out for evaluation (dedup.holdout {conf.holdout}): "
+              f"`knnd run evaluate` needs at least 2; raise dedup.holdout or set evaluate.prompts")
     by_reason = {name: int((removed & (best_reason == i)).sum()) for i, name in enumerate(names)}
     stage.mark_done(0, {"kept": int(keep.sum())})
     return {
@@ -123,17 +126,21 @@ def run(stage: StageRun) -> dict:
 
 
 def holdout_mask(keys, representative: np.ndarray, fraction: float, most: int) -> np.ndarray:
-    """floor(fraction * representatives), at most `most`, chosen by the blake2b hash of their key: the
-    same keys whatever the row order or the seed, and a stable choice when the data grows."""
+    """The representatives whose key hashes (blake2b, 64 bits) below fraction * 2^64: about `fraction`
+    of them, the same keys whatever the row order, and an item held out stays held out when the data
+    grows. Beyond `most`, the `most` smallest hashes are kept (then growth can move a few back)."""
     import hashlib
 
     rows = np.nonzero(representative)[0]
-    count = min(int(fraction * len(rows)), most)
     mask = np.zeros(len(representative), bool)
-    if count:
-        digests = np.array([int.from_bytes(hashlib.blake2b(str(keys[r]).encode(), digest_size=8).digest(), "big")
-                            for r in rows], dtype=np.uint64)
-        mask[rows[np.argsort(digests, kind="stable")[:count]]] = True
+    if fraction <= 0 or most <= 0 or not len(rows):
+        return mask
+    digests = np.array([int.from_bytes(hashlib.blake2b(str(keys[r]).encode(), digest_size=8).digest(), "big")
+                        for r in rows], dtype=np.uint64)
+    below = np.nonzero(digests < np.uint64(min(int(fraction * 2 ** 64), 2 ** 64 - 1)))[0]
+    if len(below) > most:
+        below = below[np.argsort(digests[below], kind="stable")[:most]]
+    mask[rows[below]] = True
     return mask
 
 

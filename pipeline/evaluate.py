@@ -83,16 +83,15 @@ def training_images(cfg, limit: int, seed: int) -> np.ndarray:
 
     pack_dir = stage_dir(cfg, "pack")
     manifest = read_json(pack_dir / "manifest.json", "Rebuild it with `knnd run pack --force`.")
-    total = sum(s["samples"] for s in manifest["shards"])
-    keep = set(np.random.default_rng(seed).permutation(total)[:limit].tolist())
-    images, offset = [], 0
-    for shard in manifest["shards"]:
-        if not shard["samples"]:
-            continue
-        if any(offset + i in keep for i in range(shard["samples"])):
-            data = read_pack_shard(pack_dir / shard["tar"])
-            images += [data["image"][i] for i in range(len(data["keys"])) if offset + i in keep]
-        offset += shard["samples"]
+    shards = [s for s in manifest["shards"] if s["samples"]]
+    rng = np.random.default_rng(seed)
+    order, images = rng.permutation(len(shards)), []
+    for i in order:  # whole shards in a seeded order until `limit` images: few shards read at scale
+        data = read_pack_shard(pack_dir / shards[i]["tar"])
+        take = rng.permutation(len(data["keys"]))[:limit - len(images)]
+        images += [data["image"][j] for j in np.sort(take)]
+        if len(images) >= limit:
+            break
     return np.stack(images)
 
 
@@ -101,7 +100,8 @@ def training_images(cfg, limit: int, seed: int) -> np.ndarray:
 
 def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
     """Sample every prompt: {images uint8 [P*n, H, W, 3], prompt_of [P*n], rows [P, k], sims [P, k]}.
-    Image j of prompt p starts from noise seeded by seed + j (as `knnd sample --seed`)."""
+    Image j of prompt p starts from its own noise (noise_seed(seed, p, j)): samples are independent
+    draws, and the same for every checkpoint and index evaluated with the same seed."""
     import torch
 
     from model import diffusion
@@ -111,7 +111,7 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
     emb, mask, rows, sims = sampler.conditions(prompts, k)
     n = conf.images_per_prompt
     prompt_of = np.repeat(np.arange(len(prompts)), n)
-    seeds = np.tile(np.arange(n), len(prompts)) + conf.seed
+    seeds = [noise_seed(conf.seed, p, j) for p in range(len(prompts)) for j in range(n)]
     out, start = [], time.time()
     for s in range(0, len(prompt_of), conf.batch_size):
         sel = prompt_of[s:s + conf.batch_size]
@@ -121,6 +121,10 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
         print(f"evaluate: sampled {s + len(sel)}/{len(prompt_of)} images ({time.time() - start:.0f} s)", file=sys.stderr)
     return {"images": np.concatenate(out), "prompt_of": prompt_of, "rows": rows, "sims": sims,
             "seconds": round(time.time() - start, 1)}
+
+
+def noise_seed(seed: int, prompt: int, image: int) -> int:
+    return int(np.random.SeedSequence([seed, prompt, image]).generate_state(1, np.uint32)[0])
 
 
 # --------------------------------------------------------------------------- features and metrics
@@ -214,10 +218,10 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     prompts, held_rows = prompt_set(cfg)
     sampler = Sampler(setup.checkpoint, setup.index_dir, device)
     size = sampler.config.resolution
+    encoder = load_encoder(conf, sampler.retriever.infos, setup.index_dir, device)  # a bad encoder fails before sampling
     print(f"evaluate: {len(prompts)} prompts x {conf.images_per_prompt} images, k={0 if setup.no_knn else setup.k}, "
           f"{conf.steps} steps, guidance {conf.guidance}, index {setup.index_dir}", file=sys.stderr)
     generated = generate(sampler, prompts, setup, conf)
-    encoder = load_encoder(conf, sampler.retriever.infos, setup.index_dir, device)
     text = text_features(encoder, prompts)
     fake = image_features(encoder, generated["images"])
     train_images = training_images(cfg, conf.train_images, conf.seed)
@@ -225,24 +229,27 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     result = {"prompts": len(prompts), "images": int(len(fake)), "chance@1": round(1 / len(prompts), 4),
               "chance@5": round(min(5, len(prompts)) / len(prompts), 4),
               "generated": per_image_metrics(fake, text, generated["prompt_of"], train, conf.bootstrap)}
-    real_images = None
-    if held_rows is not None:
-        loaded = DatabaseImages(stage_dir(cfg, "embed")).load(held_rows, size)
-        have = np.array([r in loaded for r in held_rows])
-        real_images = np.stack([loaded[r] for r in held_rows[have]])
-        real = image_features(encoder, real_images)
-        real_prompt_of = np.nonzero(have)[0]
+    real_images = None  # {prompt: uint8 image} of the held-out images that still decode
+    loaded = DatabaseImages(stage_dir(cfg, "embed")).load(held_rows, size) if held_rows is not None else {}
+    real_prompt_of = np.array([p for p, r in enumerate(held_rows) if r in loaded], np.int64) if loaded else None
+    if real_prompt_of is not None and len(real_prompt_of) < 2:
+        print(f"evaluate: only {len(real_prompt_of)} held-out image(s) decode: no real-image figures", file=sys.stderr)
+        real_prompt_of = None
+    if real_prompt_of is not None:
+        real_images = {int(p): loaded[held_rows[p]] for p in real_prompt_of}
+        real = image_features(encoder, np.stack(list(real_images.values())))
         result["real"] = per_image_metrics(real, text, real_prompt_of, train, conf.bootstrap)
         result["ratio"] = {f"prompt_accuracy@{k}": round(result["generated"][f"prompt_accuracy@{k}"]["value"]
                                                          / max(result["real"][f"prompt_accuracy@{k}"]["value"], 1e-9), 4)
                            for k in (1, 5)}
         result["to_real"] = set_metrics(fake, generated["prompt_of"], real, conf.bootstrap)
-        floor_rows = np.random.default_rng(conf.seed + 1).permutation(len(train))[:len(real)]
+        floor_rows = np.random.default_rng(conf.seed + 1).permutation(len(train))[:len(fake)]
         result["floor"] = {"fd": round(metrics.frechet_distance(train[floor_rows], real), 4),
                            "kid": round(metrics.kernel_inception_distance(train[floor_rows], real), 6),
-                           "what": "training vs held-out real images, as many as held-out"}
+                           "what": f"{len(floor_rows)} training images (as many as samples) vs the held-out real images"}
     result["databases"] = {}
-    for index_dir in [setup.index_dir, *map(Path, conf.compare_index)]:
+    databases = list(dict.fromkeys(Path(d).resolve() for d in [setup.index_dir, *conf.compare_index]))
+    for index_dir in databases:
         db_images, name = database_sample(index_dir, size, conf.database_images, conf.seed)
         db = image_features(encoder, db_images)
         result["databases"][name] = {"images": len(db), **{m: interval(metrics.bootstrap_pair_ci(
@@ -253,7 +260,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
                "steps": conf.steps, "guidance": conf.guidance, "seed": conf.seed,
                "images_per_prompt": conf.images_per_prompt, "encoder": encoder.name,
                "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
-    write_outputs(setup.out, result, prompts, generated, real_images, held_rows, sampler, conf)
+    write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf)
     return result
 
 
@@ -264,13 +271,13 @@ def checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def write_outputs(out: Path, result: dict, prompts, generated, real_images, held_rows, sampler, conf) -> None:
+def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf) -> None:
     from pipeline.evaluate_outputs import write_grid_and_samples, write_html
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
     write_grid_and_samples(out, prompts, generated, conf.images_per_prompt)
-    write_html(out, result, prompts, generated, real_images, held_rows, sampler, conf)
+    write_html(out, result, prompts, generated, real_images, sampler, conf)
     print(f"evaluate: metrics in {out / 'metrics.json'}, report {out / 'report.html'}", file=sys.stderr)
 
 
@@ -279,19 +286,23 @@ def write_outputs(out: Path, result: dict, prompts, generated, real_images, held
 
 def check(cfg) -> None:
     train = read_json(stage_dir(cfg, "train") / "manifest.json", "Rebuild it with `knnd run train --force`.")
-    k = cfg.sample.k if cfg.evaluate.k is None else cfg.evaluate.k
-    if k > train["model_config"]["k"]:
-        raise UsageError(f"evaluate.k ({k}) exceeds the {train['model_config']['k']} neighbours the model was trained with: "
-                         f"lower evaluate.k")
+    if cfg.evaluate.k > train["model_config"]["k"]:
+        raise UsageError(f"evaluate.k ({cfg.evaluate.k}) exceeds the {train['model_config']['k']} neighbours the model was "
+                         f"trained with: lower evaluate.k")
+    check_compare_index(cfg)
+
+
+def check_compare_index(cfg) -> None:
     for index_dir in cfg.evaluate.compare_index:
         if not (Path(index_dir) / "index_infos.json").exists():
-            raise UsageError(f"evaluate.compare_index {index_dir} is not an index folder (no index_infos.json)")
+            raise UsageError(f"evaluate.compare_index {index_dir} is not an index folder (no index_infos.json): "
+                             f"give folders built by `knnd run index`")
 
 
 def run(stage: StageRun) -> dict:
     cfg = stage.cfg
     train = stage.inputs["train"]
-    k = cfg.sample.k if stage.conf.k is None else stage.conf.k
+    k = stage.conf.k
     setup = EvalSetup(checkpoint=stage.input_dirs["train"] / train["checkpoint"], index_dir=stage.input_dirs["index"],
                       out=stage.dir, k=k, no_knn=k == 0)
     stage.plan(1)
@@ -311,9 +322,12 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     index_dir = Path(index or cfg.sample.index or stage_dir(cfg, "index"))
     if not (index_dir / "index_infos.json").exists():
         raise UsageError(f"--index {index_dir} is not an index folder (no index_infos.json): build one with `knnd run index`")
-    if k is None:
-        k = cfg.sample.k if cfg.evaluate.k is None else cfg.evaluate.k
-    name = f"{path.stem}-{index_dir.name}-{'noknn' if no_knn else f'k{k}'}"
+    k = cfg.evaluate.k if k is None else k
+    if k < 0:
+        raise UsageError(f"-k must be at least 0, got {k}")
+    check_compare_index(cfg)
+    where = "-".join(index_dir.resolve().parts[-2:])  # e.g. demo-index, swap-index
+    name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}"
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
     result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn))
     print_metrics(result)

@@ -47,7 +47,7 @@ def _step(checkpoint: Path) -> float:
         return float("inf")
 
 
-def write_html(out: Path, result: dict, prompts, generated, real_images, held_rows, sampler, conf) -> Path:
+def write_html(out: Path, result: dict, prompts, generated, real_images, sampler, conf) -> Path:
     """report.html: summary, metric table, loss curve, and the first report_prompts prompts with their
     retrieved neighbours (thumbnails from the index's own database), samples and real image."""
     from pipeline.evaluate import metric_rows
@@ -58,11 +58,7 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, held_ro
     rows, sims = generated["rows"][:shown, :REPORT_NEIGHBOURS], generated["sims"][:shown, :REPORT_NEIGHBOURS]
     database = DatabaseImages(sampler.retriever.embeddings.dir) if rows.size else None
     thumbs = database.load(rows[rows >= 0], 64) if database else {}
-    real_by_prompt = {}
-    if real_images is not None:
-        real_by_prompt = dict(zip(range(len(real_images)), real_images))  # filled in prompt order when all decoded
-        if len(real_images) != len(prompts):
-            real_by_prompt = {}
+    real_by_prompt = real_images or {}  # {prompt index: image}
     entries = []
     for p in range(shown):
         neighbours = [{"image": thumbs.get(int(r)), "caption": str(database.captions[r]) if database else "",

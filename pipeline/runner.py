@@ -240,6 +240,12 @@ def input_hash(cfg: Config, name: str, manifests: dict[str, dict]) -> str:
         h.update((stage_dir(cfg, up) / "manifest.json").read_bytes())
     if name == "download" and cfg.download.url_list:
         h.update(_url_list_hash(Path(cfg.download.url_list)).encode())
+    if name == "evaluate":  # inputs named by the config: a prompt file, the compared indexes
+        if cfg.evaluate.prompts:
+            h.update(_url_list_hash(Path(cfg.evaluate.prompts)).encode())
+        for index_dir in cfg.evaluate.compare_index:
+            infos = Path(index_dir) / "index_infos.json"
+            h.update(file_hash(infos).encode() if infos.exists() else b"missing")
     return h.hexdigest()[:16]
 
 

@@ -56,3 +56,16 @@ def test_train_section_chooses_attention_levels_prediction_and_schedule():
     bad = load_config(None, ["train.attention_resolutions=[32]"]).train
     with pytest.raises(UsageError, match=r"train.attention_resolutions has \[32\].*choose from \[16, 8, 4\]"):
         model_config("demo", 16, 256, 10, bad)
+
+
+def test_query_noise_blurs_the_query_alone_by_the_stated_cosine():
+    from model.trainer import noisy_query
+
+    emb = torch.nn.functional.normalize(torch.randn(4000, 11, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    out = noisy_query(emb, 0.75, TrainParams(seed=1), 0, 5)
+    cos = (out[:, 0] * emb[:, 0]).sum(-1)
+    assert cos.mean().item() == pytest.approx(1 / np.sqrt(1 + 0.75 ** 2), abs=0.01)
+    torch.testing.assert_close(out[:, 0].norm(dim=-1), torch.ones(4000))
+    assert torch.equal(out[:, 1:], emb[:, 1:])
+    assert torch.equal(out, noisy_query(emb, 0.75, TrainParams(seed=1), 0, 5))  # seeded by (seed, rank, step)
+    assert not torch.equal(out, noisy_query(emb, 0.75, TrainParams(seed=1), 0, 6))

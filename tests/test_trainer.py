@@ -126,16 +126,20 @@ def test_tiny_model_overfits_eight_samples(pack, tmp_path):
     assert last < 0.3 * first, (first, last)
 
 
-def test_resume_reproduces_the_uninterrupted_run(pack, tmp_path):
+RECIPE = dict(query_drop_prob=0.5, query_noise=0.5, lr_schedule="constant", loss_weighting="min_snr")
+
+
+@pytest.mark.parametrize("recipe", [{}, RECIPE], ids=["defaults", "demo-recipe"])
+def test_resume_reproduces_the_uninterrupted_run(pack, tmp_path, recipe):
     paths, _ = pack
     config = ModelConfig.tiny()
-    train(tiny_params(), config, paths, tmp_path / "straight")
+    train(tiny_params(**recipe), config, paths, tmp_path / "straight")
     # interrupted: stops at 6 (checkpoints 4 and 6); then the step-6 checkpoint is lost, as if
     # killed after step 6 but before its checkpoint: resume from 4, metrics 5-6 must not double
     interrupted = tmp_path / "interrupted"
-    train(tiny_params(stop_at_step=6), config, paths, interrupted)
+    train(tiny_params(stop_at_step=6, **recipe), config, paths, interrupted)
     (interrupted / "checkpoints" / "step_0000006.pt").unlink()
-    train(tiny_params(), config, paths, interrupted)
+    train(tiny_params(**recipe), config, paths, interrupted)
 
     straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(interrupted)
     assert [m["step"] for m in resumed] == list(range(1, 13))
