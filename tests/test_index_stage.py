@@ -28,7 +28,7 @@ def database(tmp_path_factory):
     offset = unit(rng.standard_normal(d))
     text = unit(x + 0.8 * offset + 0.3 * unit(rng.standard_normal((n, d))))  # text-like: a modality gap
     write_embed_output(root, x, shard_size=3000, text=text)
-    run_stage("dedup", load_config(None, [f"workdir={root}"]))
+    run_stage("dedup", load_config(None, [f"workdir={root}", "dedup.holdout=0"]))
     return root, x, text
 
 

@@ -38,7 +38,7 @@ def source(tmp_path_factory):
 
 def stage_args(work, *sets):
     # dedup with a pHash threshold that cannot match (so the twins survive dedup and neighbours must drop them)
-    return [f"workdir={work}", "dedup.manhattan_threshold=0", "dedup.candidates=1", *sets]
+    return [f"workdir={work}", "dedup.manhattan_threshold=0", "dedup.candidates=1", "dedup.holdout=0", *sets]
 
 
 def prepare(source, work, *sets):
