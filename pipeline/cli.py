@@ -85,7 +85,8 @@ def cmd_sample(args) -> int:
 def cmd_evaluate(args) -> int:
     from pipeline.evaluate import evaluate_command
 
-    return evaluate_command(_config(args), args.checkpoint, args.index, args.out, k=args.k, no_knn=args.no_knn)
+    return evaluate_command(_config(args), args.checkpoint, args.index, args.out, k=args.k, no_knn=args.no_knn,
+                            neighbours_only=args.neighbours_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>[-N] per call; "
                                  "`knnd run sample` writes <workdir>/sample)")
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone (the paper's ablation)")
+    p.add_argument("--neighbours-only", action="store_true",
+                   help="condition on the retrieved neighbours alone: the text only retrieves them (RDM-style)")
     p.add_argument("--init-image", help="reference image to edit (replaces the first neighbour, noised start)")
     p.add_argument("--strength", type=float, default=0.7, help="how far the reference is noised (0..1)")
     _add_config_args(p)
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <workdir>/evaluate_cli/<checkpoint>-<index>-k<k>)")
     p.add_argument("-k", type=int, help="neighbours per prompt (default: evaluate.k, else sample.k)")
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
+    p.add_argument("--neighbours-only", action="store_true",
+                   help="condition on the retrieved neighbours alone (the text only retrieves them)")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
     return parser

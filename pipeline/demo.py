@@ -117,7 +117,8 @@ def sample_swapped(cfg, index_dir: Path, out: Path) -> Path:
     from pipeline.sample import sample_command
 
     args = argparse.Namespace(prompts=[], k=None, guidance=None, steps=None, seed=None, no_knn=False,
-                              init_image=None, strength=1.0, checkpoint=None, index=str(index_dir), out=str(out))
+                              neighbours_only=False, init_image=None, strength=1.0, checkpoint=None,
+                              index=str(index_dir), out=str(out))
     sample_command(cfg, args)
     return out / "grid.png"
 

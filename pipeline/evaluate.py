@@ -38,6 +38,7 @@ class EvalSetup:
     out: Path
     k: int
     no_knn: bool = False
+    neighbours_only: bool = False
 
 
 # --------------------------------------------------------------------------- prompts and real images
@@ -108,7 +109,7 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
 
     k = 0 if setup.no_knn else setup.k
     sampler.check_k(k)
-    emb, mask, rows, sims = sampler.conditions(prompts, k)
+    emb, mask, rows, sims = sampler.conditions(prompts, k, neighbours_only=setup.neighbours_only and k > 0)
     n = conf.images_per_prompt
     prompt_of = np.repeat(np.arange(len(prompts)), n)
     seeds = [noise_seed(conf.seed, p, j) for p in range(len(prompts)) for j in range(n)]
@@ -188,8 +189,9 @@ def set_metrics(fake: np.ndarray, fake_groups: np.ndarray, real: np.ndarray, n_b
                                                      metrics.kernel_inception_distance, boot))}
     both = lambda a, b: metrics.precision_recall(b, a, k=3)  # noqa: E731 - real first in precision_recall
     value, low, high = metrics.bootstrap_pair_ci(fake, real, fake_groups, real_groups, both, boot)
-    out["precision"] = interval((value[0], low[0], high[0]))
-    out["recall"] = interval((value[1], low[1], high[1]))
+    # fractions: the centred interval is clipped to [0, 1]
+    out["precision"] = interval((value[0], max(low[0], 0.0), min(high[0], 1.0)))
+    out["recall"] = interval((value[1], max(low[1], 0.0), min(high[1], 1.0)))
     return out
 
 
@@ -257,6 +259,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
             for m, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance))}}
     result |= {"checkpoint": str(setup.checkpoint.resolve()), "step": checkpoint_step(setup.checkpoint),
                "index": str(setup.index_dir.resolve()), "k": 0 if setup.no_knn else setup.k, "no_knn": setup.no_knn,
+               "neighbours_only": setup.neighbours_only and not setup.no_knn,
                "steps": conf.steps, "guidance": conf.guidance, "seed": conf.seed,
                "images_per_prompt": conf.images_per_prompt, "encoder": encoder.name,
                "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
@@ -314,7 +317,7 @@ def run(stage: StageRun) -> dict:
 
 
 def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
-                     no_knn: bool = False) -> int:
+                     no_knn: bool = False, neighbours_only: bool = False) -> int:
     """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts."""
     from pipeline.sample import resolve_checkpoint
 
@@ -327,9 +330,12 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
         raise UsageError(f"-k must be at least 0, got {k}")
     check_compare_index(cfg)
     where = "-".join(index_dir.resolve().parts[-2:])  # e.g. demo-index, swap-index
-    name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}"
+    if no_knn and neighbours_only:
+        raise UsageError("--no-knn and --neighbours-only exclude each other: the first drops the neighbours, the second the text")
+    name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
-    result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn))
+    result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn,
+                                     neighbours_only=neighbours_only))
     print_metrics(result)
     print(f"report: {folder / 'report.html'}")
     return 0

@@ -41,6 +41,7 @@ class SampleRequest:
     seed: int
     images_per_prompt: int
     no_knn: bool = False
+    neighbours_only: bool = False
     init_image: str | None = None
     strength: float = 1.0
 
@@ -50,6 +51,9 @@ class SampleRequest:
         for name, low in (("k", 0), ("steps", 1), ("images_per_prompt", 1)):
             if getattr(self, name) < low:
                 raise UsageError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.no_knn and self.neighbours_only:
+            raise UsageError("--no-knn and --neighbours-only exclude each other: the first drops the neighbours, "
+                             "the second the text")
         if self.guidance < 0:
             raise UsageError(f"guidance must be at least 0, got {self.guidance}")
         if self.init_image is not None:
@@ -116,10 +120,11 @@ class Sampler:
             slots.insert(1, reference)
         return np.concatenate(slots)[None], record
 
-    def conditions(self, prompts: list[str], k: int):
+    def conditions(self, prompts: list[str], k: int, neighbours_only: bool = False):
         """Many prompts at once, for evaluation: (emb float32 [P, 1 + k, d], slot mask bool [P, 1 + k]
         (False where the index returned fewer than k), retrieved rows int64 [P, k] (-1: none),
-        similarities float32 [P, k]). k = 0 conditions on the text embeddings alone."""
+        similarities float32 [P, k]). k = 0 conditions on the text embeddings alone; neighbours_only
+        masks the text's slot, so the retrieved images alone condition the model (as RDM samples)."""
         from model.clip import encode_texts
 
         texts = np.concatenate([encode_texts(self.clip, prompts[s:s + 256]) for s in range(0, len(prompts), 256)])
@@ -131,7 +136,7 @@ class Sampler:
         neighbours = self.retriever.embeddings[np.where(found, rows, 0).ravel()].astype(np.float32)
         neighbours = neighbours.reshape(len(prompts), k, -1) * found[..., None]
         emb = np.concatenate([texts[:, None, :], neighbours], axis=1)
-        mask = np.concatenate([np.ones((len(prompts), 1), bool), found], axis=1)
+        mask = np.concatenate([np.full((len(prompts), 1), not neighbours_only), found], axis=1)
         return emb, mask, rows, sims.astype(np.float32)
 
     def __call__(self, prompt: str, request: SampleRequest) -> tuple[np.ndarray, list[dict]]:
@@ -148,13 +153,19 @@ class Sampler:
         emb = torch.from_numpy(emb).expand(n, *emb.shape[1:]).contiguous()
         generators = [torch.Generator().manual_seed(request.seed + i) for i in range(n)]
         init = None if init_pixels is None else np.repeat(init_pixels[None], n, axis=0)
+        mask = None
+        if request.neighbours_only and emb.shape[1] > 1:  # the text retrieves; the neighbours alone condition
+            mask = torch.ones(n, emb.shape[1], dtype=torch.bool)
+            mask[:, 0] = False
         images = diffusion.sample(self.model, emb, steps=request.steps, guidance=request.guidance, generator=generators,
-                                  init_image=init, strength=request.strength if init_pixels is not None else 1.0)
+                                  init_image=init, strength=request.strength if init_pixels is not None else 1.0,
+                                  neighbour_mask=mask)
         records = []
         for i in range(n):
             records.append({"prompt": prompt, "index_in_prompt": i, "seed": request.seed + i,
                             "guidance": request.guidance, "steps": request.steps,
-                            "k": len(record["neighbour_keys"]), "no_knn": request.no_knn, **record,
+                            "k": len(record["neighbour_keys"]), "no_knn": request.no_knn,
+                            "neighbours_only": request.neighbours_only, **record,
                             "init_image": str(Path(request.init_image).resolve()) if request.init_image else None,
                             "strength": request.strength if request.init_image else None,
                             "index_dir": str(self.index_dir.resolve()), "checkpoint": str(self.checkpoint.resolve())})
@@ -329,7 +340,7 @@ def sample_command(cfg, args) -> int:
         guidance=conf.guidance if args.guidance is None else args.guidance,
         steps=conf.steps if args.steps is None else args.steps,
         seed=conf.seed if args.seed is None else args.seed,
-        images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn,
+        images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn, neighbours_only=args.neighbours_only,
         init_image=args.init_image, strength=args.strength if args.init_image else 1.0)
     request.validate()
     checkpoint = resolve_checkpoint(cfg, args.checkpoint)

@@ -53,6 +53,9 @@ def test_demo_end_to_end_on_100_stickers(tmp_path, capsys):
     assert main(["evaluate", "--no-knn", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "noknn")]) == 0
     no_knn = json.loads((tmp_path / "noknn" / "metrics.json").read_text())
     assert no_knn["k"] == 0 and no_knn["prompts"] == metrics["prompts"] and no_knn["checkpoint"] == metrics["checkpoint"]
+    assert main(["evaluate", "--neighbours-only", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "nbo")]) == 0
+    only = json.loads((tmp_path / "nbo" / "metrics.json").read_text())
+    assert only["neighbours_only"] and only["k"] == 4 and not metrics["neighbours_only"]
     # a second run finds everything up to date and redoes nothing
     assert main(args + [a for s in sets for a in ("--set", s)]) == 0
     out = capsys.readouterr().out

@@ -24,6 +24,7 @@ from test_train_stage import write_pack
 
 TINY = os.path.abspath(TINY_CLIP)
 RECORD_FIELDS = {"prompt", "prompt_index", "index_in_prompt", "seed", "image", "guidance", "steps", "k", "no_knn",
+                 "neighbours_only",
                  "neighbour_keys", "neighbour_captions", "similarities", "init_image", "strength", "index_dir",
                  "checkpoint"}
 
@@ -198,3 +199,20 @@ def test_sample_stage_writes_grid_and_records_and_resumes_by_prompt(work):
     logs.clear()
     run_stage("sample", cfg, log=logs.append)
     assert logs == ["sample: up to date, nothing to do"]
+
+
+def test_neighbours_only_masks_the_text_slot_and_depends_on_the_neighbours(work, tmp_path, monkeypatch):
+    """--neighbours-only: the text retrieves, the neighbours alone condition (slot 0 masked)."""
+    seen = []
+    real = model.diffusion.sample
+
+    def spy_sample(model_, emb, **kwargs):
+        seen.append((emb.clone(), kwargs.get("neighbour_mask")))
+        return real(model_, emb, **kwargs)
+
+    monkeypatch.setattr(model.diffusion, "sample", spy_sample)
+    assert knnd_sample(work, tmp_path / "nbo", "--neighbours-only") == 0
+    emb, mask = seen[-1]
+    assert mask is not None and not mask[:, 0].any() and mask[:, 1:].all() and emb.shape[1] == 4
+    assert all(r["neighbours_only"] and r["k"] == 3 for r in records(tmp_path / "nbo"))
+    assert knnd_sample(work, tmp_path / "both", "--neighbours-only", "--no-knn") == 2
