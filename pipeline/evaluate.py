@@ -19,7 +19,6 @@ the loss curve), `grid.png` and one PNG per sample under `samples/`.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.runner import StageRun, UsageError, atomic_path, read_json, resolve_device, stage_dir, write_json
+from pipeline.runner import StageRun, UsageError, read_json, resolve_device, stage_dir, write_json
 
 
 @dataclass
@@ -387,9 +386,3 @@ def print_metrics(result: dict) -> None:
         print(f"{row['name']:<44} {row['value']:>9.4f}  [{row['low']:.4f}, {row['high']:.4f}]".ljust(76)
               + f" {row['reference'] or ''}")
 
-
-def read_result(folder: Path) -> dict:
-    return json.loads((Path(folder) / "metrics.json").read_text())
-
-
-__all__ = ["EvalSetup", "evaluate", "evaluate_command", "run", "check", "metric_rows", "read_result", "atomic_path"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.runner import atomic_path
 
 GRID_PROMPTS = 16
@@ -80,5 +78,3 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, sampler
                         "images give the ceiling that encoder allows. All images are compared at the model's resolution."]}
     return write_report(out / "report.html", report)
 
-
-__all__ = ["write_grid_and_samples", "write_html", "loss_curve", "np"]
