@@ -90,6 +90,7 @@ def read_pack_shard(path) -> dict:
 class PackDataset:
     """Endless iterator of (image [B,3,H,W] float in [-1,1], emb [B,k+1,d] float32) batches.
 
+    k (default: the pack's) keeps each sample's nearest k neighbours only.
     Order: one permutation of all samples per epoch, seeded by (seed, epoch); rank r of world_size
     takes every world_size-th sample of it (cut to equal length, so all ranks run the same number of
     steps, as DDP needs). Incomplete last batches are dropped. `position` = (epoch, index) is the
@@ -97,7 +98,7 @@ class PackDataset:
     """
 
     def __init__(self, shard_paths, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, position: tuple = (0, 0)):
+                 world_size: int = 1, position: tuple = (0, 0), k: int | None = None):
         shards = [shard for shard in map(read_pack_shard, shard_paths) if shard["keys"]]
         if not shards:
             raise ValueError("no pack samples in the given shards; run `knnd run pack` first")
@@ -105,6 +106,11 @@ class PackDataset:
         # slot 0: the sample's own embedding, slots 1..k: its neighbours
         self.cond = np.concatenate([np.concatenate([s["emb"][:, None], s["nbr"]], axis=1)
                                     for s in shards])
+        if k is not None:  # a model trained with fewer neighbours than were packed takes the nearest k
+            if not 0 <= k <= self.cond.shape[1] - 1:
+                raise ValueError(f"k={k} neighbours asked of a pack that holds {self.cond.shape[1] - 1}; "
+                                 f"re-run `knnd run neighbours pack` with neighbours.k >= {k}")
+            self.cond = np.ascontiguousarray(self.cond[:, :k + 1])
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.per_rank = len(self.images) // world_size
         if self.per_rank < batch_size:

@@ -2,7 +2,8 @@
 U-Net).
 
 The U-Net is diffusers' UNet2DConditionModel; cross-attention blocks sit at the resolutions
-listed in `attention_resolutions` and attend to the ConditionEncoder's k + 1 context tokens.
+listed in `attention_resolutions` and attend to the ConditionEncoder's context tokens (k + 1, or one
+for the one-token conditioning variants).
 """
 import dataclasses
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from model.conditioning import ConditionEncoder
+from model.conditioning import CONDITIONINGS, ConditionEncoder
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
@@ -32,6 +33,7 @@ class ModelConfig:
     k: int = 10                               # neighbours; the context has k + 1 tokens
     cond_layers: int = 1                      # self-attention layers of the condition encoder
     cond_heads: int = 4
+    conditioning: str = "self_attention"      # see model.conditioning.CONDITIONINGS
     prediction_type: str = "epsilon"          # "epsilon" | "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"  # "squaredcos_cap_v2" (cosine) | "linear"
     num_train_timesteps: int = 1000
@@ -102,6 +104,8 @@ def _validate(config: ModelConfig):
     if config.cond_width % config.cond_heads:
         raise ValueError(f"cond_width={config.cond_width} must be divisible by "
                          f"cond_heads={config.cond_heads}")
+    if config.conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning={config.conditioning!r}: use one of {CONDITIONINGS}")
     if config.k < 0:
         raise ValueError(f"k={config.k} must be >= 0")
 
@@ -134,7 +138,7 @@ class KnnDenoiser(nn.Module):
         super().__init__()
         self.config = config
         self.condition = ConditionEncoder(config.clip_dim, config.cond_width, config.k,
-                                          config.cond_layers, config.cond_heads)
+                                          config.cond_layers, config.cond_heads, config.conditioning)
         self.unet = build_unet(config)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,

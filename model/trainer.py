@@ -87,7 +87,7 @@ def train_loop(config: dict) -> dict:
     # data: in memory, this rank's slice, from the checkpoint's position
     position = tuple(checkpoint["data_position"]) if checkpoint else (0, 0)
     data = PackDataset(config["shard_paths"], params.batch_size, params.seed, rank, world_size,
-                       position)
+                       position, k=model_config.k)
     check_data(data.shapes, model_config)
 
     # model, EMA, optimizer, LR schedule

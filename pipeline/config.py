@@ -130,6 +130,10 @@ class TrainConfig:
     beta_schedule: str = opt("squaredcos_cap_v2", "noise schedule: squaredcos_cap_v2 (cosine) or linear",
                              choices=["squaredcos_cap_v2", "linear"])
     attention_resolutions: list[int] | None = opt(None, "U-Net levels (pixel sizes) with cross-attention (null: the preset's)")
+    k: int | None = opt(None, "neighbours the model is conditioned on (null: all the pack holds; fewer: the nearest k)", min=0)
+    conditioning: str = opt("self_attention", "how the k + 1 embeddings reach the U-Net: self_attention (paper's best), "
+                            "cross_attention (one token) or concat (one token)",
+                            choices=["self_attention", "cross_attention", "concat"])
     grad_clip: float = opt(1.0, "gradient norm clip", min=0.0)
     ema_decay: float = opt(0.999, "EMA decay of the weights used for sampling", min=0.0, max=1.0)
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)", min=1)

@@ -30,7 +30,7 @@ def model_config(preset: str, resolution: int, clip_dim: int, k: int, conf=None)
     Cross-attention stays at the same U-Net levels (tiny attends at its second level: 8 px at
     16 px, 16 px at 32 px), so a preset keeps its shape and parameter count at any resolution that
     its levels divide; `conf` (the train section) may override the attention levels, the prediction
-    type and the noise schedule. Raises UsageError naming the keys when they do not fit together.
+    type, the noise schedule, the conditioning variant and k (at most the pack's). Raises UsageError naming the keys when they do not fit together.
     """
     from model.denoiser import ModelConfig
 
@@ -44,7 +44,13 @@ def model_config(preset: str, resolution: int, clip_dim: int, k: int, conf=None)
     attend = tuple(resolution // 2 ** base.level_resolutions().index(r) for r in base.attention_resolutions)
     extra = {}
     if conf is not None:
-        extra = {"prediction_type": conf.prediction_type, "beta_schedule": conf.beta_schedule}
+        extra = {"prediction_type": conf.prediction_type, "beta_schedule": conf.beta_schedule,
+                 "conditioning": conf.conditioning}
+        if conf.k is not None:
+            if conf.k > k:
+                raise UsageError(f"train.k {conf.k} is more than the {k} neighbours the pack holds: lower train.k "
+                                 f"or re-run `knnd run neighbours pack --set neighbours.k={conf.k}`")
+            k = conf.k
         if conf.attention_resolutions is not None:
             levels_px = [resolution // 2 ** i for i in range(levels)]
             wrong = sorted(set(conf.attention_resolutions) - set(levels_px))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.conditioning import CONDITIONINGS
 from model.denoiser import KnnDenoiser, ModelConfig, block_types
 from model.diffusion import guided_output, make_scheduler, sample, training_example
 
@@ -64,16 +65,18 @@ def test_embedding_dimension_mismatch_is_a_clear_error():
         forward(model, torch.zeros(2, 4, 7))
 
 
-def test_null_context_ignores_the_embeddings():
-    model = make_model()
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_null_context_ignores_the_embeddings(conditioning):
+    model = make_model(ModelConfig.tiny(conditioning=conditioning))
     emb_a, emb_b = random_emb(model.config, seed=1), random_emb(model.config, seed=3)
     dropped = torch.ones(2, dtype=torch.bool)
     assert torch.equal(forward(model, emb_a, dropped), forward(model, emb_b, dropped))
     assert not torch.allclose(forward(model, emb_a), forward(model, emb_b))
 
 
-def test_masked_or_missing_neighbours_carry_no_information():
-    model = make_model()
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_masked_or_missing_neighbours_carry_no_information(conditioning):
+    model = make_model(ModelConfig.tiny(conditioning=conditioning))
     emb_a = random_emb(model.config, seed=1)
     emb_b = emb_a.clone()
     emb_b[:, 1:] = random_emb(model.config, seed=3)[:, 1:]  # same query, other neighbours
@@ -84,10 +87,29 @@ def test_masked_or_missing_neighbours_carry_no_information():
     assert not torch.allclose(forward(model, emb_a), forward(model, emb_b))
 
 
-def test_k_zero_model():
-    config = ModelConfig.tiny(k=0)
-    out = forward(make_model(config), random_emb(config))
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_k_zero_model(conditioning):
+    config = ModelConfig.tiny(k=0, conditioning=conditioning)
+    model = make_model(config)
+    out = forward(model, random_emb(config))
     assert out.shape == (2, 3, 16, 16)
+    assert not torch.allclose(out, forward(model, random_emb(config, seed=5)))  # the query conditions
+
+
+@pytest.mark.parametrize("conditioning, tokens", [("self_attention", 4), ("cross_attention", 1), ("concat", 1)])
+def test_conditioning_variants_give_their_context_and_use_every_neighbour(conditioning, tokens):
+    """The paper's three ways to feed the neighbours: k + 1 tokens, or one; each neighbour slot counts."""
+    config = ModelConfig.tiny(conditioning=conditioning)
+    model = make_model(config)
+    emb = random_emb(config)
+    context, key_mask = model.condition(emb)
+    assert context.shape == (2, tokens, config.cond_width) and key_mask is None
+    for slot in range(config.k + 1):
+        changed = emb.clone()
+        changed[:, slot] = random_emb(config, seed=7)[:, slot]
+        assert not torch.allclose(model.condition(changed)[0], context), slot
+    with pytest.raises(ValueError, match="conditioning='film': use one of"):
+        ModelConfig.tiny(conditioning="film")
 
 
 class StubModel(torch.nn.Module):
@@ -179,9 +201,10 @@ def test_batched_sampling_with_per_image_generators_equals_one_at_a_time():
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batch numerics may round one step apart
 
 
-def test_a_masked_query_slot_carries_no_information():
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_a_masked_query_slot_carries_no_information(conditioning):
     """Query dropout: with slot 0 masked the output depends on the neighbours alone."""
-    model = make_model()
+    model = make_model(ModelConfig.tiny(conditioning=conditioning))
     emb_a = random_emb(model.config, seed=1)
     emb_b = emb_a.clone()
     emb_b[:, 0] = random_emb(model.config, seed=3)[:, 0]  # other query, same neighbours

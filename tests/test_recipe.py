@@ -69,3 +69,12 @@ def test_query_noise_blurs_the_query_alone_by_the_stated_cosine():
     assert torch.equal(out[:, 1:], emb[:, 1:])
     assert torch.equal(out, noisy_query(emb, 0.75, TrainParams(seed=1), 0, 5))  # seeded by (seed, rank, step)
     assert not torch.equal(out, noisy_query(emb, 0.75, TrainParams(seed=1), 0, 6))
+
+
+def test_train_k_and_conditioning_reach_the_model_config():
+    conf = load_config(None, ["train.k=3", "train.conditioning=concat"]).train
+    config = model_config("demo", 16, 256, 10, conf)
+    assert config.k == 3 and config.conditioning == "concat"
+    assert model_config("demo", 16, 256, 10, load_config(None, []).train).k == 10  # null: the pack's k
+    with pytest.raises(UsageError, match=r"train.k 32 is more than the 10 neighbours the pack holds.*neighbours.k=32"):
+        model_config("demo", 16, 256, 10, load_config(None, ["train.k=32"]).train)

@@ -168,8 +168,20 @@ def test_checkpoints_load_weights_only_and_rebuild_the_model(pack, tmp_path):
 
 def test_pack_and_model_mismatch_is_a_clear_error(pack, tmp_path):
     paths, _ = pack
-    with pytest.raises(ValueError, match="k=3 but the model config has k=10"):
+    with pytest.raises(ValueError, match=r"k=10 neighbours asked of a pack that holds 3; re-run .*neighbours.k >= 10"):
         train(tiny_params(), ModelConfig.tiny(k=10), paths, tmp_path / "train")
+    with pytest.raises(ValueError, match="clip_dim=32 but the model config has clip_dim=16"):
+        train(tiny_params(), ModelConfig.tiny(clip_dim=16), paths, tmp_path / "train")
+
+
+def test_a_model_with_fewer_neighbours_takes_the_nearest_k(pack, tmp_path):
+    paths, _ = pack
+    full, nearest = PackDataset(paths, 2, seed=5), PackDataset(paths, 2, seed=5, k=1)
+    (_, emb_full), (_, emb_k1) = next(iter(full)), next(iter(nearest))
+    assert emb_k1.shape == (2, 2, 32) and torch.equal(emb_k1, emb_full[:, :2])
+    assert PackDataset(paths, 2, k=0).shapes["k"] == 0
+    result = train(tiny_params(steps=2), ModelConfig.tiny(k=1), paths, tmp_path / "train")
+    assert result["step"] == 2
 
 
 @pytest.mark.skipif(not os.environ.get("KNND_RAY_TESTS"),
