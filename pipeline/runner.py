@@ -255,12 +255,17 @@ def _url_list_hash(path: Path) -> str:
     return file_hash(path) if path.exists() else "missing"
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def _changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """'key: old -> new' for each differing key; with `defaults`, a key the old fingerprint lacks
+    (added to the config since) counts only when its new value is not its default."""
     keys = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
+        default = (defaults or {}).get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += _changed_keys(a, b, f"{prefix}{k}.")
+            keys += _changed_keys(a, b, default if isinstance(default, dict) else None, f"{prefix}{k}.")
+        elif defaults is not None and k not in old and k in defaults and b == default:
+            continue
         elif a != b:
             keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return keys
@@ -285,6 +290,9 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
         previous = read_json(out / "manifest.json", f"Rebuild with `knnd run {name} --force`.")
     elif (out / STATE).exists():
         previous = read_json(out / STATE, f"Rebuild with `knnd run {name} --force`.")
+    if previous is not None and previous.get("config_hash") != cfg_hash and not _changed_keys(
+            previous.get("fingerprint", {}), state["fingerprint"], output_fingerprint(type(conf)())):
+        cfg_hash = state["config_hash"] = previous["config_hash"]  # only keys added since, at their defaults
     if previous is not None:
         finished = (out / "manifest.json").exists()
         if previous.get("config_hash") != cfg_hash and not force:

@@ -66,6 +66,22 @@ def test_manifest_up_to_date_refusal_force(tmp_path, fake_stages):
     assert (tmp_path / "download" / "0.txt").read_text() == "download 0 64"
 
 
+def test_a_key_added_since_a_stage_ran_counts_only_off_its_default(tmp_path, fake_stages):
+    """A manifest written before download.min_image_size existed: still up to date at the default,
+    a changed config (naming the key) when the user sets it."""
+    logs = []
+    run_stage("download", cfg(tmp_path))
+    path = tmp_path / "download" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["fingerprint"]["min_image_size"]
+    manifest["config_hash"] = "an-older-hash"
+    path.write_text(json.dumps(manifest))
+    run_stage("download", cfg(tmp_path), log=logs.append)
+    assert logs[-1] == "download: up to date, nothing to do" and fake_stages["download"] == 1
+    with pytest.raises(UsageError, match=r"different config \(min_image_size: None -> 8\)"):
+        run_stage("download", cfg(tmp_path, "download.min_image_size=8"))
+
+
 def test_status_pending_done_stale(tmp_path, fake_stages):
     c = cfg(tmp_path)
     assert stage_status(c, "download") == ("pending", "")
