@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.runner import StageRun, UsageError, read_json, resolve_device, stage_dir, write_json
+from pipeline.runner import StageRun, UsageError, atomic_path, read_json, resolve_device, stage_dir, write_json
 
 
 @dataclass
@@ -38,6 +38,7 @@ class EvalSetup:
     k: int
     no_knn: bool = False
     neighbours_only: bool = False
+    samples_from: Path | None = None  # an earlier evaluation's folder: grade its samples.npz, sample nothing
 
 
 # --------------------------------------------------------------------------- prompts and real images
@@ -121,6 +122,21 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
         print(f"evaluate: sampled {s + len(sel)}/{len(prompt_of)} images ({time.time() - start:.0f} s)", file=sys.stderr)
     return {"images": np.concatenate(out), "prompt_of": prompt_of, "rows": rows, "sims": sims,
             "seconds": round(time.time() - start, 1)}
+
+
+def reuse_samples(folder: Path, prompts: int) -> dict:
+    """generate()'s result, read back from an earlier evaluation's samples.npz (e.g. to grade the
+    same images with another evaluation encoder)."""
+    path = Path(folder) / "samples.npz"
+    if not path.exists():
+        raise UsageError(f"{path} does not exist: evaluate into {folder} first")
+    with np.load(path, allow_pickle=False) as data:
+        generated = {key: data[key] for key in ("images", "prompt_of", "rows", "sims")}
+        generated["seconds"] = float(data["seconds"])
+    if len(generated["rows"]) != prompts:
+        raise UsageError(f"{path} holds samples of {len(generated['rows'])} prompts, this evaluation has {prompts}: "
+                         f"evaluate the same prompt set")
+    return generated
 
 
 def noise_seed(seed: int, prompt: int, image: int) -> int:
@@ -222,7 +238,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     encoder = load_encoder(conf, sampler.retriever.infos, setup.index_dir, device)  # a bad encoder fails before sampling
     print(f"evaluate: {len(prompts)} prompts x {conf.images_per_prompt} images, k={0 if setup.no_knn else setup.k}, "
           f"{conf.steps} steps, guidance {conf.guidance}, index {setup.index_dir}", file=sys.stderr)
-    generated = generate(sampler, prompts, setup, conf)
+    generated = reuse_samples(setup.samples_from, len(prompts)) if setup.samples_from else generate(sampler, prompts, setup, conf)
     text = text_features(encoder, prompts)
     fake = image_features(encoder, generated["images"])
     train_images = training_images(cfg, conf.train_images, conf.seed)
@@ -277,6 +293,8 @@ def write_outputs(out: Path, result: dict, prompts, generated, real_images, samp
     from pipeline.evaluate_outputs import write_grid_and_samples, write_html
 
     out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{key: generated[key] for key in ("images", "prompt_of", "rows", "sims", "seconds")})
     write_json(out / "metrics.json", result)
     write_grid_and_samples(out, prompts, generated, conf.images_per_prompt)
     write_html(out, result, prompts, generated, real_images, sampler, conf)
