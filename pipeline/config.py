@@ -136,7 +136,7 @@ class TrainConfig:
                             choices=["self_attention", "cross_attention", "concat"])
     grad_clip: float = opt(1.0, "gradient norm clip", min=0.0)
     ema_decay: float = opt(0.999, "EMA decay of the weights used for sampling", min=0.0, max=1.0)
-    checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)", min=1)
+    checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)", min=1, runtime=True)
     num_workers: int = opt(1, "Ray Train workers (DDP)", min=1, runtime=True)
     use_gpu: bool = opt(False, "train on GPUs (one per worker)", runtime=True)
     seed: int = opt(0, "seed for initialisation, data order and noise")

@@ -257,15 +257,16 @@ def _url_list_hash(path: Path) -> str:
 
 def _changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
     """'key: old -> new' for each differing key; with `defaults`, a key the old fingerprint lacks
-    (added to the config since) counts only when its new value is not its default."""
+    (added to the config since) counts only when its new value is not its default, and one the new
+    fingerprint lacks (made a runtime knob since) does not count."""
     keys = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         default = (defaults or {}).get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _changed_keys(a, b, default if isinstance(default, dict) else None, f"{prefix}{k}.")
-        elif defaults is not None and k not in old and k in defaults and b == default:
-            continue
+        elif defaults is not None and (k not in new or (k not in old and k in defaults and b == default)):
+            continue  # gone from the fingerprint (now a runtime knob), or new and at its default
         elif a != b:
             keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return keys

@@ -218,3 +218,15 @@ def test_bootstrap_pair_ci_with_a_set_metric():
     estimate, low, high = bootstrap_pair_ci(a, b, np.arange(40) // 4, None, frechet_distance, n_boot=30)
     assert estimate == pytest.approx(frechet_distance(a, b))
     assert low < estimate < high
+
+
+def test_kid_from_cached_kernels_equals_kid_from_each_subset(monkeypatch):
+    """The kernels are computed once and indexed per subset; the same subsets computed from their
+    rows give the same figure."""
+    import model.metrics as metrics
+
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((30, 6)), rng.standard_normal((20, 6)) + 0.3
+    cached = kernel_inception_distance(a, b, num_subsets=7, max_subset_size=12, seed=2)
+    monkeypatch.setattr(metrics, "KERNEL_CACHE_ROWS", 0)
+    assert kernel_inception_distance(a, b, num_subsets=7, max_subset_size=12, seed=2) == pytest.approx(cached, abs=1e-12)

@@ -67,13 +67,15 @@ def test_manifest_up_to_date_refusal_force(tmp_path, fake_stages):
 
 
 def test_a_key_added_since_a_stage_ran_counts_only_off_its_default(tmp_path, fake_stages):
-    """A manifest written before download.min_image_size existed: still up to date at the default,
-    a changed config (naming the key) when the user sets it."""
+    """A manifest written before download.min_image_size existed (and with a key that has become a
+    runtime knob since): still up to date at the default, a changed config (naming the key) when the
+    user sets it."""
     logs = []
     run_stage("download", cfg(tmp_path))
     path = tmp_path / "download" / "manifest.json"
     manifest = json.loads(path.read_text())
     del manifest["fingerprint"]["min_image_size"]
+    manifest["fingerprint"]["a_knob_made_runtime_since"] = 7
     manifest["config_hash"] = "an-older-hash"
     path.write_text(json.dumps(manifest))
     run_stage("download", cfg(tmp_path), log=logs.append)
