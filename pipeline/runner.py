@@ -291,14 +291,16 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
         previous = read_json(out / "manifest.json", f"Rebuild with `knnd run {name} --force`.")
     elif (out / STATE).exists():
         previous = read_json(out / STATE, f"Rebuild with `knnd run {name} --force`.")
-    if previous is not None and previous.get("config_hash") != cfg_hash and not _changed_keys(
-            previous.get("fingerprint", {}), state["fingerprint"], output_fingerprint(type(conf)())):
-        cfg_hash = state["config_hash"] = previous["config_hash"]  # only keys added since, at their defaults
+    changed = []
+    if previous is not None and previous.get("config_hash") != cfg_hash:
+        changed = _changed_keys(previous.get("fingerprint", {}), state["fingerprint"], output_fingerprint(type(conf)()))
+        if not changed:  # only keys added since (at their defaults) or made runtime knobs since
+            cfg_hash = state["config_hash"] = previous["config_hash"]
     if previous is not None:
         finished = (out / "manifest.json").exists()
         if previous.get("config_hash") != cfg_hash and not force:
-            changed = "; ".join(_changed_keys(previous.get("fingerprint", {}), state["fingerprint"])) or "config"
-            raise UsageError(f"{name} was {'built' if finished else 'started'} with a different config ({changed}): "
+            raise UsageError(f"{name} was {'built' if finished else 'started'} with a different config "
+                             f"({'; '.join(changed) or 'config'}): "
                              f"re-run with --force to rebuild it, or restore the old values")
         if finished and previous["config_hash"] == cfg_hash and previous.get("input_hash") == in_hash and not force:
             log(f"{name}: up to date, nothing to do")
