@@ -112,15 +112,9 @@ def with_server(stickers: Path, workdir: Path, jobs) -> None:
 
 def sample_swapped(cfg, index_dir: Path, out: Path) -> Path:
     """The same prompts and seeds, the same model, neighbours from the second index."""
-    import argparse
+    from pipeline.sample import request_from_config, sample_into
 
-    from pipeline.sample import sample_command
-
-    args = argparse.Namespace(prompts=[], k=None, guidance=None, steps=None, seed=None, no_knn=False,
-                              neighbours_only=False, init_image=None, strength=1.0, checkpoint=None,
-                              index=str(index_dir), out=str(out))
-    sample_command(cfg, args)
-    return out / "grid.png"
+    return sample_into(cfg, request_from_config(cfg.sample), index=str(index_dir), out=str(out)) / "grid.png"
 
 
 def _write_config(cfg, workdir: Path) -> None:

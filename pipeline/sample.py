@@ -331,8 +331,7 @@ def generate(sampler: Sampler, request: SampleRequest, out: Path, done=None, ski
 
 
 def sample_command(cfg, args) -> int:
-    """`knnd sample "prompt" ...`: CLI flags override the sample: section; writes into --out, by default
-    a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>[-N]/ per call (an earlier call's images are kept)."""
+    """`knnd sample "prompt" ...`: CLI flags override the sample: section."""
     conf = cfg.sample
     request = SampleRequest(
         prompts=list(args.prompts) or list(conf.prompts),
@@ -342,30 +341,47 @@ def sample_command(cfg, args) -> int:
         seed=conf.seed if args.seed is None else args.seed,
         images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn, neighbours_only=args.neighbours_only,
         init_image=args.init_image, strength=args.strength if args.init_image else 1.0)
-    request.validate()
-    checkpoint = resolve_checkpoint(cfg, args.checkpoint)
-    index_dir = Path(args.index or conf.index or stage_dir(cfg, "index"))
-    sampler = Sampler(checkpoint, index_dir, resolve_device(cfg))
-    if args.out:
-        out = Path(args.out)
-    else:  # claimed with mkdir, so two calls in the same second (or at once) get two folders
-        import time
-
-        base = stage_dir(cfg, "sample_cli") / time.strftime("%Y%m%d-%H%M%S")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        out, n = base, 1
-        while True:
-            try:
-                out.mkdir()
-                break
-            except FileExistsError:
-                n += 1
-                out = base.with_name(f"{base.name}-{n}")
-    records = generate(sampler, request, out)
-    write_records(out, records)
-    grid = write_grid(out, records, request.prompts, request.images_per_prompt)
-    print(f"sample: {len(records)} images, samples.jsonl and grid in {out}\ngrid: {grid}")
+    sample_into(cfg, request, args.checkpoint, args.index, args.out)
     return 0
+
+
+def request_from_config(conf) -> SampleRequest:
+    """The sample: section as a request (the stage's, and the demo's swapped-index sampling)."""
+    return SampleRequest(prompts=list(conf.prompts), k=conf.k, guidance=conf.guidance, steps=conf.steps,
+                         seed=conf.seed, images_per_prompt=conf.images_per_prompt)
+
+
+def sample_into(cfg, request: SampleRequest, checkpoint: str | None = None, index: str | None = None,
+                out: str | None = None) -> Path:
+    """Sample `request` with a checkpoint (default: the latest of this workdir) against an index
+    (default: sample.index, else this workdir's); writes images, samples.jsonl and grid.png into
+    `out`, by default a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>[-N]/ (earlier calls' are kept).
+    Returns the folder."""
+    request.validate()
+    sampler = Sampler(resolve_checkpoint(cfg, checkpoint), Path(index or cfg.sample.index or stage_dir(cfg, "index")),
+                      resolve_device(cfg))
+    folder = Path(out) if out else new_folder(stage_dir(cfg, "sample_cli"))
+    records = generate(sampler, request, folder)
+    write_records(folder, records)
+    grid = write_grid(folder, records, request.prompts, request.images_per_prompt)
+    print(f"sample: {len(records)} images, samples.jsonl and grid in {folder}\ngrid: {grid}")
+    return folder
+
+
+def new_folder(parent: Path) -> Path:
+    """parent/<YYYYmmdd-HHMMSS>[-N], claimed with mkdir so two calls in the same second get two."""
+    import time
+
+    base = parent / time.strftime("%Y%m%d-%H%M%S")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out, n = base, 1
+    while True:
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
 
 
 def check(cfg) -> None:
@@ -386,8 +402,7 @@ def check(cfg) -> None:
 
 def run(stage: StageRun) -> dict:
     conf = stage.conf
-    request = SampleRequest(prompts=list(conf.prompts), k=conf.k, guidance=conf.guidance, steps=conf.steps,
-                            seed=conf.seed, images_per_prompt=conf.images_per_prompt)
+    request = request_from_config(conf)
     request.validate()
     train_dir = stage.input_dirs["train"]
     checkpoint = train_dir / stage.inputs["train"]["checkpoint"]
