@@ -295,3 +295,27 @@ def bootstrap_pair_ci(a_feats, b_feats, a_groups, b_groups, fn, n_boot=200, seed
                        dtype=np.float64)
     shift = np.median(boots, axis=0) - np.asarray(estimate, dtype=np.float64)
     return _percentile_ci(estimate, boots - shift)
+
+
+def bootstrap_paired_difference_ci(a_feats, b_feats, groups, reference, fn, n_boot=200, seed=0):
+    """(fn(a, ref) - fn(b, ref), low, high): a set metric's difference between two generated sets
+    drawn for the same prompts with the same noise (row i of a and of b: same prompt, same seed).
+
+    Each replicate draws prompts with replacement once and takes those rows from *both* sets, so
+    what the two conditions share (which prompts were drawn) cancels, as in a paired test; the
+    reference is passed whole. The interval is centred on the estimate as in bootstrap_pair_ci.
+    """
+    a, b = _as2d(a_feats), _as2d(b_feats)
+    if a.shape != b.shape:
+        raise ValueError(f"paired sets must have the same shape, got {a.shape} and {b.shape}")
+    ref = _as2d(reference)
+    estimate = fn(a, ref) - fn(b, ref)
+    layout = _group_layout(groups, len(a))
+    n_groups = layout[0]
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        rows = _rows_of(layout, rng.integers(n_groups, size=n_groups))
+        boots.append(fn(a[rows], ref) - fn(b[rows], ref))
+    boots = np.asarray(boots, dtype=np.float64)
+    return _percentile_ci(estimate, boots - (np.median(boots) - estimate))

@@ -230,3 +230,20 @@ def test_kid_from_cached_kernels_equals_kid_from_each_subset(monkeypatch):
     cached = kernel_inception_distance(a, b, num_subsets=7, max_subset_size=12, seed=2)
     monkeypatch.setattr(metrics, "KERNEL_CACHE_ROWS", 0)
     assert kernel_inception_distance(a, b, num_subsets=7, max_subset_size=12, seed=2) == pytest.approx(cached, abs=1e-12)
+
+
+def test_paired_difference_by_hand_and_zero_for_identical_sets():
+    from model.metrics import bootstrap_paired_difference_ci
+
+    mean_gap = lambda x, ref: float(np.abs(x.mean(axis=0) - ref.mean(axis=0)).sum())  # noqa: E731
+    a = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 3.0], [6.0, 3.0]])
+    b = a + 1.0
+    ref = np.zeros((3, 2))
+    groups = np.array([0, 0, 1, 1])
+    estimate, low, high = bootstrap_paired_difference_ci(a, b, groups, ref, mean_gap, n_boot=50)
+    assert estimate == pytest.approx((3 + 2) - (4 + 3))  # |mean a| = (3, 2), |mean b| = (4, 3)
+    # b = a + 1 everywhere: every replicate's difference is exactly -2, so the interval is a point
+    assert low == pytest.approx(-2.0) and high == pytest.approx(-2.0)
+    assert bootstrap_paired_difference_ci(a, a, groups, ref, mean_gap, n_boot=20) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        bootstrap_paired_difference_ci(a, b[:3], None, ref, mean_gap)

@@ -4,23 +4,38 @@ The encoder trains for seconds only, so its embeddings are nearly all alike: ded
 test is switched off here (its behaviour is tested in test_dedup.py)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.cli import main
 from pipeline.runner import STAGES
 
+ARGS = ["--limit", "100", "--encoder-minutes", "0.1", "--minutes", "0.05"]
+SETS = ["dedup.cosine_threshold=1.0", "dedup.manhattan_threshold=0", "train.model=tiny", "train.batch_size=8",
+        "train.checkpoint_every=5", "sample.steps=4", "sample.images_per_prompt=2", "neighbours.k=4",
+        "sample.k=4", "evaluate.k=4", "embed.batch_size=32", "dedup.holdout=0.1"]
 
-def test_demo_end_to_end_on_100_stickers(tmp_path, capsys):
-    work = tmp_path / "demo"
-    args = ["demo", "--workdir", str(work), "--limit", "100", "--encoder-minutes", "0.1", "--minutes", "0.05"]
-    sets = ["dedup.cosine_threshold=1.0", "dedup.manhattan_threshold=0", "train.model=tiny", "train.batch_size=8",
-            "train.checkpoint_every=5", "sample.steps=4", "sample.images_per_prompt=2", "neighbours.k=4",
-            "sample.k=4", "evaluate.k=4", "embed.batch_size=32", "dedup.holdout=0.1"]
-    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
-    out = capsys.readouterr().out
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """(workdir, stdout, argv) of one tiny `knnd demo`, shared by the tests here."""
+    work = tmp_path_factory.mktemp("smoke") / "demo"
+    argv = ["demo", "--workdir", str(work), *ARGS] + [a for s in SETS for a in ("--set", s)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return work, out.getvalue(), argv
+
+
+def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
+    work, out, argv = tiny_demo
     for name in STAGES:
         manifest = json.loads((work / name / "manifest.json").read_text())
         assert manifest["items"] > 0, name
@@ -57,7 +72,42 @@ def test_demo_end_to_end_on_100_stickers(tmp_path, capsys):
     only = json.loads((tmp_path / "nbo" / "metrics.json").read_text())
     assert only["neighbours_only"] and only["k"] == 4 and not metrics["neighbours_only"]
     # a second run finds everything up to date and redoes nothing
-    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("up to date, nothing to do") >= 9
     assert np.asarray(Image.open(work / "sample" / "grid.png")).shape == np.asarray(grid).shape
+
+
+def test_ablate_quick_on_the_tiny_demo(tiny_demo, tmp_path):
+    """tools/ablate.py --quick: every section runs, every variant leaves samples and metrics, and the
+    table lists each evaluation with the paper's figure beside it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import ablate
+
+    work, _, _ = tiny_demo
+    docs = tmp_path / "docs"
+    assert ablate.main(["--quick", "--demo", str(work), "--workdir", str(tmp_path / "abl"), "--docs", str(docs)]) == 0
+    data = json.loads((docs / "ablation.json").read_text())
+    assert data["sections"] == list(ablate.SECTIONS) and data["steps"] == 3
+    expected = {"k0-text", "k10-knn", "k10-text", "k1-knn", "cross_attention-knn", "concat-knn",
+                "k10-index10", "k10-index30", "k10-swap"}
+    assert set(data["evaluations"]) == expected
+    for name, graded in data["evaluations"].items():
+        assert set(graded) == {"a", "b"}, name  # the second encoder graded every evaluation
+        assert graded["a"]["step"] == 3 and graded["a"]["images"] == graded["a"]["prompts"] > 0
+        assert graded["b"]["encoder"] != graded["a"]["encoder"]
+        samples = sorted((tmp_path / "abl" / "evaluations" / name / "samples").glob("*.png"))
+        assert len(samples) == graded["a"]["images"], name
+    assert data["evaluations"]["k0-text"]["a"]["k"] == 0 and data["evaluations"]["k1-knn"]["a"]["k"] == 1
+    swap = data["evaluations"]["k10-swap"]["a"]["databases"]
+    assert set(swap) == {"main", "swap"}
+    index10 = json.loads((tmp_path / "abl" / "index10" / "index" / "index_infos.json").read_text())["n"]
+    full = json.loads((work / "index" / "index_infos.json").read_text())["n"]
+    assert index10 == round(full * 0.1)
+    text = (docs / "ablation.md").read_text()
+    for title in ("1. no kNN vs kNN", "2. number of neighbours k", "3. conditioning variant", "4. index size at sampling",
+                  "5. database swap"):
+        assert f"## {title}" in text
+    assert "| k0-text | 38.2 (no kNN) |" in text and "34.1 (concatenation)" in text
+    assert all((docs / "ablation" / f"{name}.png").exists() for name in expected)
