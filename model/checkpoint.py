@@ -18,6 +18,12 @@ from model.denoiser import KnnDenoiser, ModelConfig
 CHECKPOINT_NAME = re.compile(r"^step_(\d{7})\.pt$")
 
 
+def checkpoint_step(path) -> int | None:
+    """The step in a step_XXXXXXX.pt file name; None for any other name."""
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoint_path(directory, step: int) -> Path:
     return Path(directory) / f"step_{step:07d}.pt"
 

@@ -110,12 +110,14 @@ def encode_images(bundle: ClipBundle, images: torch.Tensor) -> np.ndarray:
     return _normalised_numpy(features)
 
 
-def encode_texts(bundle: ClipBundle, texts: list[str]) -> np.ndarray:
-    """Embed captions or prompts: float32 [n, d], L2-normalised."""
-    tokens = bundle.tokenizer(list(texts)).to(bundle.device)
-    with torch.inference_mode(), _autocast(bundle.device):
-        features = bundle.model.encode_text(tokens)
-    return _normalised_numpy(features)
+def encode_texts(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Embed captions or prompts, batch_size at a time: float32 [n, d], L2-normalised."""
+    texts, parts = list(texts), []
+    for start in range(0, len(texts), batch_size):
+        tokens = bundle.tokenizer(texts[start:start + batch_size]).to(bundle.device)
+        with torch.inference_mode(), _autocast(bundle.device):
+            parts.append(_normalised_numpy(bundle.model.encode_text(tokens)))
+    return np.concatenate(parts) if parts else np.zeros((0, bundle.embed_dim), np.float32)
 
 
 def _normalised_numpy(features: torch.Tensor) -> np.ndarray:

@@ -174,7 +174,7 @@ def image_features(bundle, images: np.ndarray, batch: int = 256) -> np.ndarray:
 def text_features(bundle, prompts: list[str]) -> np.ndarray:
     from model.clip import encode_texts
 
-    return np.concatenate([encode_texts(bundle, prompts[s:s + 256]) for s in range(0, len(prompts), 256)])
+    return encode_texts(bundle, prompts)
 
 
 def interval(estimate_low_high) -> dict:
@@ -228,6 +228,7 @@ def database_sample(index_dir: Path, size: int, limit: int, seed: int) -> tuple[
 def evaluate(cfg, setup: EvalSetup) -> dict:
     """Sample, embed, measure; write metrics.json, report.html, grid.png and samples/ into setup.out."""
     from model import metrics
+    from model.checkpoint import checkpoint_step
     from pipeline.images import DatabaseImages
     from pipeline.sample import Sampler
 
@@ -280,13 +281,6 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
                "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
     write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf)
     return result
-
-
-def checkpoint_step(path: Path) -> int | None:
-    try:
-        return int(Path(path).stem.split("_")[1])
-    except (IndexError, ValueError):
-        return None
 
 
 def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf) -> None:

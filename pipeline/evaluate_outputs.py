@@ -35,14 +35,10 @@ def loss_curve(checkpoint: Path) -> list[tuple[int, float]]:
     if not path.exists():
         return []
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(int(m["step"]), float(m["loss"])) for m in lines if int(m["step"]) <= _step(checkpoint)]
+    from model.checkpoint import checkpoint_step
 
-
-def _step(checkpoint: Path) -> float:
-    try:
-        return int(Path(checkpoint).stem.split("_")[1])
-    except (IndexError, ValueError):
-        return float("inf")
+    last = checkpoint_step(checkpoint)
+    return [(int(m["step"]), float(m["loss"])) for m in lines if last is None or int(m["step"]) <= last]
 
 
 def write_html(out: Path, result: dict, prompts, generated, real_images, sampler, conf) -> Path:

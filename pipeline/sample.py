@@ -127,7 +127,7 @@ class Sampler:
         masks the text's slot, so the retrieved images alone condition the model (as RDM samples)."""
         from model.clip import encode_texts
 
-        texts = np.concatenate([encode_texts(self.clip, prompts[s:s + 256]) for s in range(0, len(prompts), 256)])
+        texts = encode_texts(self.clip, prompts)
         if k == 0:
             return texts[:, None, :], np.ones((len(prompts), 1), bool), np.zeros((len(prompts), 0), np.int64), \
                 np.zeros((len(prompts), 0), np.float32)

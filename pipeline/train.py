@@ -153,10 +153,10 @@ def count_parameters(checkpoint: Path) -> int:
 
 def count_done_shards(out: Path) -> int:
     """For `knnd status`: the step of the latest checkpoint (the plan is train.steps)."""
-    from model.checkpoint import latest_checkpoint
+    from model.checkpoint import checkpoint_step, latest_checkpoint
 
     latest = latest_checkpoint(Path(out) / "checkpoints")
-    return int(latest.stem.split("_")[1]) if latest else 0
+    return checkpoint_step(latest) if latest else 0
 
 
 class MetricsTail:
