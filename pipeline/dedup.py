@@ -145,32 +145,26 @@ def holdout_mask(keys, representative: np.ndarray, fraction: float, most: int) -
 
 
 def read_holdout(dedup_dir) -> np.ndarray:
-    """The rows held out for evaluation (sorted), from keep.parquet's `holdout` column."""
-    import pyarrow.parquet as pq
-
-    from pipeline.runner import StageError
-
-    path = dedup_dir / "keep.parquet"
-    try:
-        table = pq.read_table(path, columns=["row", "holdout"])
-    except Exception as e:  # noqa: BLE001 - any read failure means the same fix
-        raise StageError(f"{path} is missing, corrupt or older than held-out evaluation ({e}): "
-                         f"rebuild it with `knnd run dedup --force`") from None
-    rows = table.column("row").to_numpy()
-    return np.sort(rows[table.column("holdout").to_numpy(zero_copy_only=False)])
+    """Sorted rows held out of the index and training (evaluation's real images and prompts)."""
+    return np.nonzero(_read_flag(dedup_dir, "holdout", "is missing, corrupt or older than held-out evaluation"))[0]
 
 
 def read_keep(dedup_dir) -> np.ndarray:
     """The keep mask (bool per row) from keep.parquet."""
+    return _read_flag(dedup_dir, "keep", "is missing or corrupt")
+
+
+def _read_flag(dedup_dir, column: str, problem: str) -> np.ndarray:
+    """keep.parquet's boolean `column` as a mask indexed by row."""
     import pyarrow.parquet as pq
 
     from pipeline.runner import StageError
 
     path = dedup_dir / "keep.parquet"
     try:
-        table = pq.read_table(path, columns=["row", "keep"])
+        table = pq.read_table(path, columns=["row", column])
     except Exception as e:  # noqa: BLE001 - any read failure means the same fix
-        raise StageError(f"{path} is missing or corrupt ({e}): rebuild it with `knnd run dedup --force`") from None
-    keep = np.zeros(table.num_rows, bool)
-    keep[table.column("row").to_numpy()] = table.column("keep").to_numpy(zero_copy_only=False)
-    return keep
+        raise StageError(f"{path} {problem} ({e}): rebuild it with `knnd run dedup --force`") from None
+    mask = np.zeros(table.num_rows, bool)
+    mask[table.column("row").to_numpy()] = table.column(column).to_numpy(zero_copy_only=False)
+    return mask
