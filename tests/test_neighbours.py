@@ -23,31 +23,29 @@ def unit(v):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """Embeddings with near-identical pairs that dedup misses (cosine 0.85-0.9 but pHash-close, or
-    above the cosine threshold but outside dedup's small candidate list) so neighbours must drop them."""
+    """Embeddings with pHash twins (cosine ~0.64) that dedup, looking at one candidate per item, misses
+    whenever another item is nearer, so neighbours (8 candidates) must drop them."""
     root = tmp_path_factory.mktemp("src")
     rng = np.random.default_rng(0)
     x = clustered_unit_vectors(N, D, n_clusters=60, spread=1.0, seed=0)
     hashes = random_phashes(N, seed=1)
-    for i in range(0, 200, 2):  # pHash twins with moderately similar embeddings
+    for i in range(0, 200, 2):  # pHash twins with embeddings similar enough to be near, not always nearest
         hashes[i + 1] = hashes[i]
-        x[i + 1] = unit(x[i] + 0.6 * unit(rng.standard_normal(D)))
+        x[i + 1] = unit(x[i] + 1.2 * unit(rng.standard_normal(D)))
     write_embed_output(root, x, shard_size=500, phash=hashes)
     return root
 
 
 def stage_args(work, *sets):
-    # dedup with a pHash threshold that cannot match (so the twins survive dedup and neighbours must drop them)
+    """dedup.candidates=1: dedup compares each item with its nearest other item only, so a twin
+    survives it whenever another item is nearer; neighbours must then drop it by pHash."""
     return [f"workdir={work}", "dedup.manhattan_threshold=0", "dedup.candidates=1", "dedup.holdout=0", *sets]
 
 
-def prepare(source, work, *sets):
+def prepare(source, work):
+    """A copy of the source embeddings, deduplicated by cosine 0.99 alone."""
     shutil.copytree(source / "embed", work / "embed")
-    cfg = load_config(None, stage_args(work, *sets))
-    # dedup sees only one candidate and no pHash twins at 0 bits... twins share an identical hash, so
-    # raise the bar for dedup only: run it with manhattan -> it would remove twins. Use cosine only:
-    run_stage("dedup", load_config(None, stage_args(work, *sets, "dedup.cosine_threshold=0.99")))
-    return cfg
+    run_stage("dedup", load_config(None, stage_args(work, "dedup.cosine_threshold=0.99")))
 
 
 def read_all(work):
@@ -56,7 +54,7 @@ def read_all(work):
 
 def test_identical_to_brute_force_on_exact_index(source, tmp_path):
     work = tmp_path / "w"
-    cfg = prepare(source, work, "dedup.cosine_threshold=0.99")
+    prepare(source, work)
     cfg = load_config(None, stage_args(work, "dedup.cosine_threshold=0.99", "neighbours.k=5", "neighbours.candidates=8",
                                        "index.factory=Flat"))
     run_stage("index", cfg)
@@ -79,7 +77,10 @@ def test_identical_to_brute_force_on_exact_index(source, tmp_path):
                     break
         assert list(got["neighbour_rows"][qi]) == expected, row
         np.testing.assert_allclose(got["similarities"][qi], sims[qi][[position[e] for e in expected]], atol=1e-5)
-    twins = got[got["row"] < 200]
+    kept_set = set(kept)
+    twins = got[[r < 200 and (r ^ 1) in kept_set for r in got["row"]]]  # both twins survived dedup
+    by_cosine = [set(kept[np.argsort(-sims[position[r]], kind="stable")[1:6]]) for r in twins["row"]]
+    assert sum((r ^ 1) in top for r, top in zip(twins["row"], by_cosine)) >= 20  # by cosine alone, twins would be neighbours
     assert all((r ^ 1) not in set(nb) for r, nb in zip(twins["row"], twins["neighbour_rows"]))  # pHash twins dropped
     assert all(r not in set(nb) for r, nb in zip(got["row"], got["neighbour_rows"]))  # never self
     assert all(len(nb) == 5 for nb in got["neighbour_rows"])
