@@ -201,8 +201,9 @@ def evaluated(s: Settings, name: str, encoder: str = "a") -> dict:
     workdir = trained(s, variant)
     compare = [str(index_dir(s, c).resolve()) for c in options.get("compare", [])]
     cfg = config(s, workdir, [*sets, f"evaluate.compare_index=[{', '.join(compare)}]"])
-    k = options.get("k", 0)
-    setup = EvalSetup(checkpoint=resolve_checkpoint(cfg, None), index_dir=index_dir(s, options.get("index", "main")),
+    index = index_dir(s, options.get("index", "main"))
+    k = min(options.get("k", 0), json.loads((index / "index_infos.json").read_text())["n"])  # a tiny --quick subset
+    setup = EvalSetup(checkpoint=resolve_checkpoint(cfg, None), index_dir=index,
                       out=out, k=k, no_knn=options.get("no_knn", False), samples_from=samples_from)
     start = time.time()
     result = evaluate(cfg, setup)
