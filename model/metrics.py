@@ -291,10 +291,14 @@ def bootstrap_pair_ci(a_feats, b_feats, a_groups, b_groups, fn, n_boot=200, seed
     layout = _group_layout(a_groups, len(a))
     n_groups = layout[0]
     rng = np.random.default_rng(seed)
-    boots = np.asarray([fn(a[_rows_of(layout, rng.integers(n_groups, size=n_groups))], b) for _ in range(n_boot)],
-                       dtype=np.float64)
-    shift = np.median(boots, axis=0) - np.asarray(estimate, dtype=np.float64)
-    return _percentile_ci(estimate, boots - shift)
+    boots = [fn(a[_rows_of(layout, rng.integers(n_groups, size=n_groups))], b) for _ in range(n_boot)]
+    return _centred_ci(estimate, boots)
+
+
+def _centred_ci(estimate, boots: list) -> tuple:
+    """Percentile interval of the replicates, shifted so their median sits on the estimate."""
+    boots = np.asarray(boots, dtype=np.float64)
+    return _percentile_ci(estimate, boots - (np.median(boots, axis=0) - np.asarray(estimate, dtype=np.float64)))
 
 
 def bootstrap_paired_difference_ci(a_feats, b_feats, groups, reference, fn, n_boot=200, seed=0):
@@ -317,5 +321,4 @@ def bootstrap_paired_difference_ci(a_feats, b_feats, groups, reference, fn, n_bo
     for _ in range(n_boot):
         rows = _rows_of(layout, rng.integers(n_groups, size=n_groups))
         boots.append(fn(a[rows], ref) - fn(b[rows], ref))
-    boots = np.asarray(boots, dtype=np.float64)
-    return _percentile_ci(estimate, boots - (np.median(boots) - estimate))
+    return _centred_ci(estimate, boots)
