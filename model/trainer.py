@@ -153,7 +153,8 @@ def resume_checkpoint(directory: Path, model_config: ModelConfig) -> dict | None
     if path is None:
         return None
     checkpoint = load_checkpoint(path)
-    if checkpoint["model_config"] != model_config.to_dict():
+    # A checkpoint written before a model key existed lacks it: compare with the key at its default.
+    if ModelConfig.from_dict(checkpoint["model_config"]) != model_config:
         raise ValueError(f"{path} was trained with another model config; "
                          f"use a new train directory or `knnd run train --force`")
     return checkpoint

@@ -166,6 +166,21 @@ def test_checkpoints_load_weights_only_and_rebuild_the_model(pack, tmp_path):
     assert all(torch.equal(p, state["ema"][n]) for n, p in model.state_dict().items())
 
 
+def test_resume_accepts_a_checkpoint_written_before_a_model_key_existed(pack, tmp_path):
+    """A checkpoint from an older release lacks keys added since (at their default): it resumes.
+    A key that differs in value is still refused."""
+    paths, _ = pack
+    run = tmp_path / "train"
+    train(tiny_params(steps=4), ModelConfig.tiny(), paths, run)
+    path = latest_checkpoint(run / "checkpoints")
+    state = torch.load(path, weights_only=True)
+    del state["model_config"]["conditioning"]
+    torch.save(state, path)
+    assert train(tiny_params(steps=6), ModelConfig.tiny(), paths, run)["step"] == 6
+    with pytest.raises(ValueError, match="was trained with another model config"):
+        train(tiny_params(steps=8), ModelConfig.tiny(conditioning="concat"), paths, run)
+
+
 def test_pack_and_model_mismatch_is_a_clear_error(pack, tmp_path):
     paths, _ = pack
     with pytest.raises(ValueError, match=r"k=10 neighbours asked of a pack that holds 3; re-run .*neighbours.k >= 10"):
