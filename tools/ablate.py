@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))  # ablate_report beside this file, however this one was loaded
+
+import ablate_report  # noqa: E402
 
 SECTIONS = ("knn", "k", "conditioning", "index_size", "swap", "encoder")
 K_VALUES = (1, 5, 10, 32)
@@ -82,14 +84,6 @@ SECTION_EVALS = {
     "conditioning": ["k10-knn", "cross_attention-knn", "concat-knn"],
     "index_size": ["k10-index10", "k10-index30", "k10-knn"],
     "swap": ["k10-knn", "k10-swap"],
-}
-
-PAPER = {  # (section, evaluation) -> FID on MS-COCO from the paper's ablations
-    ("knn", "k0-text"): "38.2 (no kNN)", ("knn", "k10-knn"): "16.66 (kNN)",
-    ("k", "k1-knn"): "17.07 (1-NN)", ("k", "k10-knn"): "16.66 (10-NN)", ("k", "k32-knn"): "18.9 (100-NN)",
-    ("conditioning", "k10-knn"): "18.3 (self-attention)", ("conditioning", "cross_attention-knn"): "22.4 (cross-attention)",
-    ("conditioning", "concat-knn"): "34.1 (concatenation)",
-    ("index_size", "k10-index10"): "13.92 (10 %)", ("index_size", "k10-knn"): "13.65 (70 %)",
 }
 
 
@@ -185,7 +179,7 @@ def evaluated(s: Settings, name: str, encoder: str = "a") -> dict:
     """metrics.json of evaluation `name` under encoder a (the model's CLIP) or b (the second one);
     b grades a's samples again."""
     from pipeline.evaluate import EvalSetup, evaluate
-    from pipeline.sample import resolve_checkpoint
+    from pipeline.generation import resolve_checkpoint
 
     variant, options = evaluations(s)[name]
     out = s.workdir / "evaluations" / (name if encoder == "a" else f"{name}@b")
@@ -303,102 +297,15 @@ def paired_comparisons(s: Settings) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def figures(s: Settings, metrics: dict) -> dict:
-    g, real = metrics["generated"], metrics.get("real", {})
-    out = {name: g[name] for name in ("prompt_accuracy@1", "prompt_accuracy@5", "clip_score")}
-    out |= {f"real_{name}": real[name]["value"] for name in ("prompt_accuracy@5",) if name in real}
-    for name in ("fd", "kid", "precision", "recall"):
-        if name in metrics.get("to_real", {}):
-            out[name] = metrics["to_real"][name]
-    labels = {str(index_dir(s, name).resolve()): name for name in ("main", "swap")}
-    out["databases"] = {labels.get(path, Path(path).parent.name): {m: v[m] for m in ("fd", "kid")}
-                        for path, v in metrics.get("databases", {}).items()}
-    out |= {"step": metrics["step"], "k": metrics["k"], "prompts": metrics["prompts"], "images": metrics["images"],
-            "encoder": metrics["encoder"]}
-    return out
-
-
-def ci(c: dict, digits: int = 3) -> str:
-    return f"{c['value']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
-
-
-def overlap(a: dict, b: dict) -> bool:
-    return not (a["high"] < b["low"] or b["high"] < a["low"])
-
-
 def write_report(s: Settings, done_sections: list[str], seconds: dict) -> None:
     """docs/ablation.json (every figure) and docs/ablation.md (tables, grids) from the evaluations on disk."""
-    found = {}
-    for name in evaluations(s):
-        for enc in ("a", "b"):
-            path = s.workdir / "evaluations" / (name if enc == "a" else f"{name}@b") / "metrics.json"
-            if path.exists():
-                found.setdefault(name, {})[enc] = figures(s, json.loads(path.read_text()))
-    grids = s.docs / "ablation"
-    grids.mkdir(parents=True, exist_ok=True)
-    for name in found:
-        grid = s.workdir / "evaluations" / name / "grid.png"
-        if grid.exists():
-            shutil.copy(grid, grids / f"{name}.png")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    data = {"command": "python tools/ablate.py " + " ".join(sys.argv[1:]), "git_commit": commit, "steps": s.steps,
-            "demo": str(s.demo), "sections": done_sections, "seconds": seconds, "evaluations": found,
+    index_labels = {str(index_dir(s, name).resolve()): name for name in ("main", "swap")}
+    found = ablate_report.read_evaluations(s.workdir / "evaluations", list(evaluations(s)), index_labels)
+    ablate_report.copy_grids(s.workdir / "evaluations", found, s.docs / "ablation")
+    data = {"command": "python tools/ablate.py " + " ".join(sys.argv[1:]), "git_commit": ablate_report.git_commit(ROOT),
+            "steps": s.steps, "demo": str(s.demo), "sections": done_sections, "seconds": seconds, "evaluations": found,
             "paired": paired_comparisons(s)}
-    (s.docs / "ablation.json").write_text(json.dumps(data, indent=1) + "\n")
-    (s.docs / "ablation.md").write_text(markdown(s, data))
-
-
-def markdown(s: Settings, data: dict) -> str:
-    found = data["evaluations"]
-    lines = ["# Ablations in miniature", "",
-             f"Written by `{data['command']}` at commit {data['git_commit']}: every variant trained "
-             f"{s.steps} steps on the demo's data (same seed, batch and recipe), evaluated on the same held-out "
-             "prompts and noise seeds (`knnd evaluate`). Brackets: bootstrap 95 % intervals over prompts. "
-             "The paper's column is FID on MS-COCO (lower is better); ours: prompt accuracy @5 (higher is better), "
-             "FD and KID to the held-out images in the evaluation encoder's space (lower is better). "
-             "Encoder a is the demo CLIP the models were conditioned on; encoder b, a second demo CLIP "
-             "(another seed and width), grades the same samples.", ""]
-    if data["seconds"]:
-        lines += ["Time per section (s): " + ", ".join(f"{k} {v:.0f}" for k, v in data["seconds"].items()), ""]
-    titles = {"knn": "1. no kNN vs kNN", "k": "2. number of neighbours k", "conditioning": "3. conditioning variant",
-              "index_size": "4. index size at sampling", "swap": "5. database swap"}
-    for section in ("knn", "k", "conditioning", "index_size", "swap"):
-        rows = [name for name in section_evals(s, section) if name in found]
-        if not rows:
-            continue
-        lines += [f"## {titles[section]}", ""]
-        if section == "swap":
-            lines += ["| samples | FD to the main database | FD to the swapped database | KID main | KID swapped |",
-                      "|---|---|---|---|---|"]
-            for name in rows:
-                db = found[name]["a"]["databases"]
-                if {"main", "swap"} <= set(db):
-                    lines.append(f"| {name} | {ci(db['main']['fd'])} | {ci(db['swap']['fd'])} | "
-                                 f"{ci(db['main']['kid'], 4)} | {ci(db['swap']['kid'], 4)} |")
-            lines.append("")
-            continue
-        lines += ["| run | paper FID | acc@5 (a) | FD (a) | KID (a) | acc@5 (b) | FD (b) | grid |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name in rows:
-            a, b = found[name]["a"], found[name].get("b")
-            lines.append(f"| {name} | {PAPER.get((section, name), '')} | {ci(a['prompt_accuracy@5'])} | {ci(a['fd'])} | "
-                         f"{ci(a['kid'], 4)} | {ci(b['prompt_accuracy@5']) if b else ''} | {ci(b['fd']) if b else ''} | "
-                         f"![{name}](ablation/{name}.png) |")
-        lines.append("")
-    if data["paired"]:
-        lines += ["## Paired differences", "",
-                  "Two evaluations of the same prompts with the same noise seeds, compared image by image: "
-                  "a − b, with a bootstrap interval that resamples prompts once for both (so what they share "
-                  "cancels). An interval that excludes 0 is a difference this many prompts can see.", "",
-                  "| a − b | what | acc@5 | FD held-out | FD main database | FD swapped database |", "|---|---|---|---|---|---|"]
-        for key, d in data["paired"].items():
-            lines.append(f"| {key} | {d['what']} | {ci(d['prompt_accuracy@5'])} | {ci(d['fd_held_out'])} | "
-                         f"{ci(d['fd_database_main'])} | {ci(d['fd_database_swap'])} |")
-        lines.append("")
-    real = next((f["a"].get("real_prompt_accuracy@5") for f in found.values() if "a" in f), None)
-    if real is not None:
-        lines += [f"Real held-out images under encoder a: acc@5 {real:.3f} (the ceiling).", ""]
-    return "\n".join(lines)
+    ablate_report.write(s.docs, data, {section: section_evals(s, section) for section in ablate_report.TITLES})
 
 
 # --------------------------------------------------------------------------- main
