@@ -5,7 +5,6 @@ path executes no code. A checkpoint holds:
     model_config (dict), model, ema (state dicts), optimizer, lr_scheduler (state dicts), step,
     data_position [epoch, index], rng (torch/cuda/numpy/python states), train_params (dict).
 """
-import os
 import random
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from model.denoiser import KnnDenoiser, ModelConfig
+from pipeline.files import atomic_path
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{7})\.pt$")
 
@@ -31,13 +31,8 @@ def checkpoint_path(directory, step: int) -> Path:
 def save_checkpoint(directory, state: dict) -> Path:
     """Write state (which must hold "step") atomically: a temporary file, fsync, then rename."""
     path = checkpoint_path(directory, state["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image
 
 from model.clip import ClipBundle, encode_images, encode_texts, flatten_alpha, load_clip
+from pipeline.files import atomic_path, write_text
 
 
 @dataclass(frozen=True)
@@ -356,19 +357,13 @@ def _save(out_dir: Path, model: torch.nn.Module, model_cfg: dict, metrics: dict)
     """Weights and config first, metrics last: encoder.json marks a finished, loadable encoder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out_dir / "encoder.pt", lambda f: torch.save(state_dict, f))
-    _atomic_write(out_dir / "encoder_config.json", lambda f: f.write(json.dumps(model_cfg, indent=2).encode()))
-    _atomic_write(out_dir / "encoder.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    with atomic_path(out_dir / "encoder.pt") as tmp:
+        torch.save(state_dict, tmp)
+    write_text(out_dir / "encoder_config.json", json.dumps(model_cfg, indent=2))
+    write_text(out_dir / "encoder.json", json.dumps(metrics, indent=2))
 
 
 def _hms(seconds: float) -> str:
-    """H:MM:SS, as every progress line of the pipeline prints it (model/ does not import pipeline/)."""
+    """H:MM:SS, as every progress line of the pipeline prints it."""
     seconds = max(int(seconds), 0)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

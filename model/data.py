@@ -11,11 +11,13 @@ batch is one fancy-index gather: no JPEG decoding, no CLIP, no FAISS. Streaming 
 step to take when a pack outgrows RAM.
 """
 import io
-import os
 import tarfile
 
 import numpy as np
 import torch
+
+from pipeline.files import atomic_path
+from pipeline.shards import iter_tar_samples
 
 MEMBERS = ("image", "emb", "nbr")
 
@@ -25,10 +27,8 @@ def write_pack_shard(path, samples) -> int:
 
     The tar is byte-for-byte reproducible (fixed mtime/owner), so a re-run writes identical files.
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
     count = 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             key = str(sample["key"])
             if not key or "." in key or "/" in key:
@@ -40,7 +40,6 @@ def write_pack_shard(path, samples) -> int:
             for name in MEMBERS:
                 _add_member(tar, f"{key}.{name}.npy", arrays[name])
             count += 1
-    os.replace(tmp, path)
     return count
 
 
@@ -69,12 +68,9 @@ def read_pack_shard(path) -> dict:
     """
     samples: dict = {}
     try:
-        with tarfile.open(path, "r") as tar:
-            for member in tar:
-                key, _, name = member.name.partition(".")
-                data = tar.extractfile(member).read()
-                samples.setdefault(key, {})[name.removesuffix(".npy")] = np.load(
-                    io.BytesIO(data), allow_pickle=False)
+        for key, parts in iter_tar_samples(path):
+            samples[key] = {name.removesuffix(".npy"): np.load(io.BytesIO(data), allow_pickle=False)
+                            for name, data in parts.items()}
         if not samples:  # a shard whose items all failed upstream: no shapes to report
             return {"keys": [], "image": None, "emb": None, "nbr": None}
         missing = [key for key, arrays in samples.items() if set(arrays) != set(MEMBERS)]

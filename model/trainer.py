@@ -28,6 +28,7 @@ from model.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, sav
 from model.data import PackDataset
 from model.denoiser import KnnDenoiser, ModelConfig
 from model.diffusion import make_scheduler, training_example
+from pipeline.files import write_text
 
 
 @dataclass
@@ -308,9 +309,7 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
                 if line.strip() and json.loads(line)["step"] <= resume_step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, loss: float, lr: float, samples_per_step: int):
         now = time.perf_counter()

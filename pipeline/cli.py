@@ -12,7 +12,9 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 
 from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.runner import STAGES, StageError, UsageError, read_json, run_stage, stage_dir, stage_status  # noqa: E402
+from pipeline.report import print_table  # noqa: E402
+from pipeline.runner import StageError, UsageError, run_stage, stage_status  # noqa: E402
+from pipeline.stages import STAGES  # noqa: E402
 
 DEFAULT_CONFIG = "stages.yaml"
 
@@ -50,19 +52,6 @@ def cmd_status(args) -> int:
     return 0
 
 
-def print_table(cfg, names) -> None:
-    """Each finished stage's items, seconds and items/s."""
-    print(f"\n{'stage':<11} {'items':>9} {'seconds':>9} {'items/s':>9}")
-    for name in names:
-        path = stage_dir(cfg, name) / "manifest.json"
-        if not path.exists():
-            continue
-        m = read_json(path)
-        items, seconds = m.get("items", 0), m.get("seconds", 0.0)
-        rate = f"{items / seconds:.1f}" if seconds else "-"
-        print(f"{name:<11} {items:>9} {seconds:>9.1f} {rate:>9}")
-
-
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -77,9 +66,21 @@ def cmd_search(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from pipeline.sample import sample_command
+    """`knnd sample "prompt" ...`: the flags override the sample: section."""
+    from pipeline.generation import SampleRequest, sample_into
 
-    return sample_command(_config(args), args)
+    cfg = _config(args)
+    conf = cfg.sample
+    request = SampleRequest(
+        prompts=list(args.prompts) or list(conf.prompts),
+        k=conf.k if args.k is None else args.k,
+        guidance=conf.guidance if args.guidance is None else args.guidance,
+        steps=conf.steps if args.steps is None else args.steps,
+        seed=conf.seed if args.seed is None else args.seed,
+        images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn, neighbours_only=args.neighbours_only,
+        init_image=args.init_image, strength=args.strength if args.init_image else 1.0)
+    sample_into(cfg, request, args.checkpoint, args.index, args.out)
+    return 0
 
 
 def cmd_evaluate(args) -> int:

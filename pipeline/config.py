@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.sizes import parse_bytes
+
 
 class ConfigError(ValueError):
     """A bad key, type or value in the configuration (CLI exit code 2)."""
@@ -204,6 +206,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path} is not valid YAML ({e}); fix the syntax") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must be a mapping of sections (download:, embed:, ...), not {type(data).__name__}")
+    return _with_overrides(data, overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
+    """`cfg` (built in code, e.g. by the demo) with `--set key.sub=value` overrides on top, validated
+    like a loaded config."""
+    return _with_overrides(to_dict(cfg), overrides)
+
+
+def _with_overrides(data: dict, overrides: list[str]) -> Config:
     for item in overrides:
         key, value = _parse_override(item)
         _set_nested(data, key.split("."), value, key)
@@ -313,8 +325,6 @@ def _check_limits(key: str, value, meta) -> None:
 
 def check_config(cfg: Config) -> None:
     """Values that are each fine alone but impossible together, or malformed strings."""
-    from pipeline.knn import parse_bytes
-
     try:
         parse_bytes(cfg.index.memory_budget)
     except ValueError:

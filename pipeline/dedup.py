@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import knn
+from pipeline.duplicates import candidate_pairs, connected_components, near_duplicates, phash_bits_from_hex
 from pipeline.embeddings import Embeddings, read_metadata
+from pipeline.faiss_build import add_batches, ivf_nlist, train_index, training_sample_size
+from pipeline.faiss_search import index_for_search, search, set_nprobe
 from pipeline.runner import Progress, StageRun, atomic_path
 
 EXACT_UP_TO = 50_000  # below this, an exact flat index is both fastest and simplest
@@ -27,17 +29,17 @@ SEARCH_NPROBE = 16  # duplicates sit very close: a few IVF cells find them
 def candidate_index(emb: Embeddings, seed: int = 0):
     """A faiss index over every row, for finding near neighbours (not the retrieval index)."""
     n, d = emb.shape
-    factory = "Flat" if n <= EXACT_UP_TO else f"IVF{knn.ivf_nlist(n)},Flat"
+    factory = "Flat" if n <= EXACT_UP_TO else f"IVF{ivf_nlist(n)},Flat"
     sample = None
     if factory != "Flat":
         rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n, size=knn.training_sample_size(factory, n), replace=False))
+        rows = np.sort(rng.choice(n, size=training_sample_size(factory, n), replace=False))
         sample = emb[rows].astype(np.float32)
-    index = knn.train_index(factory, d, sample)
-    knn.add_batches(index, emb.blocks())
+    index = train_index(factory, d, sample)
+    add_batches(index, emb.blocks())
     if factory != "Flat":
-        knn.set_nprobe(index, SEARCH_NPROBE)
-    return knn.index_for_search(index), factory
+        set_nprobe(index, SEARCH_NPROBE)
+    return index_for_search(index), factory
 
 
 def find_duplicate_edges(emb: Embeddings, index, phash_bits: np.ndarray, conf, progress=None):
@@ -47,10 +49,10 @@ def find_duplicate_edges(emb: Embeddings, index, phash_bits: np.ndarray, conf, p
     for rows, vectors in emb.blocks():
         for start in range(0, len(rows), conf.batch_size):
             q_rows = rows[start:start + conf.batch_size]
-            s, ids = knn.search(index, vectors[start:start + conf.batch_size], k)
-            p, ps = knn.candidate_pairs(q_rows, s, ids)
-            by_cosine = ps > conf.cosine_threshold
-            by_phash = ~by_cosine & (knn.phash_distances(phash_bits[p[:, 0]], phash_bits[p[:, 1]]) <= conf.manhattan_threshold)
+            s, ids = search(index, vectors[start:start + conf.batch_size], k)
+            p, ps = candidate_pairs(q_rows, s, ids)
+            by_cosine, by_phash = near_duplicates(ps, phash_bits[p[:, 0]], phash_bits[p[:, 1]],
+                                                  conf.cosine_threshold, conf.manhattan_threshold)
             dup = by_cosine | by_phash
             pairs.append(p[dup])
             sims.append(ps[dup])
@@ -83,13 +85,13 @@ def run(stage: StageRun) -> dict:
     emb = Embeddings(embed_dir, stage.inputs["embed"])
     n = len(emb)
     meta = read_metadata(embed_dir, stage.inputs["embed"], ["key", "row", "phash"])
-    phash_bits = knn.phash_bits_from_hex(meta["phash"])
+    phash_bits = phash_bits_from_hex(meta["phash"])
     stage.plan(1)  # one output file; progress below counts the input shards searched
     progress = Progress("dedup", len(emb.shards), unit="images")
 
     index, factory = candidate_index(emb)
     pairs, sims, reasons = find_duplicate_edges(emb, index, phash_bits, conf, progress)
-    labels = knn.connected_components(n, pairs)
+    labels = connected_components(n, pairs)
     representative = labels == np.arange(n)
     holdout = holdout_mask(meta["key"], representative, conf.holdout, conf.holdout_max)
     keep = representative & ~holdout
@@ -141,30 +143,4 @@ def holdout_mask(keys, representative: np.ndarray, fraction: float, most: int) -
     if len(below) > most:
         below = below[np.argsort(digests[below], kind="stable")[:most]]
     mask[rows[below]] = True
-    return mask
-
-
-def read_holdout(dedup_dir) -> np.ndarray:
-    """Sorted rows held out of the index and training (evaluation's real images and prompts)."""
-    return np.nonzero(_read_flag(dedup_dir, "holdout", "is missing, corrupt or older than held-out evaluation"))[0]
-
-
-def read_keep(dedup_dir) -> np.ndarray:
-    """The keep mask (bool per row) from keep.parquet."""
-    return _read_flag(dedup_dir, "keep", "is missing or corrupt")
-
-
-def _read_flag(dedup_dir, column: str, problem: str) -> np.ndarray:
-    """keep.parquet's boolean `column` as a mask indexed by row."""
-    import pyarrow.parquet as pq
-
-    from pipeline.runner import StageError
-
-    path = dedup_dir / "keep.parquet"
-    try:
-        table = pq.read_table(path, columns=["row", column])
-    except Exception as e:  # noqa: BLE001 - any read failure means the same fix
-        raise StageError(f"{path} {problem} ({e}): rebuild it with `knnd run dedup --force`") from None
-    mask = np.zeros(table.num_rows, bool)
-    mask[table.column("row").to_numpy()] = table.column(column).to_numpy(zero_copy_only=False)
     return mask

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import load_config, to_dict
+from pipeline.config import Config, to_dict, with_overrides
 from pipeline.demo_data import prepare_demo_source, serve_directory, write_url_list
 from pipeline.runner import read_json, run_stage, stage_dir, stage_status
 
@@ -32,32 +32,33 @@ def in_swap_subset(record: dict) -> bool:
     return record["id"].split("-")[0][:3] in ("1F3", "1F4", "1F5")
 
 
-def demo_overrides(workdir: Path, url_list: Path) -> list[str]:
-    encoder = workdir / "encoder"
-    return [
-        f"workdir={workdir}",
-        f"download.url_list={url_list}",
-        "download.image_size=64", "download.encode_format=png", "download.shard_size=1000",
-        "download.threads=16", "download.timeout=10",
-        f"embed.model={encoder / 'encoder_config.json'}", f"embed.pretrained={encoder / 'encoder.pt'}",
-        "embed.batch_size=256", "embed.text=true",
-        # The demo's small CLIP packs stickers tightly (97 % have a partner above cosine 0.9, keycap
-        # digits sit at 0.997); the paper's 0.9 is calibrated for ViT-B/32. See README, Deduplication.
-        "dedup.cosine_threshold=0.995",
-        # ~6 % of the kept stickers (~130) are held out of the index and training: evaluate's prompts.
-        "dedup.holdout=0.06",
-        # The CPU recipe (README, "The demo model"): 16 px, cross-attention at 8 and 4 px, a constant
-        # 1e-3 after 20 warm-up steps, and the query slot masked for 90 % of the samples so the model
-        # learns to draw from its neighbours (measured: README, "Neighbours that matter").
-        "pack.image_size=16",
-        "train.model=demo", "train.steps=100000", f"train.minutes={TRAIN_MINUTES}", "train.batch_size=32",
-        "train.checkpoint_every=250", "train.warmup_steps=20", "train.lr=0.001", "train.lr_schedule=constant",
-        "train.query_drop_prob=0.9",
-        "sample.prompts=" + "[" + ", ".join(PROMPTS) + "]", "sample.steps=25", "sample.images_per_prompt=4",
-        "sample.guidance=3",
-        "evaluate.steps=25", "evaluate.guidance=3", "evaluate.images_per_prompt=2",
-        f"evaluate.compare_index=[{workdir / 'swap' / 'index'}]",
-    ]
+def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[str] = ()) -> Config:
+    """The demo's settings on top of the defaults, then the user's `--set` overrides (validated)."""
+    cfg = Config(workdir=str(workdir))
+    d = cfg.download
+    d.url_list, d.image_size, d.encode_format, d.shard_size = str(url_list), 64, "png", 1000
+    d.threads, d.timeout = 16, 10.0
+    e = cfg.embed
+    e.model, e.pretrained = str(encoder / "encoder_config.json"), str(encoder / "encoder.pt")
+    e.batch_size, e.text = 256, True
+    # The demo's small CLIP packs stickers tightly (97 % have a partner above cosine 0.9, keycap
+    # digits sit at 0.997); the paper's 0.9 is calibrated for ViT-B/32. See README, Deduplication.
+    cfg.dedup.cosine_threshold = 0.995
+    # ~6 % of the kept stickers (~130) are held out of the index and training: evaluate's prompts.
+    cfg.dedup.holdout = 0.06
+    # The CPU recipe (README, "The demo model"): 16 px, cross-attention at 8 and 4 px, a constant
+    # 1e-3 after 20 warm-up steps, and the query slot masked for 90 % of the samples so the model
+    # learns to draw from its neighbours (measured: README, "Neighbours that matter").
+    cfg.pack.image_size = 16
+    t = cfg.train
+    t.model, t.steps, t.minutes, t.batch_size, t.checkpoint_every = "demo", 100_000, TRAIN_MINUTES, 32, 250
+    t.warmup_steps, t.lr, t.lr_schedule, t.query_drop_prob = 20, 0.001, "constant", 0.9
+    s = cfg.sample
+    s.prompts, s.steps, s.images_per_prompt, s.guidance = list(PROMPTS), 25, 4, 3.0
+    v = cfg.evaluate
+    v.steps, v.guidance, v.images_per_prompt = 25, 3.0, 2
+    v.compare_index = [str(workdir / "swap" / "index")]
+    return with_overrides(cfg, overrides)
 
 
 def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = None, set_args: list[str] = (),
@@ -69,11 +70,11 @@ def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = No
     print(f"demo: {len(records)} stickers")
     url_list = workdir / "demo_source" / "urls.parquet"
     extra = list(set_args) + ([f"train.minutes={minutes}"] if minutes is not None else [])
-    cfg = load_config(None, demo_overrides(workdir, url_list) + extra)
+    cfg = demo_config(workdir, url_list, workdir / "encoder", extra)
     swap_list = workdir / "swap" / "demo_source" / "urls.parquet"
-    swap_cfg = load_config(None, demo_overrides(workdir / "swap", swap_list) + extra
-                           + [f"embed.model={cfg.embed.model}", f"embed.pretrained={cfg.embed.pretrained}",
-                              "dedup.holdout=0"])  # the whole subset is the swapped database
+    swap_cfg = demo_config(workdir / "swap", swap_list, workdir / "encoder", extra)
+    swap_cfg.embed.model, swap_cfg.embed.pretrained = cfg.embed.model, cfg.embed.pretrained
+    swap_cfg.dedup.holdout = 0.0  # the whole subset is the swapped database
     _write_config(cfg, workdir)
     swap_records = [r for r in records if in_swap_subset(r)]
     with_server(stickers, workdir, [(cfg, records, url_list), (swap_cfg, swap_records, swap_list)])
@@ -112,7 +113,7 @@ def with_server(stickers: Path, workdir: Path, jobs) -> None:
 
 def sample_swapped(cfg, index_dir: Path, out: Path) -> Path:
     """The same prompts and seeds, the same model, neighbours from the second index."""
-    from pipeline.sample import request_from_config, sample_into
+    from pipeline.generation import request_from_config, sample_into
 
     return sample_into(cfg, request_from_config(cfg.sample), index=str(index_dir), out=str(out)) / "grid.png"
 
@@ -127,7 +128,7 @@ def downloaded_pairs(cfg) -> tuple[list, list[str]]:
     """(image, caption) pairs from the download stage's shards: what the encoder trains on."""
     from PIL import Image
 
-    from pipeline.embed import iter_tar_samples
+    from pipeline.shards import iter_tar_samples
 
     manifest = read_json(stage_dir(cfg, "download") / "manifest.json")
     images, captions = [], []
@@ -175,7 +176,7 @@ def dedup_examples(cfg, n: int = 8) -> list[str]:
 
 
 def report(cfg, workdir: Path, start: float, swapped: Path) -> None:
-    from pipeline.cli import print_table
+    from pipeline.report import print_table
 
     print_table(cfg, ["download", "embed"] + MAIN_STAGES)
     dedup = read_json(stage_dir(cfg, "dedup") / "manifest.json")

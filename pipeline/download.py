@@ -92,6 +92,11 @@ def count_urls(path: Path, fmt: str) -> list[int]:
     return counts
 
 
+def config_inputs(cfg) -> list[str]:
+    """The URL list is an input: editing it makes the download stale."""
+    return [cfg.download.url_list] if cfg.download.url_list else []
+
+
 def count_done_shards(out: Path) -> int:
     return len(list(out.glob("*_stats.json")))
 

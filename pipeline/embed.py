@@ -13,51 +13,30 @@ numbers the rows (idempotent, so a kill during it is harmless).
 from __future__ import annotations
 
 import collections
-import io
 import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.embeddings import shard_files
 from pipeline.runner import RunClock, StageError, StageRun, atomic_path, auto_count, ensure_ray
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_IMAGE_PIXELS = 1 << 26  # decompression-bomb guard for our own decoding (Pillow)
+from pipeline.shards import corrupt_message, image_bytes, iter_tar_samples, open_image
 
 
-# --------------------------------------------------------------------------- reading shards
-
-
-def iter_tar_samples(tar_path: Path):
-    """Yield (key, {ext: bytes}) for each sample of a webdataset tar, in file order."""
-    current, parts = None, {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = Path(member.name).name.partition(".")
-            if key != current and current is not None:
-                yield current, parts
-                parts = {}
-            current = key
-            parts[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current, parts
+# --------------------------------------------------------------------------- decoding
 
 
 def decode_sample(parts: dict, pil_transform, phash_size: int):
     """Bytes of one sample -> (uint8 pixels after the model's PIL transforms, width, height, phash hex)."""
     import imagehash
-    from PIL import Image
 
     from model.imageops import flatten_alpha
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    data = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    data = image_bytes(parts)
     if data is None:
         raise ValueError("no image in sample")
-    with Image.open(io.BytesIO(data)) as im:
+    with open_image(data) as im:
         image = flatten_alpha(im)
     phash = str(imagehash.phash(image, hash_size=phash_size))
     pixels = np.asarray(pil_transform(image), dtype=np.uint8)
@@ -73,7 +52,7 @@ def decode_chunks(tar_path: str, pil_transform, phash_size: int, chunk_size: int
 
     chunk, seen = _empty_chunk(), 0
     try:
-        for key, parts in iter_tar_samples(Path(tar_path)):
+        for key, parts in iter_tar_samples(tar_path):
             seen += 1
             meta = json.loads(parts.get("json", b"{}") or b"{}")
             try:
@@ -95,15 +74,10 @@ def decode_chunks(tar_path: str, pil_transform, phash_size: int, chunk_size: int
                 yield _finish_chunk(chunk)
                 chunk = _empty_chunk()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise StageError(_corrupt_message(tar_path, str(e))) from None
+        raise StageError(corrupt_message(tar_path, str(e))) from None
     if expected is not None and seen != expected:
-        raise StageError(_corrupt_message(tar_path, f"{seen} samples, the download manifest says {expected}"))
+        raise StageError(corrupt_message(tar_path, f"{seen} samples, the download manifest says {expected}"))
     yield _finish_chunk(chunk)
-
-
-def _corrupt_message(tar_path: str, detail: str) -> str:
-    return (f"{tar_path} is corrupt or truncated ({detail}): delete it and its _stats.json, "
-            f"then re-run `knnd run download` to fetch that shard again")
 
 
 def _empty_chunk() -> dict:
@@ -278,9 +252,10 @@ def _finish_shard(stage: StageRun, encoder, shard: int, tar: str, chunks, dim: i
     for chunk, _ in results:
         failed.update(chunk["failed"])
     img = np.concatenate([e["img"] for _, e in results]) if results else np.zeros((0, dim), np.float16)
-    _save_npy(stage.dir / "img_emb" / f"img_emb_{shard:05d}.npy", img)
+    files = shard_files(shard, stage.conf.text)
+    _save_npy(stage.dir / files["img_emb"], img)
     if stage.conf.text:
-        _save_npy(stage.dir / "text_emb" / f"text_emb_{shard:05d}.npy", np.concatenate([e["text"] for _, e in results]))
+        _save_npy(stage.dir / files["text_emb"], np.concatenate([e["text"] for _, e in results]))
     _write_metadata(stage.dir / "_run" / "meta" / f"{shard:05d}.parquet", meta, shard, row_offset=None)
     stage.mark_done(shard, {"rows": len(img), "failed": dict(failed)})
     return len(img)
@@ -322,11 +297,9 @@ def finalize(stage: StageRun, shard_ids: list[int], info: dict) -> dict:
         rows = stats[shard]["rows"]
         failed.update(stats[shard]["failed"])
         meta = pq.read_table(stage.dir / "_run" / "meta" / f"{shard:05d}.parquet").to_pydict()
-        _write_metadata(stage.dir / "metadata" / f"metadata_{shard:05d}.parquet", meta, shard, row_offset=offset)
-        out_shards.append({"shard": shard, "rows": rows, "row_offset": offset,
-                           "img_emb": f"img_emb/img_emb_{shard:05d}.npy",
-                           "metadata": f"metadata/metadata_{shard:05d}.parquet"}
-                          | ({"text_emb": f"text_emb/text_emb_{shard:05d}.npy"} if stage.conf.text else {}))
+        files = shard_files(shard, stage.conf.text)
+        _write_metadata(stage.dir / files["metadata"], meta, shard, row_offset=offset)
+        out_shards.append({"shard": shard, "rows": rows, "row_offset": offset, **files})
         offset += rows
     encoder_report = Path(stage.conf.pretrained or "").parent / "encoder.json"  # the demo encoder's recall
     return {

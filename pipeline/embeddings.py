@@ -1,8 +1,9 @@
-"""Read the embed stage's output through its manifest: memory-mapped float16 shards, by row.
+"""Read the embed stage's output through its manifest (memory-mapped float16 shards, by row) and
+the dedup stage's keep.parquet (keep and hold-out masks, by row).
 
 One reader for every stage downstream of embed (dedup, index, neighbours, pack, search,
-sample), so that "row" means the same thing everywhere and a corrupt file is reported the
-same way everywhere.
+sample, evaluate), so that "row" means the same thing everywhere and a corrupt file is reported
+the same way everywhere.
 """
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.runner import StageError, read_json
+from pipeline.files import StageError, read_json
 
 REBUILD = "rebuild it with `knnd run embed --force`"
+
+
+def shard_files(shard: int, text: bool) -> dict[str, str]:
+    """The embed layout (clip-retrieval's): a shard's files, relative to the embed folder, as its
+    manifest entry names them."""
+    files = {"img_emb": f"img_emb/img_emb_{shard:05d}.npy", "metadata": f"metadata/metadata_{shard:05d}.parquet"}
+    return files | ({"text_emb": f"text_emb/text_emb_{shard:05d}.npy"} if text else {})
 
 
 class Embeddings:
@@ -92,3 +100,30 @@ def read_metadata(embed_dir: Path, manifest: dict, columns: list[str]) -> dict[s
     """Columns of the embed metadata for every row, in row order."""
     table = read_metadata_table(embed_dir, manifest, columns)
     return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+
+# --------------------------------------------------------------------------- dedup's masks
+
+
+def read_holdout(dedup_dir) -> np.ndarray:
+    """Sorted rows held out of the index and training (evaluation's real images and prompts)."""
+    return np.nonzero(read_flag(dedup_dir, "holdout", "is missing, corrupt or older than held-out evaluation"))[0]
+
+
+def read_keep(dedup_dir) -> np.ndarray:
+    """The keep mask (bool per row) from keep.parquet."""
+    return read_flag(dedup_dir, "keep", "is missing or corrupt")
+
+
+def read_flag(dedup_dir, column: str, problem: str) -> np.ndarray:
+    """keep.parquet's boolean `column` as a mask indexed by row."""
+    import pyarrow.parquet as pq
+
+    path = Path(dedup_dir) / "keep.parquet"
+    try:
+        table = pq.read_table(path, columns=["row", column])
+    except Exception as e:  # noqa: BLE001 - any read failure means the same fix
+        raise StageError(f"{path} {problem} ({e}): rebuild it with `knnd run dedup --force`") from None
+    mask = np.zeros(table.num_rows, bool)
+    mask[table.column("row").to_numpy()] = table.column(column).to_numpy(zero_copy_only=False)
+    return mask

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.evaluate_outputs import print_metrics, summary_line, write_grid_and_samples, write_html
 from pipeline.runner import StageRun, UsageError, atomic_path, read_json, resolve_device, stage_dir, write_json
 
 
@@ -47,8 +48,7 @@ class EvalSetup:
 def prompt_set(cfg) -> tuple[list[str], np.ndarray | None]:
     """(prompts, held-out rows or None). Held-out captions are de-duplicated (first row kept) and a
     seeded sample of at most evaluate.max_prompts is taken, in row order."""
-    from pipeline.dedup import read_holdout
-    from pipeline.embeddings import read_metadata
+    from pipeline.embeddings import read_holdout, read_metadata
 
     conf = cfg.evaluate
     rng = np.random.default_rng(conf.seed)
@@ -149,7 +149,7 @@ def noise_seed(seed: int, prompt: int, image: int) -> int:
 def load_encoder(conf, index_infos: dict, index_dir: Path, device: str):
     """The evaluation CLIP: evaluate.encoder, or the CLIP that embedded the index's images."""
     from model.clip import load_clip
-    from pipeline.sample import load_index_clip
+    from pipeline.generation import load_index_clip
 
     if conf.encoder is None:
         return load_index_clip(index_infos, index_dir, device)
@@ -230,7 +230,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     from model import metrics
     from model.checkpoint import checkpoint_step
     from pipeline.images import DatabaseImages
-    from pipeline.sample import Sampler
+    from pipeline.generation import Sampler
 
     conf, device, start = cfg.evaluate, resolve_device(cfg), time.time()
     prompts, held_rows = prompt_set(cfg)
@@ -284,7 +284,6 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
 
 
 def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf) -> None:
-    from pipeline.evaluate_outputs import write_grid_and_samples, write_html
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
@@ -304,6 +303,12 @@ def check(cfg) -> None:
         raise UsageError(f"evaluate.k ({cfg.evaluate.k}) exceeds the {train['model_config']['k']} neighbours the model was "
                          f"trained with: lower evaluate.k")
     check_compare_index(cfg)
+
+
+def config_inputs(cfg) -> list[str]:
+    """Inputs the config names: a prompt file, and the compared indexes (their index_infos.json)."""
+    prompts = [cfg.evaluate.prompts] if cfg.evaluate.prompts else []
+    return prompts + [str(Path(d) / "index_infos.json") for d in cfg.evaluate.compare_index]
 
 
 def check_compare_index(cfg) -> None:
@@ -330,7 +335,7 @@ def run(stage: StageRun) -> dict:
 def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
                      no_knn: bool = False, neighbours_only: bool = False) -> int:
     """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts."""
-    from pipeline.sample import resolve_checkpoint
+    from pipeline.generation import resolve_checkpoint
 
     path = resolve_checkpoint(cfg, checkpoint)
     index_dir = Path(index or cfg.sample.index or stage_dir(cfg, "index"))
@@ -350,51 +355,3 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     print_metrics(result)
     print(f"report: {folder / 'report.html'}")
     return 0
-
-
-def summary_line(result: dict) -> str:
-    g = result["generated"]
-    line = (f"prompt acc@5 {g['prompt_accuracy@5']['value']:.3f} (chance {result['chance@5']:.3f}), "
-            f"CLIP score {g['clip_score']['value']:.2f}")
-    if "to_real" in result:
-        line += (f", real acc@5 {result['real']['prompt_accuracy@5']['value']:.3f}, ratio {result['ratio']['prompt_accuracy@5']:.2f}, "
-                 f"FD {result['to_real']['fd']['value']:.3f}, KID {result['to_real']['kid']['value']:.4f}")
-    return line
-
-
-def metric_rows(result: dict) -> list[dict]:
-    """The metric table (report.html and the terminal): name, value, interval, reference, note."""
-    g, rows = result["generated"], []
-
-    def add(name, ci, reference=None, note=None):
-        rows.append({"name": name, "value": ci["value"], "low": ci["low"], "high": ci["high"],
-                     "reference": reference, "note": note})
-
-    real = result.get("real")
-    for k in (1, 5):
-        key = f"prompt_accuracy@{k}"
-        ref = f"real held-out {real[key]['value']:.3f}; chance {result[f'chance@{k}']:.3f}" if real else f"chance {result[f'chance@{k}']:.3f}"
-        add(f"prompt accuracy @{k}", g[key], ref, f"generated / real = {result['ratio'][key]:.2f}" if real else None)
-    add("CLIP score", g["clip_score"], f"real held-out {real['clip_score']['value']:.2f}" if real else None)
-    if "to_real" in result:
-        t, floor = result["to_real"], result["floor"]
-        add("FD to held-out images", t["fd"], f"floor (train vs held-out) {floor['fd']:.3f}")
-        add("KID to held-out images", t["kid"], f"floor {floor['kid']:.4f}")
-        add("precision (k=3)", t["precision"])
-        add("recall (k=3)", t["recall"])
-    add("memorisation (max cos to a training image)", g["memorisation"],
-        f"real held-out {real['memorisation']['value']:.3f}" if real else None)
-    for name, db in result["databases"].items():
-        add(f"FD to database {Path(name).parent.name}/{Path(name).name}", db["fd"], f"{db['images']} images")
-        add(f"KID to database {Path(name).parent.name}/{Path(name).name}", db["kid"])
-    return rows
-
-
-def print_metrics(result: dict) -> None:
-    print(f"\nevaluate: {result['prompts']} prompts, {result['images']} images, step {result['step']}, "
-          f"k={result['k']}, encoder {result['encoder']}")
-    print(f"{'metric':<44} {'value':>9}  {'95 % interval':<20} reference")
-    for row in metric_rows(result):
-        print(f"{row['name']:<44} {row['value']:>9.4f}  [{row['low']:.4f}, {row['high']:.4f}]".ljust(76)
-              + f" {row['reference'] or ''}")
-

@@ -1,10 +1,11 @@
-"""What `knnd evaluate` leaves to look at: samples/ PNGs, grid.png and report.html."""
+"""What `knnd evaluate` leaves to look at: samples/ PNGs, grid.png, report.html and the metric table."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pipeline.runner import atomic_path
+from pipeline.files import atomic_path
+from pipeline.grids import write_grid
 
 GRID_PROMPTS = 16
 REPORT_NEIGHBOURS = 5
@@ -13,8 +14,6 @@ REPORT_NEIGHBOURS = 5
 def write_grid_and_samples(out: Path, prompts: list[str], generated: dict, per_prompt: int) -> Path:
     """samples/<p>_<j>.png for every sample; grid.png of the first GRID_PROMPTS prompts (a row each)."""
     from PIL import Image
-
-    from pipeline.sample import write_grid
 
     folder = out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
@@ -44,7 +43,6 @@ def loss_curve(checkpoint: Path) -> list[tuple[int, float]]:
 def write_html(out: Path, result: dict, prompts, generated, real_images, sampler, conf) -> Path:
     """report.html: summary, metric table, loss curve, and the first report_prompts prompts with their
     retrieved neighbours (thumbnails from the index's own database), samples and real image."""
-    from pipeline.evaluate import metric_rows
     from pipeline.html_report import write_report
     from pipeline.images import DatabaseImages
 
@@ -73,4 +71,54 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, sampler
                         "prompt by cosine similarity to each image in the evaluation encoder's space; the real held-out "
                         "images give the ceiling that encoder allows. All images are compared at the model's resolution."]}
     return write_report(out / "report.html", report)
+
+
+# --------------------------------------------------------------------------- the metric table
+
+
+def summary_line(result: dict) -> str:
+    g = result["generated"]
+    line = (f"prompt acc@5 {g['prompt_accuracy@5']['value']:.3f} (chance {result['chance@5']:.3f}), "
+            f"CLIP score {g['clip_score']['value']:.2f}")
+    if "to_real" in result:
+        line += (f", real acc@5 {result['real']['prompt_accuracy@5']['value']:.3f}, ratio {result['ratio']['prompt_accuracy@5']:.2f}, "
+                 f"FD {result['to_real']['fd']['value']:.3f}, KID {result['to_real']['kid']['value']:.4f}")
+    return line
+
+
+def metric_rows(result: dict) -> list[dict]:
+    """The metric table (report.html and the terminal): name, value, interval, reference, note."""
+    g, rows = result["generated"], []
+
+    def add(name, ci, reference=None, note=None):
+        rows.append({"name": name, "value": ci["value"], "low": ci["low"], "high": ci["high"],
+                     "reference": reference, "note": note})
+
+    real = result.get("real")
+    for k in (1, 5):
+        key = f"prompt_accuracy@{k}"
+        ref = f"real held-out {real[key]['value']:.3f}; chance {result[f'chance@{k}']:.3f}" if real else f"chance {result[f'chance@{k}']:.3f}"
+        add(f"prompt accuracy @{k}", g[key], ref, f"generated / real = {result['ratio'][key]:.2f}" if real else None)
+    add("CLIP score", g["clip_score"], f"real held-out {real['clip_score']['value']:.2f}" if real else None)
+    if "to_real" in result:
+        t, floor = result["to_real"], result["floor"]
+        add("FD to held-out images", t["fd"], f"floor (train vs held-out) {floor['fd']:.3f}")
+        add("KID to held-out images", t["kid"], f"floor {floor['kid']:.4f}")
+        add("precision (k=3)", t["precision"])
+        add("recall (k=3)", t["recall"])
+    add("memorisation (max cos to a training image)", g["memorisation"],
+        f"real held-out {real['memorisation']['value']:.3f}" if real else None)
+    for name, db in result["databases"].items():
+        add(f"FD to database {Path(name).parent.name}/{Path(name).name}", db["fd"], f"{db['images']} images")
+        add(f"KID to database {Path(name).parent.name}/{Path(name).name}", db["kid"])
+    return rows
+
+
+def print_metrics(result: dict) -> None:
+    print(f"\nevaluate: {result['prompts']} prompts, {result['images']} images, step {result['step']}, "
+          f"k={result['k']}, encoder {result['encoder']}")
+    print(f"{'metric':<44} {'value':>9}  {'95 % interval':<20} reference")
+    for row in metric_rows(result):
+        print(f"{row['name']:<44} {row['value']:>9.4f}  [{row['low']:.4f}, {row['high']:.4f}]".ljust(76)
+              + f" {row['reference'] or ''}")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import base64
 import io
 import math
-import os
-import tempfile
 from html import escape
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.files import atomic_path
 
 THUMB_PX = 96
 PLOT_W, PLOT_H = 1060, 300
@@ -260,22 +260,8 @@ def render_report(report: dict) -> str:
 
 
 def write_report(path, report: dict) -> Path:
-    """Render `report` and write it atomically to `path` (temp file in the same folder + os.replace)."""
+    """Render `report` and write it atomically to `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = render_report(report)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        tmp.write_text(render_report(report), encoding="utf-8")
     return path

@@ -3,7 +3,7 @@
 An embed folder's manifest names the download folder its rows came from (`download_dir`), and its
 metadata gives each row's key and download shard, so any index built by this pipeline can show the
 images it retrieves, and `knnd evaluate` can compare samples with a database's real pictures.
-Images are decoded exactly as the pack stage decodes training images (`pipeline.pack.load_image`).
+Images are decoded exactly as the pack stage decodes training images (`pipeline.shards.load_image`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.embeddings import read_metadata
-from pipeline.runner import StageError, read_json
+from pipeline.files import StageError, read_json
+from pipeline.shards import image_bytes, iter_tar_samples, load_image
 
 
 class DatabaseImages:
@@ -36,9 +37,6 @@ class DatabaseImages:
 
     def load(self, rows, size: int) -> dict[int, np.ndarray]:
         """{row: image} for the rows that still decode; each download tar is read once."""
-        from pipeline.embed import IMAGE_EXTS, iter_tar_samples
-        from pipeline.pack import load_image
-
         wanted = collections.defaultdict(dict)  # shard -> {key: row}
         for row in np.unique(np.asarray(rows, dtype=np.int64)):
             wanted[int(self.shards[row])][str(self.keys[row])] = int(row)
@@ -50,7 +48,7 @@ class DatabaseImages:
                                  f"manifest lacks: re-run `knnd run embed --force`")
             for key, parts in iter_tar_samples(tar):
                 row = by_key.get(key)
-                data = next((parts[e] for e in IMAGE_EXTS if e in parts), None) if row is not None else None
+                data = image_bytes(parts) if row is not None else None
                 if data is None:
                     continue
                 try:

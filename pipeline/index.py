@@ -16,10 +16,13 @@ import time
 
 import numpy as np
 
-from pipeline import knn
-from pipeline.dedup import read_keep
-from pipeline.embeddings import Embeddings
+from pipeline.embeddings import Embeddings, read_keep
+from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, save_index,
+                                  train_index, training_sample_size)
+from pipeline.faiss_search import (drop_self, exact_search, recall_at_k, refine_search, search, search_param_name,
+                                   set_search_param, tune_nprobe)
 from pipeline.runner import StageRun, UsageError, atomic_path, write_json
+from pipeline.sizes import parse_bytes
 
 K_EVAL = 10
 REFINE_K_FACTOR = 4
@@ -29,7 +32,7 @@ def check(cfg) -> None:
     factory = cfg.index.factory
     if factory != "auto":
         try:
-            knn.make_index(factory, 64 if "OPQ" not in factory and "PQ" not in factory else 512)
+            make_index(factory, 64 if "OPQ" not in factory and "PQ" not in factory else 512)
         except RuntimeError as e:
             raise UsageError(f"index.factory {factory!r} is not a faiss factory string ({str(e).splitlines()[0][:120]}); "
                              f'use "auto" or e.g. "IVF1024,Flat", "OPQ64_256,IVF4096,PQ64", "HNSW32"') from None
@@ -38,11 +41,11 @@ def check(cfg) -> None:
 def build(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, batch_size: int):
     """Train `factory` on a sample of the kept rows and add them all, shard by shard."""
     rng = np.random.default_rng(seed)
-    size = knn.training_sample_size(factory, len(kept_rows))
+    size = training_sample_size(factory, len(kept_rows))
     sample = None
     if size:
         sample = emb[np.sort(rng.choice(kept_rows, size=size, replace=False))].astype(np.float32)
-    index = knn.train_index(factory, emb.dim, sample)
+    index = train_index(factory, emb.dim, sample)
     keep = np.zeros(len(emb), bool)
     keep[kept_rows] = True
 
@@ -52,7 +55,7 @@ def build(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, batch
             for start in range(0, int(mask.sum()), batch_size):
                 yield rows[mask][start:start + batch_size], vectors[mask][start:start + batch_size]
 
-    knn.add_batches(index, kept_blocks())
+    add_batches(index, kept_blocks())
     return index
 
 
@@ -70,7 +73,7 @@ class KeptView:
 
 
 def ground_truth(emb: Embeddings, kept_rows: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    return knn.exact_search(KeptView(emb, kept_rows), queries, k, ids=kept_rows)[1]
+    return exact_search(KeptView(emb, kept_rows), queries, k, ids=kept_rows)[1]
 
 
 def evaluate(index, emb: Embeddings, queries: np.ndarray, true: np.ndarray, query_rows, refine: bool) -> dict:
@@ -81,14 +84,14 @@ def evaluate(index, emb: Embeddings, queries: np.ndarray, true: np.ndarray, quer
     extra = 1 if query_rows is not None else 0
     start = time.perf_counter()
     if refine:
-        sims, found = knn.refine_search(index, emb, queries, K_EVAL + extra, REFINE_K_FACTOR)
+        sims, found = refine_search(index, emb, queries, K_EVAL + extra, REFINE_K_FACTOR)
     else:
-        sims, found = knn.search(index, queries, K_EVAL + extra)
+        sims, found = search(index, queries, K_EVAL + extra)
     qps = len(queries) / max(time.perf_counter() - start, 1e-9)
     if query_rows is not None:
-        _, found = knn.drop_self(sims, found, query_rows, K_EVAL)
-        _, true = knn.drop_self(np.zeros(true.shape, np.float32), true, query_rows, K_EVAL)
-    return {"recall@1": round(knn.recall_at_k(found, true, 1), 4), "recall@10": round(knn.recall_at_k(found, true, K_EVAL), 4),
+        _, found = drop_self(sims, found, query_rows, K_EVAL)
+        _, true = drop_self(np.zeros(true.shape, np.float32), true, query_rows, K_EVAL)
+    return {"recall@1": round(recall_at_k(found, true, 1), 4), "recall@10": round(recall_at_k(found, true, K_EVAL), 4),
             "queries": len(queries), "queries_per_s": round(qps, 1)}
 
 
@@ -99,9 +102,9 @@ def run(stage: StageRun) -> dict:
     emb = Embeddings(embed_dir, stage.inputs["embed"])
     kept_rows = np.nonzero(read_keep(stage.input_dirs["dedup"]))[0].astype(np.int64)
     n, d = len(kept_rows), emb.dim
-    budget = knn.parse_bytes(conf.memory_budget)
+    budget = parse_bytes(conf.memory_budget)
     try:
-        factory = knn.choose_factory(n, d, budget) if conf.factory == "auto" else conf.factory
+        factory = choose_factory(n, d, budget) if conf.factory == "auto" else conf.factory
     except ValueError as e:
         raise UsageError(f"index.memory_budget {conf.memory_budget}: {e}") from None
     stage.plan(1)
@@ -121,22 +124,22 @@ def run(stage: StageRun) -> dict:
     recall = {}
     for name, (queries, true, rows) in sets.items():
         if tuning:  # each kind of query is searched with its own value
-            knn.set_search_param(index, tuning["name"], tuning["by_queries"][name]["value"])
+            set_search_param(index, tuning["name"], tuning["by_queries"][name]["value"])
         recall[name] = evaluate(index, emb, queries, true, rows, refine=False)
         if conf.refine:
             recall[f"{name}_refined"] = evaluate(index, emb, queries, true, rows, refine=True)
     if tuning:
-        knn.set_search_param(index, tuning["name"], tuning["value"])
+        set_search_param(index, tuning["name"], tuning["value"])
 
-    knn.save_index(index, stage.dir / "image.index")
+    save_index(index, stage.dir / "image.index")
     with atomic_path(stage.dir / "rows.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, kept_rows, allow_pickle=False)  # which embed rows the index holds (evaluation, reports)
-    fixed, per_vector = knn.index_cost(factory, d)
+    fixed, per_vector = index_cost(factory, d)
     infos = {
         "factory": factory, "n": n, "d": d, "metric": "inner_product",
         "nprobe": tuning.get("value"), "search_param": tuning.get("name"), "nprobe_tuning": tuning,
         "nprobe_text": tuning.get("by_queries", {}).get("text", {}).get("value"),
-        "bytes_per_vector": per_vector, "index_bytes": knn.estimate_index_bytes(factory, n, d),
+        "bytes_per_vector": per_vector, "index_bytes": estimate_index_bytes(factory, n, d),
         "memory_budget": conf.memory_budget, "refine": conf.refine, "refine_k_factor": REFINE_K_FACTOR,
         "build_seconds": round(time.time() - start, 2), "recall": recall,
         "embed_dir": str(embed_dir.resolve()), "model": stage.inputs["embed"]["model"],
@@ -152,14 +155,14 @@ def _tune(index, query_sets: dict, conf, refine_from: Embeddings | None) -> dict
     target_recall, measured as searches will run (refined or not). Image queries give `value`, which
     the neighbours stage uses; text-like queries (caption embeddings, when there are some) sit farther
     from the images and usually need more cells: their value is what `knnd search` and sampling use."""
-    name = knn.search_param_name(index)
+    name = search_param_name(index)
     if name is None:
         return {}
     if conf.nprobe != "auto":
         fixed = {"value": int(conf.nprobe), "tuned": False}
         return {"name": name, "value": int(conf.nprobe), "tuned": False, "by_queries": {kind: fixed for kind in query_sets}}
-    by_set = {kind: knn.tune_nprobe(index, q, true, K_EVAL, conf.target_recall, embeddings=refine_from,
-                                    k_factor=REFINE_K_FACTOR) for kind, (q, true) in query_sets.items()}
+    by_set = {kind: tune_nprobe(index, q, true, K_EVAL, conf.target_recall, embeddings=refine_from,
+                                k_factor=REFINE_K_FACTOR) for kind, (q, true) in query_sets.items()}
     for kind, t in by_set.items():
         if not t.reached:
             print(f"index: {name} {t.value} reaches recall@10 {t.recall:.3f} only on {kind} queries, below target "

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import knn
-from pipeline.dedup import read_keep
+from pipeline.duplicates import near_duplicates, phash_bits_from_hex
+from pipeline.embeddings import read_keep
 from pipeline.retrieval import Retriever
 from pipeline.runner import RunClock, StageError, StageRun, UsageError, atomic_path, auto_count, ensure_ray, stage_dir
 
@@ -32,9 +32,9 @@ def check(cfg) -> None:
 
 def select_neighbours(sims, rows, q_rows, q_bits, bits, k, cosine_threshold, manhattan_threshold):
     """First k candidates that are not the query and not near-identical; `ok` says whether k were found."""
-    valid = (rows >= 0) & (rows != q_rows[:, None]) & ~(sims > cosine_threshold)
-    dist = knn.phash_distances(q_bits[:, None, :], bits[np.maximum(rows, 0)])
-    valid &= ~(dist <= manhattan_threshold)
+    by_cosine, by_phash = near_duplicates(sims, q_bits[:, None, :], bits[np.maximum(rows, 0)],
+                                          cosine_threshold, manhattan_threshold)
+    valid = (rows >= 0) & (rows != q_rows[:, None]) & ~(by_cosine | by_phash)
     order = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # valid first, search order kept
     ok = valid.sum(axis=1) >= k
     return np.take_along_axis(sims, order, axis=1), np.take_along_axis(rows, order, axis=1), ok
@@ -59,7 +59,7 @@ class NeighbourWorker:
         meta = read_metadata_table(emb.dir, emb.manifest, ["key", "phash"])
         # Arrow strings (64-bit offsets past 2 GiB of keys): a few bytes over the key per row, in every actor
         self.keys = meta.column("key").cast(pa.large_string()).combine_chunks()
-        self.bits = knn.phash_bits_from_hex(meta.column("phash").to_pylist())
+        self.bits = phash_bits_from_hex(meta.column("phash").to_pylist())
         self.out = Path(out_dir)
         self.k, self.candidates, self.batch_size = k, candidates, batch_size
         self.thresholds = (cosine_threshold, manhattan_threshold)

@@ -16,37 +16,12 @@ training resolution in memory (10,000 at 64 px: 120 MB).
 from __future__ import annotations
 
 import collections
-import io
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.runner import StageError, StageRun, ensure_ray
-
-# --------------------------------------------------------------------------- images
-
-
-def load_image(source: bytes | str | Path, size: int) -> np.ndarray:
-    """Decode an image (bytes or a path) to uint8 [size, size, 3]: alpha flattened onto white,
-    centre-cropped to a square, then resized with Lanczos (sharp, little aliasing when shrinking).
-
-    The one image path of both training data (pack) and editing references (sample), so the model
-    sees references exactly as it saw its training images. Pillow's decompression-bomb guard is on.
-    """
-    from PIL import Image
-
-    from model.clip import flatten_alpha
-    from pipeline.embed import MAX_IMAGE_PIXELS
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-        image = flatten_alpha(im)
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    return np.array(image.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)  # a writable copy
-
+from pipeline.shards import corrupt_message, image_bytes, iter_tar_samples, load_image
 
 # --------------------------------------------------------------------------- planning
 
@@ -145,8 +120,6 @@ def _decode_images(keys: list[str], shards: np.ndarray, download_tars: dict[int,
 
     from PIL import Image
 
-    from pipeline.embed import IMAGE_EXTS, _corrupt_message, iter_tar_samples
-
     images, failed = {}, collections.Counter()
     for shard in np.unique(shards):
         tar = download_tars.get(int(shard))
@@ -156,11 +129,11 @@ def _decode_images(keys: list[str], shards: np.ndarray, download_tars: dict[int,
         wanted = {k for k, s in zip(keys, shards) if s == shard}
         found = set()
         try:
-            for key, parts in iter_tar_samples(Path(tar)):
+            for key, parts in iter_tar_samples(tar):
                 if key not in wanted:
                     continue
                 found.add(key)
-                data = next((parts[e] for e in IMAGE_EXTS if e in parts), b"")
+                data = image_bytes(parts) or b""
                 try:
                     images[key] = load_image(data, image_size)
                 except Image.DecompressionBombError:
@@ -168,7 +141,7 @@ def _decode_images(keys: list[str], shards: np.ndarray, download_tars: dict[int,
                 except Exception:  # noqa: BLE001 - any undecodable image is counted and skipped
                     failed["undecodable"] += 1
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise StageError(_corrupt_message(tar, str(e))) from None
+            raise StageError(corrupt_message(tar, str(e))) from None
         if wanted - found:
             raise StageError(f"{tar} lacks {len(wanted - found)} sample(s) the embeddings list "
                              f"(first: {sorted(wanted - found)[0]}): it is truncated or changed after embed; "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import knn
+from pipeline import faiss_build, faiss_search
 from pipeline.embeddings import Embeddings, read_metadata
 from pipeline.runner import StageError, UsageError, read_json
 
@@ -29,14 +29,14 @@ class Retriever:
                              f"build one with `knnd run index` or pass --index DIR")
         self.infos = read_json(infos_path, "Rebuild it with `knnd run index --force`.")
         try:
-            self.index = knn.load_index(self.dir / "image.index", mmap=True)
+            self.index = faiss_build.load_index(self.dir / "image.index", mmap=True)
         except RuntimeError as e:
             raise StageError(f"{self.dir / 'image.index'} cannot be read ({str(e).splitlines()[0][:200]}): "
                              f"rebuild it with `knnd run index --force`") from None
         nprobe = self.infos.get("nprobe_text") if queries == "text" else None
         nprobe = nprobe or self.infos.get("nprobe")
         if self.infos.get("search_param") and nprobe:
-            knn.set_search_param(self.index, self.infos["search_param"], int(nprobe))
+            faiss_search.set_search_param(self.index, self.infos["search_param"], int(nprobe))
         self.embeddings = Embeddings(Path(self.infos["embed_dir"]))
         self.dim = int(self.infos["d"])
         self._meta: dict | None = None
@@ -51,8 +51,8 @@ class Retriever:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.check_dim(queries.shape[1], "the query")
         if self.infos.get("refine"):
-            return knn.refine_search(self.index, self.embeddings, queries, k, self.infos.get("refine_k_factor", 4))
-        return knn.search(self.index, queries, k)
+            return faiss_search.refine_search(self.index, self.embeddings, queries, k, self.infos.get("refine_k_factor", 4))
+        return faiss_search.search(self.index, queries, k)
 
     def index_rows(self) -> np.ndarray:
         """The embed rows this index holds (rows.npy; every row for indexes built before it existed)."""

@@ -1,6 +1,7 @@
 """The stage runner shared by every stage.
 
-A stage is a module `pipeline/<name>.py` with `run(stage: StageRun) -> dict`. The runner:
+A stage is a module `pipeline/<name>.py` with `run(stage: StageRun) -> dict` and one line in the
+stage table (`pipeline.stages.TABLE`: its upstream stages, checks and progress unit). The runner:
 - reads the upstream manifests (never globs), refusing to start when one is missing;
 - decides between "up to date", resume, rebuild (stale input) and refusal (changed config);
 - hands the stage shard markers, atomic writes and a progress line;
@@ -8,10 +9,7 @@ A stage is a module `pipeline/<name>.py` with `run(stage: StageRun) -> dict`. Th
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
-import json
 import os
 import shutil
 import sys
@@ -20,19 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config, fingerprint_hash, output_fingerprint, section, to_dict
+# Errors, atomic writes and JSON live in pipeline.files (no stage owns them); re-exported for callers.
+from pipeline.files import StageError, UsageError, atomic_path, file_hash, read_json, write_json  # noqa: F401
 
-STAGES = ["download", "embed", "dedup", "index", "neighbours", "pack", "train", "sample", "evaluate"]
-UPSTREAM = {
-    "download": [],
-    "embed": ["download"],
-    "dedup": ["embed"],
-    "index": ["embed", "dedup"],
-    "neighbours": ["embed", "dedup", "index"],
-    "pack": ["download", "embed", "neighbours"],
-    "train": ["pack"],
-    "sample": ["embed", "index", "train"],
-    "evaluate": ["embed", "dedup", "index", "pack", "train"],
-}
 VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray", "img2dataset", "webdataset",
                       "diffusers", "numpy", "pyarrow", "imagehash", "knn-diffusion"]
 
@@ -40,51 +28,6 @@ VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray
 # Runner bookkeeping lives in <stage>/_run/ so that it never mixes with a stage's own outputs
 # (img2dataset, for one, treats every top-level *.json in its folder as a finished shard).
 STATE = "_run/state.json"
-
-
-class UsageError(Exception):
-    """Bad usage or missing inputs: nothing was written (CLI exit code 2)."""
-
-
-class StageError(Exception):
-    """The stage itself failed (corrupt input, missing file): message names the file and the fix (exit 1)."""
-
-
-# --------------------------------------------------------------------------- files
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def read_json(path: Path, rebuild_hint: str = "") -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise StageError(f"{path} is corrupt ({e}). {rebuild_hint}".strip()) from None
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def package_versions() -> dict:
@@ -200,10 +143,9 @@ class StageRun:
         state["total_shards"] = total_shards
         write_json(self.dir / STATE, state)
 
-    def progress(self, total: int, unit: str = "items") -> Progress:
-        module = importlib.import_module(f"pipeline.{self.name}")
-        done = getattr(module, "count_done_shards", _count_markers)(self.dir)
-        return Progress(self.name, total, done=done, unit=unit)
+    def progress(self, total: int, unit: str | None = None) -> Progress:
+        stage = table()[self.name]
+        return Progress(self.name, total, done=count_done(self.name, self.dir), unit=unit or stage.unit)
 
     def device(self) -> str:
         return resolve_device(self.cfg)
@@ -225,7 +167,7 @@ def stage_dir(cfg: Config, name: str) -> Path:
 def load_inputs(cfg: Config, name: str) -> tuple[dict[str, dict], dict[str, Path]]:
     """The upstream manifests of stage `name`; a missing one is a usage error naming the stage to run."""
     manifests, dirs = {}, {}
-    for up in UPSTREAM[name]:
+    for up in table()[name].upstream:
         path = stage_dir(cfg, up) / "manifest.json"
         if not path.exists():
             raise UsageError(f"{name} needs the output of {up}, and {path} does not exist: run `knnd run {up}` first")
@@ -235,21 +177,18 @@ def load_inputs(cfg: Config, name: str) -> tuple[dict[str, dict], dict[str, Path
 
 
 def input_hash(cfg: Config, name: str, manifests: dict[str, dict]) -> str:
+    from pipeline.stages import config_input_paths
+
     h = hashlib.sha256()
-    for up in UPSTREAM[name]:
+    for up in table()[name].upstream:
         h.update((stage_dir(cfg, up) / "manifest.json").read_bytes())
-    if name == "download" and cfg.download.url_list:
-        h.update(_url_list_hash(Path(cfg.download.url_list)).encode())
-    if name == "evaluate":  # inputs named by the config: a prompt file, the compared indexes
-        if cfg.evaluate.prompts:
-            h.update(_url_list_hash(Path(cfg.evaluate.prompts)).encode())
-        for index_dir in cfg.evaluate.compare_index:
-            infos = Path(index_dir) / "index_infos.json"
-            h.update(file_hash(infos).encode() if infos.exists() else b"missing")
+    for path in config_input_paths(cfg, name):  # files the config names (a URL list, a prompt file, ...)
+        h.update(content_hash(path).encode())
     return h.hexdigest()[:16]
 
 
-def _url_list_hash(path: Path) -> str:
+def content_hash(path: Path) -> str:
+    """A file's hash, a folder's (of its files, in name order), or "missing"."""
     if path.is_dir():
         return hashlib.sha256("".join(file_hash(p) for p in sorted(path.iterdir()) if p.is_file()).encode()).hexdigest()
     return file_hash(path) if path.exists() else "missing"
@@ -274,13 +213,13 @@ def _changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: st
 
 def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
     """Run one stage to completion (or report it up to date); return its manifest."""
-    if name not in STAGES:
-        raise UsageError(f"unknown stage {name!r}: choose from {', '.join(STAGES)} or all")
+    stages = table()
+    if name not in stages:
+        raise UsageError(f"unknown stage {name!r}: choose from {', '.join(stages)} or all")
     out = stage_dir(cfg, name)
     manifests, dirs = load_inputs(cfg, name)
-    module = importlib.import_module(f"pipeline.{name}")
-    if hasattr(module, "check"):  # usage errors the stage can find before writing anything
-        module.check(cfg)
+    if stages[name].check is not None:  # usage errors the stage can find before writing anything
+        stages[name].check(cfg)
     in_hash = input_hash(cfg, name, manifests)
     conf = section(cfg, name)
     cfg_hash = fingerprint_hash(conf)
@@ -316,7 +255,7 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
     if not (out / STATE).exists():
         write_json(out / STATE, state)
     start = time.time()
-    body = module.run(StageRun(name, cfg, out, manifests, dirs))
+    body = stages[name].run(StageRun(name, cfg, out, manifests, dirs))
     manifest = {
         "stage": name,
         "config": to_dict(conf),
@@ -349,16 +288,24 @@ def stage_status(cfg: Config, name: str) -> tuple[str, str]:
         state = "done" if current == manifest.get("input_hash") else "stale"
         return state, counts
     if (out / STATE).exists():
-        state = read_json(out / STATE)
-        module = importlib.import_module(f"pipeline.{name}")
-        done = getattr(module, "count_done_shards", _count_markers)(out)
-        total = state.get("total_shards", "?")
-        return "partial", f"{done} of {total} shards"
+        total = read_json(out / STATE).get("total_shards", "?")
+        return "partial", f"{count_done(name, out)} of {total} shards"
     return "pending", ""
 
 
-def _count_markers(out: Path) -> int:
+def count_done(name: str, out: Path) -> int:
+    """Finished units of a stage's run so far: its own count, else its shard markers."""
+    stage = table()[name]
+    if stage.count_done is not None:
+        return stage.count_done(out)
     return len(list((out / "_run" / "done").glob("*.json")))
+
+
+def table() -> dict:
+    """The stage table (pipeline.stages), imported on first use: stage modules import this runner."""
+    from pipeline.stages import TABLE
+
+    return TABLE
 
 
 # --------------------------------------------------------------------------- ray

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.retrieval import Retriever
 from pipeline.runner import resolve_device, stage_dir
-from pipeline.sample import load_index_clip
+from pipeline.generation import load_index_clip
 
 
 def search(index_dir: Path, prompt: str, k: int, device: str = "cpu") -> list[dict]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.runner import atomic_path, write_json
+from pipeline.embeddings import shard_files
+from pipeline.files import atomic_path, write_json
 
 
 def clustered_unit_vectors(n: int, d: int, n_clusters: int, spread: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -46,13 +47,11 @@ def write_embed_output(workdir: Path, vectors: np.ndarray, shard_size: int, phas
     shards = []
     for s, start in enumerate(range(0, n, shard_size)):
         stop = min(start + shard_size, n)
-        entry = {"shard": s, "rows": stop - start, "row_offset": start,
-                 "img_emb": f"img_emb/img_emb_{s:05d}.npy", "metadata": f"metadata/metadata_{s:05d}.parquet"}
+        entry = {"shard": s, "rows": stop - start, "row_offset": start, **shard_files(s, text is not None)}
         block = np.ascontiguousarray(vectors[start:stop], dtype=np.float16)
         digest.update(block.tobytes())
         _save(out / entry["img_emb"], block)
         if text is not None:
-            entry["text_emb"] = f"text_emb/text_emb_{s:05d}.npy"
             _save(out / entry["text_emb"], text[start:stop])
         table = pa.table({"key": keys[start:stop], "row": np.arange(start, stop, dtype=np.int64),
                           "shard": np.full(stop - start, s, np.int32), "url": [None] * (stop - start),

@@ -180,3 +180,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- planted faiss data
+# (tests/faiss_data.py: vectors with cluster structure, their exact answers, and indexes over them;
+# built once per test module that asks)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from faiss_data import planted_data
+
+    return planted_data(tmp_path_factory.mktemp("emb"))
+
+
+@pytest.fixture(scope="module")
+def ivf_flat(data):
+    from faiss_data import ivf_flat_index
+
+    return ivf_flat_index(data)
+
+
+@pytest.fixture(scope="module")
+def ivf_pq(data):
+    from faiss_data import ivf_pq_index
+
+    return ivf_pq_index(data)

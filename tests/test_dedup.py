@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
-from pipeline import knn
 from pipeline.config import load_config
+from pipeline.duplicates import phash_bits_from_hex
 from pipeline.runner import run_stage, stage_status
 from pipeline.synthetic import clustered_unit_vectors, random_phashes, write_embed_output
 
@@ -109,7 +109,7 @@ def test_same_groups_as_brute_force(tmp_path):
     keep = pq.read_table(tmp_path / "dedup" / "keep.parquet").to_pandas()
     xs = np.load(tmp_path / "embed" / "img_emb" / "img_emb_00000.npy")  # float16 as stored
     x16 = np.concatenate([xs] + [np.load(tmp_path / "embed" / "img_emb" / f"img_emb_{s:05d}.npy") for s in range(1, 5)])
-    labels = brute_force_groups(x16.astype(np.float32), knn.phash_bits_from_hex(hashes), 0.9, 3, 8)
+    labels = brute_force_groups(x16.astype(np.float32), phash_bits_from_hex(hashes), 0.9, 3, 8)
     got = np.where(keep["keep"], keep["row"], keep["duplicate_of"].fillna(-1)).astype(int)
     assert (labels != np.arange(n)).sum() > 30  # the planted structure produced groups
     np.testing.assert_array_equal(got, labels)

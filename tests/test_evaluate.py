@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.dedup import holdout_mask, read_holdout
+from pipeline.dedup import holdout_mask
+from pipeline.embeddings import read_holdout
 from pipeline.evaluate import prompt_set
 from pipeline.runner import UsageError, run_stage
 from pipeline.synthetic import clustered_unit_vectors, write_embed_output

@@ -148,7 +148,7 @@ def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr("pipeline.html_report.os.replace", broken_replace)
+    monkeypatch.setattr("pipeline.files.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk gone"):
         write_report(target, make_report())
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # the temp file was removed

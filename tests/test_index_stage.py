@@ -7,10 +7,11 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline import knn
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.faiss_build import choose_factory
 from pipeline.runner import run_stage
+from pipeline.sizes import parse_bytes
 from pipeline.synthetic import clustered_unit_vectors, write_embed_output
 
 
@@ -45,7 +46,7 @@ def test_auto_exact_index_has_perfect_recall(database, tmp_path):
     root, x, _ = database
     work, m = build(root, tmp_path)
     infos = json.loads((work / "index" / "index_infos.json").read_text())
-    assert infos["factory"] == knn.choose_factory(len(x), x.shape[1], knn.parse_bytes("4GB"))
+    assert infos["factory"] == choose_factory(len(x), x.shape[1], parse_bytes("4GB"))
     assert infos["n"] == len(x) and infos["d"] == 32 and infos["bytes_per_vector"] > 0
     assert infos["recall"]["image"]["recall@10"] == 1.0 and infos["recall"]["text"]["recall@10"] == 1.0
     assert {"build_seconds", "nprobe", "memory_budget", "embed_dir", "model"} <= set(infos)

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import markers, run_and_kill
-from pipeline import knn
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.duplicates import phash_bits_from_hex
+from pipeline.faiss_search import recall_at_k
 from pipeline.runner import run_stage, stage_status
 from pipeline.synthetic import clustered_unit_vectors, random_phashes, write_embed_output
 
@@ -61,7 +62,7 @@ def test_identical_to_brute_force_on_exact_index(source, tmp_path):
     run_stage("neighbours", cfg)
     got = read_all(work)
     x = np.concatenate([np.load(work / "embed" / "img_emb" / f"img_emb_{s:05d}.npy") for s in range(6)]).astype(np.float32)
-    bits = knn.phash_bits_from_hex(pq.read_table(sorted((work / "embed" / "metadata").glob("*.parquet"))).column("phash").to_pylist())
+    bits = phash_bits_from_hex(pq.read_table(sorted((work / "embed" / "metadata").glob("*.parquet"))).column("phash").to_pylist())
     keep = pq.read_table(work / "dedup" / "keep.parquet").column("keep").to_numpy()
     kept = np.nonzero(keep)[0]
     assert list(got["row"]) == list(kept)
@@ -100,7 +101,7 @@ def test_recall_on_ivf_pq(source, tmp_path):
         run_stage("index", cfg)
         run_stage("neighbours", cfg)
     approx, exact = read_all(work), read_all(exact_dir)
-    recall = knn.recall_at_k(np.stack(approx["neighbour_rows"]), np.stack(exact["neighbour_rows"]), 10)
+    recall = recall_at_k(np.stack(approx["neighbour_rows"]), np.stack(exact["neighbour_rows"]), 10)
     assert recall >= 0.95
 
 

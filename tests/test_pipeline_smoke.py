@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.runner import STAGES
+from pipeline.stages import STAGES
 
 ARGS = ["--limit", "100", "--encoder-minutes", "0.1", "--minutes", "0.05"]
 SETS = ["dedup.cosine_threshold=1.0", "dedup.manhattan_threshold=0", "train.model=tiny", "train.batch_size=8",

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 
 from pipeline.config import load_config
-from pipeline.runner import (STAGES, UPSTREAM, Progress, StageError, UsageError, atomic_path, run_stage,
-                             stage_status)
+from pipeline.runner import Progress, StageError, UsageError, atomic_path, run_stage, stage_status
+from pipeline.stages import STAGES, TABLE, Stage
 
 
 @pytest.fixture
@@ -17,9 +15,7 @@ def fake_stages(monkeypatch):
     """Two trivial stages standing in for download and embed, counting their runs."""
     calls = {"download": 0, "embed": 0}
 
-    def make(name):
-        mod = types.ModuleType(f"pipeline.{name}")
-
+    def make(name, upstream):
         def run(stage):
             calls[name] += 1
             stage.plan(2)
@@ -30,11 +26,10 @@ def fake_stages(monkeypatch):
                     stage.mark_done(shard, {"items": 1})
             return {"items": 2, "counts": {"items": 2}}
 
-        mod.run = run
-        monkeypatch.setitem(sys.modules, f"pipeline.{name}", mod)
+        monkeypatch.setitem(TABLE, name, Stage(run, upstream, "items"))
 
-    make("download")
-    make("embed")
+    make("download", ())
+    make("embed", ("download",))
     return calls
 
 
@@ -101,7 +96,7 @@ def test_status_pending_done_stale(tmp_path, fake_stages):
 
 def test_partial_resume_skips_done_shards(tmp_path, fake_stages, monkeypatch):
     c = cfg(tmp_path)
-    real_run = sys.modules["pipeline.download"].run
+    real = TABLE["download"]
 
     def crash_after_first(stage):
         stage.plan(2)
@@ -110,12 +105,12 @@ def test_partial_resume_skips_done_shards(tmp_path, fake_stages, monkeypatch):
         stage.mark_done(0, {"items": 1})
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(sys.modules["pipeline.download"], "run", crash_after_first)
+    monkeypatch.setitem(TABLE, "download", Stage(crash_after_first, (), "items"))
     with pytest.raises(RuntimeError):
         run_stage("download", c)
     assert stage_status(c, "download") == ("partial", "1 of 2 shards")
     assert not (tmp_path / "download" / "manifest.json").exists()
-    monkeypatch.setattr(sys.modules["pipeline.download"], "run", real_run)
+    monkeypatch.setitem(TABLE, "download", real)
     logs = []
     run_stage("download", c, log=logs.append)
     assert logs == ["download: resuming"]
@@ -156,5 +151,5 @@ def test_progress_line_has_shards_rate_eta():
 
 
 def test_stage_graph_is_ordered():
-    for name, ups in UPSTREAM.items():
-        assert all(STAGES.index(u) < STAGES.index(name) for u in ups)
+    for name, stage in TABLE.items():
+        assert all(STAGES.index(u) < STAGES.index(name) for u in stage.upstream)

@@ -17,7 +17,7 @@ from conftest import TINY_CLIP
 from model.clip import encode_images, load_clip, preprocess_images
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.pack import load_image
+from pipeline.shards import load_image
 from pipeline.runner import run_stage, write_json
 from pipeline.synthetic import write_embed_output
 from test_train_stage import write_pack

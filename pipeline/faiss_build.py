@@ -1,0 +1,350 @@
+"""Building faiss indexes over CLIP embeddings: the ``factory: auto`` rule, training, adding, files.
+
+Conventions shared with ``faiss_search``:
+
+- Vectors are L2-normalised (float16 on disk, float32 in faiss); similarity is the inner product
+  (``faiss.METRIC_INNER_PRODUCT``), so sims are cosine similarities, sorted descending.
+- Indexes return *rows* (int64 positions in the concatenated embedding files, SPEC "Keys"), never
+  positions inside the index: vectors are always added with explicit ids. IVF indexes keep ids in
+  their inverted lists; other types (Flat, HNSW, PQ) cannot, so ``make_index`` wraps them in an
+  ``IndexIDMap`` (8 bytes/vector). Not ``IndexIDMap2``: its extra id->position hash map (~40 B/vector)
+  only serves ``reconstruct(row)``, and the float16 embeddings already hold every vector by row.
+- GPU: when faiss sees a GPU, k-means (IVF training) and the coarse assignment of added vectors run
+  there for any index (``faiss_search`` decides where an index is searched).
+- Data bigger than memory arrives as blocks: ``add_batches`` takes an iterator of (rows, vectors).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable
+
+import faiss
+import numpy as np
+from faiss.contrib.ivf_tools import add_preassigned
+
+from pipeline.files import atomic_path
+from pipeline.sizes import format_bytes, parse_bytes
+
+METRIC = faiss.METRIC_INNER_PRODUCT
+
+# choose_factory regimes (see its docstring for why).
+EXACT_MAX_N = 20_000
+HNSW_MAX_N = 500_000
+HNSW_M = 32
+PQ_BYTES = (256, 128, 64, 32, 16)  # bytes/vector tried for OPQ+IVF+PQ, best first
+ID_BYTES = 8  # one int64 row id per vector
+
+# Training sample: faiss k-means warns under 39 points per centroid and subsamples above 256.
+KMEANS_MIN_POINTS_PER_CENTROID = 39
+TRAIN_POINTS_PER_CELL = 64
+PQ_TRAIN_POINTS = 256 * 64  # 256 centroids per sub-quantizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers faiss_search shares: input vectors, wrapper walking, the GPU choice
+# ---------------------------------------------------------------------------------------------
+
+
+def as_float32(x: np.ndarray | None, d: int | None = None) -> np.ndarray:
+    """C-contiguous float32 [n, d] (what faiss wants) from float16/memmap input."""
+    if x is None:
+        raise ValueError("this index needs training vectors; got None")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or (d is not None and x.shape[1] != d):
+        raise ValueError(f"expected vectors of shape [n, {d if d is not None else 'd'}], got {x.shape}")
+    return x
+
+
+def innermost_index(index: faiss.Index) -> faiss.Index:
+    """The index doing the work, through OPQ/IDMap/refine wrappers and GPU replicas/shards.
+
+    The result does not own its C++ object: use it only while ``index`` is alive.
+    """
+    inner = faiss.downcast_index(index)
+    while True:
+        if isinstance(inner, (faiss.IndexPreTransform, faiss.IndexIDMap)):
+            inner = faiss.downcast_index(inner.index)
+        elif isinstance(inner, faiss.IndexRefine):
+            inner = faiss.downcast_index(inner.base_index)
+        elif isinstance(inner, (faiss.IndexReplicas, faiss.IndexShards)) and inner.count() > 0:
+            inner = faiss.downcast_index(inner.at(0))
+        else:
+            return inner
+
+
+def gpu_available() -> bool:
+    """True when the installed faiss is faiss-gpu and sees at least one GPU."""
+    return faiss.get_num_gpus() > 0
+
+
+def resolve_gpu(use_gpu: bool | None) -> bool:
+    """``None`` means: use the GPU when there is one; ``True`` without one is an error."""
+    if use_gpu is None:
+        return gpu_available()
+    if use_gpu and not gpu_available():
+        raise RuntimeError("use_gpu=True but faiss sees no GPU: install faiss-gpu or pass use_gpu=False")
+    return bool(use_gpu)
+
+
+def on_gpu(index: faiss.Index) -> bool:
+    """True when the index (or what it wraps) lives on a GPU."""
+    return type(innermost_index(index)).__name__.startswith("Gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and the `factory: auto` rule
+# ---------------------------------------------------------------------------------------------
+
+
+def ivf_nlist(n: int) -> int:
+    """IVF cells for ``n`` vectors: about 4·sqrt(n) as a power of two, >= 39 training points per cell."""
+    nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
+    while nlist > 1 and nlist * KMEANS_MIN_POINTS_PER_CENTROID > n:
+        nlist //= 2
+    return nlist
+
+
+def make_index(factory: str, d: int) -> faiss.Index:
+    """An empty inner-product index for ``factory``; non-IVF types get an IndexIDMap so ids are rows."""
+    index = faiss.index_factory(d, factory, METRIC)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None and not isinstance(index, faiss.IndexIDMap):
+        # Built through the factory so the map owns the wrapped index (no dangling sub-index).
+        return faiss.index_factory(d, "IDMap," + factory, METRIC)
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # On by default, it only serves polysemous filtering (unused here) and costs more than
+        # the whole PQ training: minutes at 8 bytes/vector, far more at 256.
+        ivf.do_polysemous_training = False
+    return index
+
+
+def index_cost(factory: str, d: int) -> tuple[int, int]:
+    """(fixed bytes, bytes per vector) in RAM of ``make_index(factory, d)`` once filled, ids included."""
+    return _cost(make_index(factory, d))
+
+
+def _cost(index: faiss.Index) -> tuple[int, int]:
+    """Recursive (fixed, per-vector) bytes of an index and the indexes it wraps."""
+    # downcast_index returns a proxy that does not own the C++ object: keep ``index`` referenced.
+    concrete = faiss.downcast_index(index)
+    if isinstance(concrete, faiss.IndexPreTransform):
+        fixed, per_vector = _cost(concrete.index)
+        for i in range(concrete.chain.size()):
+            transform = concrete.chain.at(i)
+            fixed += 4 * transform.d_out * (transform.d_in + 1)  # matrix and bias
+        return fixed, per_vector
+    if isinstance(concrete, faiss.IndexIDMap):
+        fixed, per_vector = _cost(concrete.index)
+        return fixed, per_vector + ID_BYTES
+    if isinstance(concrete, faiss.IndexIVF):
+        quantizer_fixed, quantizer_per_vector = _cost(concrete.quantizer)
+        fixed = quantizer_fixed + quantizer_per_vector * concrete.nlist + _codebook_bytes(concrete)
+        return fixed, concrete.code_size + ID_BYTES  # inverted lists hold codes and ids
+    if isinstance(concrete, faiss.IndexHNSW):
+        fixed, per_vector = _cost(concrete.storage)
+        # Level 0 holds 2M int32 links, upper levels ~1 more on average; levels + offsets 12 B.
+        return fixed, per_vector + 4 * (concrete.hnsw.nb_neighbors(0) + 1) + 12
+    if isinstance(concrete, faiss.IndexFlatCodes):
+        return _codebook_bytes(concrete), concrete.code_size
+    raise ValueError(
+        f"cannot estimate the memory of a {type(concrete).__name__}: use a Flat, HNSW, IVF or PQ "
+        "factory string, optionally behind OPQ/PCA"
+    )
+
+
+def _codebook_bytes(index: faiss.Index) -> int:
+    """Bytes of a PQ codebook when the index has one (M x 256 centroids of d/M floats)."""
+    pq = getattr(index, "pq", None)
+    return 0 if pq is None else 4 * pq.M * pq.ksub * pq.dsub
+
+
+def estimate_index_bytes(factory: str, n: int, d: int) -> int:
+    """RAM in bytes of ``factory`` holding ``n`` vectors of dimension ``d`` (codes, ids, centroids, graph)."""
+    fixed, per_vector = index_cost(factory, d)
+    return fixed + n * per_vector
+
+
+def candidate_factories(n: int, d: int) -> list[str]:
+    """The factories ``choose_factory`` considers for ``n`` x ``d``, most accurate first."""
+    nlist = ivf_nlist(n)
+    factories = []
+    if n <= EXACT_MAX_N:
+        factories.append("Flat")
+    if n <= HNSW_MAX_N:
+        factories.append(f"HNSW{HNSW_M}")
+    factories.append(f"IVF{nlist},Flat")
+    if n >= 256 * KMEANS_MIN_POINTS_PER_CENTROID:  # fewer cannot train 256-centroid codebooks
+        for m in PQ_BYTES:
+            d_opq = d // m * m  # OPQ rotates (and trims) to a multiple of m dimensions
+            if d_opq:
+                factories.append(f"OPQ{m}_{d_opq},IVF{nlist},PQ{m}")
+    return factories
+
+
+def choose_factory(n: int, d: int, memory_budget: int | str) -> str:
+    """The ``factory: auto`` rule: the most accurate index for ``n`` x ``d`` vectors that fits the budget.
+
+    In order: exact ``Flat`` for n <= 20k (brute force is cheap there and needs no tuning);
+    ``HNSW32`` up to 500k (graph search, high recall, build time still minutes on CPU);
+    ``IVF{nlist},Flat`` when the raw float32 vectors fit (exact distances inside the probed cells);
+    then ``OPQ{m}_{d'},IVF{nlist},PQ{m}`` with the largest m of 256, 128, 64, 32, 16 bytes/vector that
+    fits (paper: IVF + OPQ, 2048 B -> 256 B, i.e. 264 B/vector with the id). nlist ~ 4 sqrt(n).
+    Raises ValueError naming the budget and the size needed when even the smallest does not fit.
+    """
+    budget = parse_bytes(memory_budget)
+    factories = candidate_factories(n, d)
+    for factory in factories:
+        if estimate_index_bytes(factory, n, d) <= budget:
+            return factory
+    needed = estimate_index_bytes(factories[-1], n, d)
+    raise ValueError(
+        f"no index of {n} vectors of dimension {d} fits index.memory_budget={format_bytes(budget)}: "
+        f"the smallest, {factories[-1]!r}, needs {format_bytes(needed)}; raise memory_budget or "
+        "index fewer vectors"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building: train, add
+# ---------------------------------------------------------------------------------------------
+
+
+def training_sample_size(factory: str, n: int) -> int:
+    """How many vectors to sample for ``train_index``: 64 per IVF cell, >= 16k for PQ codebooks, <= n.
+
+    Memory of the sample is size x d x 4 bytes (float32); Flat and HNSW need none (0).
+    """
+    match = re.search(r"IVF(\d+)", factory)
+    wanted = TRAIN_POINTS_PER_CELL * int(match.group(1)) if match else 0
+    if re.search(r"PQ\d+", factory):
+        wanted = max(wanted, PQ_TRAIN_POINTS)
+    return min(n, wanted)
+
+
+def _min_training_points(index: faiss.Index) -> int:
+    """Fewest training vectors faiss accepts: one per IVF cell and 256 per PQ codebook."""
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = ivf if ivf is not None else innermost_index(index)
+    needed = ivf.nlist if ivf is not None else 1
+    pq = getattr(inner, "pq", None)
+    return max(needed, pq.ksub if pq is not None else 1)
+
+
+def train_index(
+    factory: str, d: int, train_vectors: np.ndarray | None, use_gpu: bool | None = None
+) -> faiss.Index:
+    """An empty, trained index for ``factory`` (see ``training_sample_size`` for the sample to pass).
+
+    With a GPU the IVF k-means runs there for any code size (faiss's ``clustering_index`` hook); OPQ
+    and PQ codebooks are small and train on CPU. Flat and HNSW need no training (``train_vectors`` unused).
+    """
+    index = make_index(factory, d)
+    if index.is_trained:
+        return index
+    x = as_float32(train_vectors, d)
+    needed = _min_training_points(index)
+    if len(x) < needed:
+        raise ValueError(f"factory {factory!r} needs at least {needed} training vectors, got {len(x)}")
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or not resolve_gpu(use_gpu):
+        index.train(x)
+    else:
+        gpu_flat = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
+        _train_with_kmeans_index(index, x, gpu_flat)
+    return index
+
+
+def _train_with_kmeans_index(index: faiss.Index, x: np.ndarray, kmeans_index: faiss.Index) -> None:
+    """Train ``index`` with its IVF k-means assigning points through ``kmeans_index`` (a GPU flat)."""
+    ivf = faiss.extract_index_ivf(index)
+    ivf.clustering_index = kmeans_index  # caller keeps kmeans_index alive; not serialized
+    try:
+        index.train(x)
+    finally:
+        ivf.clustering_index = None
+
+
+def add_batches(
+    index: faiss.Index, batches: Iterable[tuple[np.ndarray, np.ndarray]], use_gpu: bool | None = None
+) -> int:
+    """Add (rows int64 [n], vectors [n, d]) blocks with the rows as ids; returns how many were added.
+
+    With a GPU, an IVF index's coarse assignment (the expensive part of adding) runs on the GPU and
+    the codes are appended to the CPU index, which need not fit GPU memory.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    assigner = None
+    if ivf is not None and resolve_gpu(use_gpu):
+        assigner = faiss.index_cpu_to_all_gpus(_centroid_index(ivf))
+    added = 0
+    for rows, vectors in batches:
+        x = as_float32(vectors, index.d)
+        ids = np.ascontiguousarray(rows, dtype=np.int64)
+        if ids.shape != (len(x),):
+            raise ValueError(f"got {ids.shape} rows for {len(x)} vectors: pass one row id per vector")
+        if assigner is None:
+            index.add_with_ids(x, ids)
+        else:
+            _add_preassigned(index, ivf, assigner, x, ids)
+        added += len(ids)
+    return added
+
+
+def _centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
+    """A flat copy of an IVF's coarse centroids (whatever its quantizer type) to assign vectors with."""
+    flat = faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type)
+    flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    return flat
+
+
+def _add_preassigned(
+    index: faiss.Index, ivf: faiss.IndexIVF, assigner: faiss.Index, x: np.ndarray, ids: np.ndarray
+) -> None:
+    """Add to ``index`` what ``index.add_with_ids`` would, with the cell assignment done by ``assigner``."""
+    transformed = x
+    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+        wrapper = faiss.downcast_index(index)
+        for i in range(wrapper.chain.size()):
+            transformed = faiss.downcast_VectorTransform(wrapper.chain.at(i)).apply(transformed)
+    _, cells = assigner.search(np.ascontiguousarray(transformed, dtype=np.float32), 1)
+    add_preassigned(ivf, np.ascontiguousarray(transformed, dtype=np.float32), cells.ravel(), ids)
+    index.ntotal = ivf.ntotal  # wrappers keep their own count
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
+    """Write ``index`` to ``path`` atomically; GPU indexes go to CPU first.
+
+    ``atomic_path``: a temporary name beside it, fsync, rename; missing parent folders are created.
+    """
+    if on_gpu(index):
+        index = faiss.index_gpu_to_cpu(index)
+    with atomic_path(path, fsync=True) as tmp:
+        faiss.write_index(index, os.fspath(tmp))
+
+
+def load_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
+    """Read an index; with ``mmap`` its codes stay in the page cache instead of being copied to RAM.
+
+    faiss >= 1.10's IO_FLAG_MMAP_IFC maps Flat/PQ codes, HNSW graphs and IVF lists; older faiss only
+    maps IVF lists (IO_FLAG_MMAP) and reads the rest. Index types the mapping reader rejects are read
+    plainly. A mapped index is read-only: adding to it aborts the process, so pass mmap=False to modify.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no faiss index at {path}")
+    if not mmap:
+        return faiss.read_index(path)
+    flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+    try:
+        return faiss.read_index(path, flag | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        return faiss.read_index(path)

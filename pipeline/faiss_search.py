@@ -1,0 +1,269 @@
+"""Searching faiss indexes built by ``faiss_build``: plain, exact and re-ranked search, recall, nprobe tuning.
+
+Same conventions as ``faiss_build`` (inner product on normalised vectors, results are rows), plus:
+
+- A missing result (fewer than k vectors reachable) is id -1 with similarity -inf.
+- GPU: search moves to the GPU only where faiss-gpu supports the index: IVFPQ codes of at most
+  48 bytes, or 56/64/96 with float16 lookup tables; the paper's 256 B codes are searched on CPU.
+- ``exact_search`` walks a database bigger than memory in blocks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+from faiss.contrib.exhaustive_search import knn_ground_truth
+
+from pipeline.faiss_build import METRIC, as_float32, innermost_index, on_gpu, resolve_gpu
+
+# faiss-gpu IVFPQ limits (faiss/gpu/impl/IVFPQ.cu, PQScanMultiPassNoPrecomputed.cuh).
+GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+GPU_PQ_FLOAT16_LUT_ABOVE = 48  # 56, 64 and 96 bytes need float16 lookup tables
+GPU_PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
+GPU_MAX_K = 2048  # largest k and nprobe a GPU search accepts
+
+
+# ---------------------------------------------------------------------------------------------
+# Where an index is searched: GPU when faiss-gpu supports it
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_unsupported_reason(index: faiss.Index) -> str | None:
+    """Why faiss-gpu cannot search ``index`` (a sentence), or None when it can."""
+    inner = innermost_index(index)
+    if isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
+        return None
+    if isinstance(inner, faiss.IndexIVFPQ):
+        pq = inner.pq
+        if pq.nbits != 8:
+            return f"faiss-gpu IVFPQ needs 8-bit codes, this index has {pq.nbits}"
+        if pq.M not in GPU_PQ_BYTES:
+            return f"faiss-gpu IVFPQ supports codes of {GPU_PQ_BYTES} bytes, this index has {pq.M}"
+        if pq.dsub not in GPU_PQ_SUB_DIMS:
+            return f"faiss-gpu IVFPQ supports {GPU_PQ_SUB_DIMS} dims per sub-quantizer, this has {pq.dsub}"
+        return None
+    return f"faiss-gpu has no {type(inner).__name__}"
+
+
+def index_for_search(index: faiss.Index, use_gpu: bool | None = None) -> faiss.Index:
+    """A GPU copy of ``index`` (sharded over all GPUs) when a GPU can search it, else ``index`` itself."""
+    if not resolve_gpu(use_gpu) or gpu_unsupported_reason(index) is not None:
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = faiss.get_num_gpus() > 1
+    inner = innermost_index(index)
+    # IVFPQ over 48 bytes only fits shared memory with float16 lookup tables (useFloat16 means that
+    # for IVFPQ; for Flat/IVFFlat it would mean float16 storage, which we leave off).
+    options.useFloat16 = isinstance(inner, faiss.IndexIVFPQ) and inner.pq.M > GPU_PQ_FLOAT16_LUT_ABOVE
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Search: approximate, exact, re-ranked; recall
+# ---------------------------------------------------------------------------------------------
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sims float32 [nq, k] descending, rows int64 [nq, k]) of one faiss search; -1 / -inf if missing."""
+    sims, ids = index.search(as_float32(queries, index.d), k)
+    sims[ids < 0] = -np.inf
+    return sims, ids
+
+
+def exact_search(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    ids: np.ndarray | None = None,
+    block_size: int = 65536,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k by inner product: the oracle the approximate indexes are measured against.
+
+    ``database`` [N, d] may be a float16 memmap; it is read ``block_size`` rows at a time.
+    Returns (sims, ids): ids are positions in ``database``, or ``ids[position]`` when ``ids`` is given.
+    """
+    q = as_float32(queries)
+    starts = range(0, len(database), block_size)
+    blocks = (as_float32(database[i : i + block_size], q.shape[1]) for i in starts)
+    ngpu = faiss.get_num_gpus() if resolve_gpu(use_gpu) else 0
+    sims, positions = knn_ground_truth(q, blocks, k, metric_type=METRIC, ngpu=ngpu)
+    missing = positions < 0
+    sims[missing] = -np.inf
+    if ids is None:
+        return sims, positions
+    rows = np.asarray(ids, dtype=np.int64)[np.where(missing, 0, positions)]
+    return sims, np.where(missing, -1, rows)
+
+
+def rerank(
+    embeddings: np.ndarray, queries: np.ndarray, candidate_rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k among each query's candidate rows, scored with ``embeddings[row]`` (float16 is fine).
+
+    ``embeddings`` is anything indexable by a sorted int64 array of rows (np.memmap [N, d]);
+    rows are read once each, in order. Candidates of -1 are ignored.
+    """
+    valid = candidate_rows >= 0
+    unique_rows, inverse = np.unique(candidate_rows[valid], return_inverse=True)
+    vectors = np.asarray(embeddings[unique_rows], dtype=np.float32)
+    query_of = np.nonzero(valid)[0]
+    sims = np.full(candidate_rows.shape, -np.inf, dtype=np.float32)
+    sims[valid] = np.einsum("ij,ij->i", vectors[inverse], queries[query_of])
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    top_sims = np.take_along_axis(sims, order, axis=1)
+    return top_sims, np.take_along_axis(candidate_rows, order, axis=1)  # -1 candidates sort last
+
+
+def refine_search(
+    index: faiss.Index,
+    embeddings: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    k_factor: int = 4,
+    batch_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search k·k_factor candidates, re-rank them exactly with the stored embeddings, keep the top k.
+
+    Text queries sit off the image distribution, where PQ distance errors reorder neighbours; the
+    exact re-ranking recovers the order the coarse cells already found (SPEC stage 4, ``refine``).
+    """
+    q = as_float32(queries, index.d)
+    sims = np.empty((len(q), k), dtype=np.float32)
+    rows = np.empty((len(q), k), dtype=np.int64)
+    for start in range(0, len(q), batch_size):  # bounds the [batch, k·k_factor, d] gather
+        block = q[start : start + batch_size]
+        _, candidates = index.search(block, k * k_factor)
+        block_sims, block_rows = rerank(embeddings, block, candidates, k)
+        sims[start : start + len(block)], rows[start : start + len(block)] = block_sims, block_rows
+    return sims, rows
+
+
+def drop_self(
+    sims: np.ndarray, rows: np.ndarray, query_rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each query's own row from its results and keep the first k (search k + 1 to call this).
+
+    When the query's row is absent (an approximate search missed it) the last result is dropped.
+    """
+    is_self = rows == np.asarray(query_rows, dtype=np.int64)[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray, k: int) -> float:
+    """Fraction of the true top-k ids that appear in the found top-k (k=1: top-1 matches)."""
+    found = np.asarray(found_ids)[:, :k]
+    true = np.asarray(true_ids)[:, :k]
+    if len(found) != len(true):
+        raise ValueError(f"found ids for {len(found)} queries but true ids for {len(true)}")
+    hits = 0
+    for start in range(0, len(true), 8192):  # bounds the [chunk, k, k] comparison
+        f, t = found[start : start + 8192], true[start : start + 8192]
+        hits += int(((f[:, :, None] == t[:, None, :]).any(axis=1) & (t >= 0)).sum())
+    total = int((true >= 0).sum())
+    return hits / total if total else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Search parameters: nprobe (IVF), efSearch (HNSW)
+# ---------------------------------------------------------------------------------------------
+
+
+class Tuning(NamedTuple):
+    """What ``tune_nprobe`` found."""
+
+    param: str | None  # "nprobe" (IVF), "efSearch" (HNSW), None (exact: nothing to tune)
+    value: int | None  # the smallest value reaching the target, or the largest tried
+    recall: float  # recall@k measured at ``value``
+    reached: bool  # False: even the largest value stays under the target
+
+
+def search_param_name(index: faiss.Index) -> str | None:
+    """The speed/recall knob of ``index``: "nprobe" for IVF, "efSearch" for HNSW, None for exact."""
+    inner = innermost_index(index)
+    if hasattr(inner, "nprobe") and hasattr(inner, "nlist"):  # CPU IndexIVF* and GpuIndexIVF*
+        return "nprobe"
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch"
+    return None
+
+
+def set_search_param(index: faiss.Index, name: str, value: int) -> None:
+    """Set ``name`` through OPQ/IDMap wrappers and GPU replicas (faiss's ParameterSpace does the walk)."""
+    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+    space.set_index_parameter(index, name, int(value))
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set the number of IVF cells searched (paper: 20), wrappers included."""
+    if search_param_name(index) != "nprobe":
+        raise ValueError(f"{type(innermost_index(index)).__name__} is not an IVF index: it has no nprobe")
+    set_search_param(index, "nprobe", nprobe)
+
+
+def _param_range(index: faiss.Index, name: str, k: int, max_value: int | None) -> tuple[int, int]:
+    """(first value to try, largest value allowed) for ``tune_nprobe``."""
+    gpu_cap = GPU_MAX_K if on_gpu(index) else None
+    if name == "nprobe":
+        high = innermost_index(index).nlist
+        start = 1
+    else:
+        high = 4096
+        start = k
+    for cap in (max_value, gpu_cap):
+        if cap is not None:
+            high = min(high, cap)
+    return min(start, high), high
+
+
+def tune_nprobe(
+    index: faiss.Index,
+    queries: np.ndarray,
+    true_ids: np.ndarray,
+    k: int = 10,
+    target_recall: float = 0.95,
+    max_nprobe: int | None = None,
+    embeddings: np.ndarray | None = None,
+    k_factor: int = 4,
+) -> Tuning:
+    """Smallest nprobe (efSearch for HNSW) whose recall@k against ``true_ids`` reaches the target.
+
+    Doubles from the smallest value until the target is met, then bisects between the last two
+    values. Leaves the index set to the returned value; when the target is out of reach the value is
+    the largest allowed (nlist, ``max_nprobe``, 2048 on GPU) and ``reached`` is False.
+    With ``embeddings`` recall is measured after ``refine_search``, as the index will be used.
+    """
+    name = search_param_name(index)
+    q = as_float32(queries, index.d)
+
+    def recall_at(value: int | None) -> float:
+        if name is not None:
+            set_search_param(index, name, value)
+        if embeddings is None:
+            found = search(index, q, k)[1]
+        else:
+            found = refine_search(index, embeddings, q, k, k_factor)[1]
+        return recall_at_k(found, true_ids, k)
+
+    if name is None:
+        recall = recall_at(None)
+        return Tuning(None, None, recall, recall >= target_recall)
+    value, high = _param_range(index, name, k, max_nprobe)
+    failing, recall = None, recall_at(value)
+    while recall < target_recall and value < high:
+        failing, value = value, min(2 * value, high)
+        recall = recall_at(value)
+    if recall < target_recall:
+        return Tuning(name, value, recall, False)
+    while failing is not None and value - failing > 1:
+        middle = (failing + value) // 2
+        middle_recall = recall_at(middle)
+        if middle_recall >= target_recall:
+            value, recall = middle, middle_recall
+        else:
+            failing = middle
+    set_search_param(index, name, value)
+    return Tuning(name, value, recall, True)

@@ -1,0 +1,148 @@
+"""pipeline/faiss_build.py: the factory rule and its memory estimate, training, adding, index files."""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from faiss_data import D, K, N, build
+from pipeline import faiss_build, faiss_search
+from pipeline.sizes import parse_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# the factory rule
+# ---------------------------------------------------------------------------------------------
+
+
+# (n, d, budget, expected factory) -- the paper's case is 400M x 512 in a 128 GB server.
+FACTORY_CASES = [
+    (5_000, 64, "1GB", "Flat"),
+    (100_000, 64, "1GB", "HNSW32"),
+    (100_000, 512, "220MB", "IVF1024,Flat"),  # HNSW (233 MB) no longer fits
+    (1_000_000, 64, "1GB", "IVF4096,Flat"),
+    (100_000, 512, "100MB", "OPQ256_512,IVF1024,PQ256"),
+    (400_000_000, 512, "128GB", "OPQ256_512,IVF65536,PQ256"),
+    (400_000_000, 512, "64GB", "OPQ128_512,IVF65536,PQ128"),
+    (400_000_000, 512, "12GB", "OPQ16_512,IVF65536,PQ16"),
+    (10_000, 64, "1MB", "OPQ64_64,IVF256,PQ64"),
+    (50_000, 768, "20MB", "OPQ256_768,IVF1024,PQ256"),
+]
+
+
+@pytest.mark.parametrize("n, d, budget, expected", FACTORY_CASES)
+def test_choose_factory_picks_regime_within_budget(n, d, budget, expected):
+    factory = faiss_build.choose_factory(n, d, budget)
+    assert factory == expected
+    assert faiss_build.estimate_index_bytes(factory, n, d) <= parse_bytes(budget)
+    if "PQ" in factory:  # the bench target: at most 264 bytes per vector
+        assert faiss_build.index_cost(factory, d)[1] <= 264
+
+
+def test_choose_factory_budget_too_small_names_budget_and_need():
+    with pytest.raises(ValueError, match=r"memory_budget=1\.0 GB.*'OPQ16_512,IVF65536,PQ16'.*needs 9\.\d GB"):
+        faiss_build.choose_factory(400_000_000, 512, "1GB")
+
+
+def test_estimate_matches_written_index(ivf_flat, ivf_pq, tmp_path):
+    for factory, index in (("IVF128,Flat", ivf_flat), ("IVF128,PQ8", ivf_pq)):
+        path = tmp_path / "x.index"
+        faiss_build.save_index(index, path)
+        estimate = faiss_build.estimate_index_bytes(factory, N, D)
+        assert abs(os.path.getsize(path) - estimate) / estimate < 0.05, factory
+
+
+# ---------------------------------------------------------------------------------------------
+# training and adding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_training_sample_size():
+    assert faiss_build.training_sample_size("Flat", 10**6) == 0
+    assert faiss_build.training_sample_size("HNSW32", 10**6) == 0
+    assert faiss_build.training_sample_size("IVF1024,Flat", 10**6) == 64 * 1024
+    assert faiss_build.training_sample_size("IVF1024,Flat", 20_000) == 20_000
+    assert faiss_build.training_sample_size("OPQ16_64,IVF16,PQ16", 10**6) == 256 * 64
+    assert faiss_build.ivf_nlist(400_000_000) == 65536
+    assert faiss_build.ivf_nlist(100) == 2  # >= 39 training points per cell
+
+
+def test_train_index_needs_enough_vectors(data):
+    with pytest.raises(ValueError, match="at least 128 training vectors"):
+        faiss_build.train_index("IVF128,Flat", D, data["database"][:100])
+
+
+def test_opq_index_through_wrappers_and_gpu_style_add(data):
+    """The OPQ+IVF+PQ family end to end, and add_batches' GPU path (assign elsewhere, append codes)."""
+    database, rows = data["database"][:3000], data["rows"][:3000]
+    index = faiss_build.make_index("OPQ4_32,IVF16,PQ4", D)
+    faiss.downcast_VectorTransform(index.chain.at(0)).niter = 4  # OPQ's 50 rounds: slow, not ours
+    index.train(database)
+    twin = faiss.clone_index(index)
+    faiss_build.add_batches(index, [(rows, database)])
+    ivf = faiss.extract_index_ivf(twin)
+    faiss_build._add_preassigned(twin, ivf, faiss_build._centroid_index(ivf), database, rows)  # GPU assigner on CPU
+    assert twin.ntotal == index.ntotal == 3000
+    for nprobe in (3, 16):
+        faiss_search.set_nprobe(index, nprobe)
+        faiss_search.set_nprobe(twin, nprobe)
+        assert faiss.extract_index_ivf(index).nprobe == nprobe
+        a, b = faiss_search.search(index, data["queries"][:50], K), faiss_search.search(twin, data["queries"][:50], K)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+    assert np.isin(a[1], rows).all()
+
+
+def test_kmeans_hook_used_for_gpu_training_gives_same_index(data):
+    """train_index's GPU branch hands k-means a flat index; with a CPU one the result is unchanged."""
+    train = data["database"][:5000]
+    plain = faiss_build.train_index("IVF64,Flat", D, train, use_gpu=False)
+    hooked = faiss_build.make_index("IVF64,Flat", D)
+    kmeans_flat = faiss.IndexFlat(D, faiss.METRIC_INNER_PRODUCT)
+    faiss_build._train_with_kmeans_index(hooked, train, kmeans_flat)
+    assert kmeans_flat.ntotal > 0  # the hook did the assignment
+    assert faiss.extract_index_ivf(hooked).clustering_index is None
+    np.testing.assert_allclose(
+        faiss.extract_index_ivf(hooked).quantizer.reconstruct_n(0, 64),
+        faiss.extract_index_ivf(plain).quantizer.reconstruct_n(0, 64), atol=1e-5,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_round_trip(data, ivf_flat, ivf_pq, tmp_path, mmap):
+    flat = build("Flat", data["database"][:2000], data["rows"][:2000])
+    queries = data["queries"][:100]
+    for name, index in (("ivf_flat", ivf_flat), ("ivf_pq", ivf_pq), ("flat", flat)):
+        path = tmp_path / f"{name}.index"
+        faiss_build.save_index(index, path)
+        assert os.listdir(tmp_path).count(f"{name}.index") == 1
+        assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+        loaded = faiss_build.load_index(path, mmap=mmap)
+        expected, got = faiss_search.search(index, queries, K), faiss_search.search(loaded, queries, K)
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_save_index_leaves_nothing_on_failure(ivf_flat, tmp_path, monkeypatch):
+    def write_half_then_fail(index, path):
+        with open(path, "wb") as f:
+            f.write(b"half an index")
+        raise RuntimeError("disk full")
+
+    faiss_build.save_index(ivf_flat, tmp_path / "image.index")
+    before = (tmp_path / "image.index").read_bytes()
+    monkeypatch.setattr(faiss, "write_index", write_half_then_fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        faiss_build.save_index(ivf_flat, tmp_path / "image.index")
+    assert os.listdir(tmp_path) == ["image.index"]  # no temporary file left beside it
+    assert (tmp_path / "image.index").read_bytes() == before  # the previous index is untouched
+    with pytest.raises(FileNotFoundError):
+        faiss_build.load_index(tmp_path / "nothing.index")

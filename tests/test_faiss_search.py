@@ -1,0 +1,156 @@
+"""pipeline/faiss_search.py: every fast path against an exact oracle, on planted cluster structure."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from faiss_data import D, K, build, normalize
+from pipeline import faiss_build, faiss_search
+
+
+def numpy_top_k(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = queries @ database.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order
+
+
+# ---------------------------------------------------------------------------------------------
+# exact search, recall
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exact_search_matches_numpy_brute_force(data, tmp_path):
+    database, queries, rows = data["database"][:3000], data["queries"][:50], data["rows"][:3000]
+    path = tmp_path / "db.f16"
+    on_disk = np.memmap(path, dtype=np.float16, mode="w+", shape=database.shape)
+    on_disk[:] = database
+    as_f16 = np.asarray(on_disk, dtype=np.float32)
+    sims, ids = faiss_search.exact_search(on_disk, queries, K, ids=rows, block_size=700)  # blocks merged
+    ref_sims, ref_positions = numpy_top_k(as_f16, queries, K)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert (ids == rows[ref_positions]).mean() > 0.999  # ties in float16 may swap equal sims
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+
+
+def test_exact_search_pads_when_k_exceeds_database(data):
+    sims, ids = faiss_search.exact_search(data["database"][:5], data["queries"][:3], 8)
+    assert (ids[:, 5:] == -1).all() and np.isneginf(sims[:, 5:]).all()
+    assert sorted(ids[0, :5]) == [0, 1, 2, 3, 4]
+
+
+def test_recall_at_k():
+    true = np.array([[1, 2, 3], [4, 5, 6]])
+    found = np.array([[3, 9, 1], [-1, -1, -1]])
+    assert faiss_search.recall_at_k(found, true, 3) == pytest.approx(2 / 6)
+    assert faiss_search.recall_at_k(found, true, 1) == 0.0
+    assert faiss_search.recall_at_k(np.array([[1, 0], [4, 0]]), true, 1) == 1.0
+    assert faiss_search.recall_at_k(true, true, 3) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# approximate indexes against the oracle
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tuned_ivf_reaches_target_recall_with_smallest_nprobe(data, ivf_flat):
+    tuning = faiss_search.tune_nprobe(ivf_flat, data["queries"], data["true_ids"], K, target_recall=0.95)
+    print(f"IVF128,Flat: {tuning}")
+    assert tuning.param == "nprobe" and tuning.reached
+    assert tuning.recall >= 0.95 and 1 < tuning.value < 128
+    assert faiss.extract_index_ivf(ivf_flat).nprobe == tuning.value  # left set
+    faiss_search.set_nprobe(ivf_flat, tuning.value - 1)
+    found = faiss_search.search(ivf_flat, data["queries"], K)[1]
+    assert faiss_search.recall_at_k(found, data["true_ids"], K) < 0.95
+    faiss_search.set_nprobe(ivf_flat, tuning.value)
+
+
+def test_ivfpq_reaches_target_with_refinement_only(data, ivf_pq):
+    plain = faiss_search.tune_nprobe(ivf_pq, data["queries"], data["true_ids"], K, 0.95)
+    refined = faiss_search.tune_nprobe(
+        ivf_pq, data["queries"], data["true_ids"], K, 0.95, embeddings=data["embeddings"]
+    )
+    print(f"IVF128,PQ8 plain: {plain}\nIVF128,PQ8 refined: {refined}")
+    # 8-byte codes reorder close neighbours: even every cell stays under target, and says so.
+    assert not plain.reached and plain.value == 128 and plain.recall < 0.95
+    assert refined.reached and refined.recall >= 0.95 and refined.value < 128
+
+
+def test_refine_recovers_text_query_recall(data, ivf_pq):
+    text, truth = data["text_queries"], data["text_true_ids"]
+    tuning = faiss_search.tune_nprobe(ivf_pq, text, truth, K, 0.9, embeddings=data["embeddings"])
+    assert tuning.reached and tuning.value < 128
+    plain = faiss_search.recall_at_k(faiss_search.search(ivf_pq, text, K)[1], truth, K)
+    sims, rows = faiss_search.refine_search(ivf_pq, data["embeddings"], text, K, k_factor=4)
+    refined = faiss_search.recall_at_k(rows, truth, K)
+    print(f"text-like queries at nprobe {tuning.value}: plain recall@10 {plain:.3f}, refined {refined:.3f}")
+    assert refined >= 0.9 and refined > plain + 0.1
+    assert (np.diff(sims, axis=1) <= 0).all()
+    exact = data["embeddings"][rows[:, 0]].astype(np.float32)
+    np.testing.assert_allclose(sims[:, 0], np.einsum("ij,ij->i", exact, text), rtol=1e-5, atol=1e-6)
+
+
+def test_results_are_rows(data, ivf_flat):
+    rows = data["rows"]
+    probe = data["database"][[0, 17, 4242]]
+    sims, ids = faiss_search.search(ivf_flat, probe, K)
+    assert list(ids[:, 0]) == list(rows[[0, 17, 4242]])
+    assert np.isin(ids, rows).all()
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-5)
+
+
+def test_flat_and_hnsw_keep_rows_and_tune_ef(data):
+    database, rows, queries = data["database"][:3000], data["rows"][:3000] + 5, data["queries"][:200]
+    truth_sims, truth = faiss_search.exact_search(database, queries, K, ids=rows)
+    flat = build("Flat", database, rows)
+    assert isinstance(flat, faiss.IndexIDMap) and faiss_search.search_param_name(flat) is None
+    sims, ids = faiss_search.search(flat, queries, K)
+    np.testing.assert_allclose(sims, truth_sims, atol=1e-5)
+    assert faiss_search.recall_at_k(ids, truth, K) > 0.999
+    assert faiss_search.tune_nprobe(flat, queries, truth, K) == (None, None, pytest.approx(1.0, abs=1e-3), True)
+    hnsw = build("HNSW32", database, rows)
+    tuning = faiss_search.tune_nprobe(hnsw, queries, truth, K, 0.99)
+    assert tuning.param == "efSearch" and tuning.reached and tuning.value >= K
+    assert faiss.downcast_index(hnsw.index).hnsw.efSearch == tuning.value
+    assert np.isin(faiss_search.search(hnsw, queries, K)[1], rows).all()
+
+
+def test_set_nprobe_rejects_non_ivf():
+    with pytest.raises(ValueError, match="not an IVF index"):
+        faiss_search.set_nprobe(faiss_build.make_index("Flat", D), 8)
+
+
+def test_gpu_support_rules():
+    reason = faiss_search.gpu_unsupported_reason
+    assert reason(faiss_build.make_index("IVF16,Flat", 64)) is None
+    assert reason(faiss_build.make_index("Flat", 64)) is None
+    assert reason(faiss_build.make_index("OPQ64_256,IVF16,PQ64", 256)) is None
+    assert "256" in reason(faiss_build.make_index("OPQ256_512,IVF16,PQ256", 512))
+    assert "HNSW" in reason(faiss_build.make_index("HNSW32", 64))
+    index = faiss_build.make_index("IVF16,Flat", 64)
+    if not faiss_build.gpu_available():
+        assert faiss_search.index_for_search(index) is index
+        with pytest.raises(RuntimeError, match="no GPU"):
+            faiss_search.index_for_search(index, use_gpu=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# re-ranking, dropping the query itself
+# ---------------------------------------------------------------------------------------------
+
+
+def test_refine_handles_missing_candidates():
+    embeddings = normalize(np.random.default_rng(1).standard_normal((10, 4)))
+    candidates = np.array([[3, -1, 7, -1], [-1, -1, -1, -1]])
+    sims, rows = faiss_search.rerank(embeddings, embeddings[[7, 0]], candidates, 3)
+    assert list(rows[0]) == [7, 3, -1] and list(rows[1]) == [-1, -1, -1]
+    assert sims[0, 0] == pytest.approx(1.0, abs=1e-6) and np.isneginf(sims[0, 2])
+
+
+def test_drop_self():
+    sims = np.array([[1.0, 0.9, 0.8], [0.95, 0.9, 0.1]], dtype=np.float32)
+    rows = np.array([[10, 11, 12], [10, 13, -1]])
+    kept_sims, kept_rows = faiss_search.drop_self(sims, rows, np.array([10, 20]), 2)
+    assert kept_rows.tolist() == [[11, 12], [10, 13]]
+    np.testing.assert_allclose(kept_sims, [[0.9, 0.8], [0.95, 0.9]])
