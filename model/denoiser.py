@@ -3,12 +3,15 @@ U-Net).
 
 The U-Net is diffusers' UNet2DConditionModel; cross-attention blocks sit at the resolutions
 listed in `attention_resolutions` and attend to the ConditionEncoder's context tokens (k + 1, or one
-for the one-token conditioning variants).
+for the one-token conditioning variants). With `space_to_depth` s > 1 the image is folded into
+s x s blocks of channels first (PixelUnshuffle) and unfolded after (PixelShuffle), so the U-Net runs
+on an (H/s) x (W/s) grid with 3 s^2 channels: a 32 px image at the cost of a 16 px one.
 """
 import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
@@ -23,6 +26,7 @@ class ModelConfig:
     """Everything needed to rebuild the network and its noise schedule."""
     resolution: int = 32                      # image side in pixels
     in_channels: int = 3
+    space_to_depth: int = 1                   # s: the U-Net sees resolution/s px with in_channels*s*s channels
     block_out_channels: tuple = (32, 64, 64)  # one U-Net level per entry, halving resolution
     layers_per_block: int = 1                 # residual blocks per level
     attention_resolutions: tuple = (16, 8)    # levels (by pixel size) with cross-attention
@@ -66,7 +70,8 @@ class ModelConfig:
         return cls(**{**base, **overrides})
 
     def level_resolutions(self) -> list:
-        return [self.resolution // 2 ** i for i in range(len(self.block_out_channels))]
+        """The U-Net's grid size at each level (after space-to-depth)."""
+        return [self.resolution // self.space_to_depth // 2 ** i for i in range(len(self.block_out_channels))]
 
     def to_dict(self) -> dict:
         """Plain dict of primitives and lists (safe for torch.load(weights_only=True) and JSON)."""
@@ -89,9 +94,12 @@ def _validate(config: ModelConfig):
                          f"use one of {PREDICTION_TYPES}")
     if config.beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"beta_schedule={config.beta_schedule!r}: use one of {BETA_SCHEDULES}")
+    if config.space_to_depth < 1 or config.resolution % config.space_to_depth:
+        raise ValueError(f"space_to_depth={config.space_to_depth} must be at least 1 and divide "
+                         f"resolution={config.resolution}")
     levels = config.level_resolutions()
-    if config.resolution % 2 ** (len(levels) - 1):
-        raise ValueError(f"resolution={config.resolution} must be divisible by "
+    if config.resolution % (config.space_to_depth * 2 ** (len(levels) - 1)):
+        raise ValueError(f"resolution={config.resolution} must be divisible by space_to_depth * "
                          f"2**{len(levels) - 1} for {len(levels)} block_out_channels levels")
     for res in config.attention_resolutions:
         if res not in levels:
@@ -123,9 +131,10 @@ def build_unet(config: ModelConfig) -> UNet2DConditionModel:
     down, up = block_types(config)
     # diffusers' `attention_head_dim` is, despite its name, the number of heads (diffusers #2011).
     heads = tuple(c // config.attention_head_dim for c in config.block_out_channels)
+    channels = config.in_channels * config.space_to_depth ** 2
     return UNet2DConditionModel(
-        sample_size=config.resolution, in_channels=config.in_channels,
-        out_channels=config.in_channels, down_block_types=down, up_block_types=up,
+        sample_size=config.resolution // config.space_to_depth, in_channels=channels,
+        out_channels=channels, down_block_types=down, up_block_types=up,
         block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
         mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=config.cond_width,
         attention_head_dim=heads, norm_num_groups=config.norm_num_groups)
@@ -150,8 +159,10 @@ class KnnDenoiser(nn.Module):
             raise ValueError(f"embedding dimension {emb.shape[-1]} differs from the model's "
                              f"clip_dim {self.config.clip_dim}")
         context, key_mask = self.condition(emb, drop_mask, neighbour_mask)
-        return self.unet(x_t, t, encoder_hidden_states=context,
-                         encoder_attention_mask=key_mask, return_dict=False)[0]
+        s = self.config.space_to_depth
+        x = F.pixel_unshuffle(x_t, s) if s > 1 else x_t
+        out = self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=key_mask, return_dict=False)[0]
+        return F.pixel_shuffle(out, s) if s > 1 else out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -131,7 +131,9 @@ class TrainConfig:
     prediction_type: str = opt("epsilon", "what the U-Net predicts: epsilon or v_prediction", choices=["epsilon", "v_prediction"])
     beta_schedule: str = opt("squaredcos_cap_v2", "noise schedule: squaredcos_cap_v2 (cosine) or linear",
                              choices=["squaredcos_cap_v2", "linear"])
-    attention_resolutions: list[int] | None = opt(None, "U-Net levels (pixel sizes) with cross-attention (null: the preset's)")
+    attention_resolutions: list[int] | None = opt(None, "U-Net levels (grid sizes) with cross-attention (null: the preset's)")
+    space_to_depth: int = opt(1, "fold s x s pixel blocks into channels before the U-Net (2: a 32 px image costs "
+                              "what a 16 px one does)", choices=[1, 2, 4])
     k: int | None = opt(None, "neighbours the model is conditioned on (null: all the pack holds; fewer: the nearest k)", min=0)
     conditioning: str = opt("self_attention", "how the k + 1 embeddings reach the U-Net: self_attention (paper's best), "
                             "cross_attention (one token) or concat (one token)",

@@ -37,26 +37,29 @@ def model_config(preset: str, resolution: int, clip_dim: int, k: int, conf=None)
     build = {"tiny": ModelConfig.tiny, "demo": ModelConfig.demo, "paper": ModelConfig.paper}[preset]
     base = build()
     levels = len(base.block_out_channels)
-    if resolution % 2 ** (levels - 1):
-        raise UsageError(f"pack.image_size {resolution} does not fit train.model {preset}: its {levels} U-Net levels "
-                         f"halve the image {levels - 1} times, so the size must be a multiple of {2 ** (levels - 1)} "
-                         f"(the preset's own is {base.resolution}); change pack.image_size or train.model")
-    attend = tuple(resolution // 2 ** base.level_resolutions().index(r) for r in base.attention_resolutions)
+    s = conf.space_to_depth if conf is not None else 1
+    if resolution % (s * 2 ** (levels - 1)):
+        raise UsageError(f"pack.image_size {resolution} does not fit train.model {preset} with train.space_to_depth {s}: "
+                         f"its {levels} U-Net levels halve the image {levels - 1} times after folding it by {s}, so the "
+                         f"size must be a multiple of {s * 2 ** (levels - 1)} (the preset's own is {base.resolution}); "
+                         f"change pack.image_size, train.space_to_depth or train.model")
+    grid = resolution // s  # the U-Net's input grid
+    attend = tuple(grid // 2 ** base.level_resolutions().index(r) for r in base.attention_resolutions)
     extra = {}
     if conf is not None:
         extra = {"prediction_type": conf.prediction_type, "beta_schedule": conf.beta_schedule,
-                 "conditioning": conf.conditioning}
+                 "conditioning": conf.conditioning, "space_to_depth": s}
         if conf.k is not None:
             if conf.k > k:
                 raise UsageError(f"train.k {conf.k} is more than the {k} neighbours the pack holds: lower train.k "
                                  f"or re-run `knnd run neighbours pack --set neighbours.k={conf.k}`")
             k = conf.k
         if conf.attention_resolutions is not None:
-            levels_px = [resolution // 2 ** i for i in range(levels)]
+            levels_px = [grid // 2 ** i for i in range(levels)]
             wrong = sorted(set(conf.attention_resolutions) - set(levels_px))
             if wrong:
                 raise UsageError(f"train.attention_resolutions has {wrong}, which are not U-Net levels at pack.image_size "
-                                 f"{resolution}: choose from {levels_px} (or null for the preset's)")
+                                 f"{resolution} (space-to-depth {s}): choose from {levels_px} (or null for the preset's)")
             attend = tuple(conf.attention_resolutions)
     return build(resolution=resolution, attention_resolutions=attend, clip_dim=clip_dim, k=k, **extra)
 

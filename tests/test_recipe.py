@@ -78,3 +78,36 @@ def test_train_k_and_conditioning_reach_the_model_config():
     assert model_config("demo", 16, 256, 10, load_config(None, []).train).k == 10  # null: the pack's k
     with pytest.raises(UsageError, match=r"train.k 32 is more than the 10 neighbours the pack holds.*neighbours.k=32"):
         model_config("demo", 16, 256, 10, load_config(None, ["train.k=32"]).train)
+
+
+def test_space_to_depth_runs_the_unet_on_the_folded_grid():
+    """train.space_to_depth 2 at 32 px: the U-Net sees 16 x 16 x 12 with cross-attention at the same grid
+    sizes (8 and 4) as the 16 px recipe, nearly the same parameters, and returns a 32 px prediction whose
+    s x s blocks are the U-Net's channels unfolded."""
+    from model.denoiser import KnnDenoiser
+
+    conf = load_config(None, ["train.space_to_depth=2"]).train
+    config = model_config("demo", 32, 256, 10, conf)
+    assert config.space_to_depth == 2 and config.attention_resolutions == (8, 4)
+    model = KnnDenoiser(config).eval()
+    assert model.unet.config.sample_size == 16 and model.unet.config.in_channels == 12
+    flat = KnnDenoiser(model_config("demo", 16, 256, 10, load_config(None, []).train))
+    assert abs(model.num_parameters() - flat.num_parameters()) < 0.01 * flat.num_parameters()
+
+    x, t, emb = torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), torch.randn(2, 11, 256)
+    with torch.no_grad():
+        out = model(x, t, emb)
+        folded = model.unet(torch.nn.functional.pixel_unshuffle(x, 2), t,
+                            encoder_hidden_states=model.condition(emb, None, None)[0], return_dict=False)[0]
+    assert out.shape == (2, 3, 32, 32)
+    # pixel (2i + a, 2j + b) of channel c is U-Net channel 4c + 2a + b at (i, j)
+    assert torch.allclose(out[:, 1, 2 * 3 + 1, 2 * 5 + 0], folded[:, 4 * 1 + 2 * 1 + 0, 3, 5], atol=1e-5)
+
+
+def test_space_to_depth_that_does_not_fit_the_image_is_a_clear_error():
+    conf = load_config(None, ["train.space_to_depth=4"]).train
+    with pytest.raises(UsageError, match=r"pack.image_size 24 does not fit train.model demo with "
+                                         r"train.space_to_depth 4.*multiple of 16"):
+        model_config("demo", 24, 256, 10, conf)
+    with pytest.raises(ValueError, match="space_to_depth=3 must be at least 1 and divide resolution=32"):
+        ModelConfig.demo(resolution=32, space_to_depth=3)

@@ -1,6 +1,6 @@
 """Training-step speed of the demo model on CPU: our train step vs a bare diffusers loop over the
 same U-Net, and the demo model before (32 px, cross-attention at 16 and 8 px) and after (16 px,
-cross-attention at 8 and 4 px) the CPU recipe.
+cross-attention at 8 and 4 px) the CPU recipe, and the recipe at 32 px with space-to-depth 2.
 
     python tools/bench_train.py [--pack work/demo/pack] [--steps 30] [--threads 2] [--out bench/train_speed.json]
 
@@ -28,9 +28,10 @@ from model.diffusion import make_scheduler, training_example  # noqa: E402
 from model.trainer import TrainParams, make_optimizer, step_randomness, train_step  # noqa: E402
 
 BATCH = 32
-VARIANTS = {  # name: (resolution, attention resolutions)
-    "before: 32 px, attention 16+8": (32, (16, 8)),
-    "after: 16 px, attention 8+4": (16, (8, 4)),
+VARIANTS = {  # name: (resolution, attention resolutions, space-to-depth)
+    "before: 32 px, attention 16+8": (32, (16, 8), 1),
+    "after: 16 px, attention 8+4": (16, (8, 4), 1),
+    "32 px, space-to-depth 2, attention 8+4": (32, (8, 4), 2),
 }
 
 
@@ -87,6 +88,9 @@ def bare(config: ModelConfig, data, steps: int) -> float:
         noise = torch.randn_like(image)
         t = torch.randint(0, config.num_train_timesteps, (len(image),))
         x_t, target = training_example(noise_scheduler, image, noise, t)
+        fold = config.space_to_depth  # the U-Net's own input grid: fold the pixels as KnnDenoiser does
+        if fold > 1:
+            x_t, target = (torch.nn.functional.pixel_unshuffle(x, fold) for x in (x_t, target))
         loss = torch.nn.functional.mse_loss(unet(x_t, t, encoder_hidden_states=proj(emb)).sample, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,8 +118,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}, torch threads {args.threads}")
     runs = {}
-    for name, (resolution, attention) in VARIANTS.items():
-        config = ModelConfig.demo(resolution=resolution, attention_resolutions=attention, clip_dim=256, k=10)
+    for name, (resolution, attention, s2d) in VARIANTS.items():
+        config = ModelConfig.demo(resolution=resolution, attention_resolutions=attention, clip_dim=256, k=10,
+                                  space_to_depth=s2d)
         runs[f"ours, {name}"] = (ours, config, resolution)
         runs[f"bare diffusers, {name}"] = (bare, config, resolution)
     results = {name: [] for name in runs}
@@ -126,7 +131,9 @@ def main(argv=None) -> int:
     for name, value in table.items():
         print(f"{name:<48} {value:>8.1f} samples/s")
     after, before = table["ours, after: 16 px, attention 8+4"], table["ours, before: 32 px, attention 16+8"]
+    folded = table["ours, 32 px, space-to-depth 2, attention 8+4"]
     summary = {"samples_per_s": table, "after_over_before": round(after / before, 2),
+               "space_to_depth_over_before_at_32px": round(folded / before, 2),
                "ours_over_bare": {name: round(table[f"ours, {name}"] / table[f"bare diffusers, {name}"], 2) for name in VARIANTS},
                "threads": args.threads, "steps": args.steps, "reps": args.reps, "batch": BATCH,
                "load_average_after": os.getloadavg()}
