@@ -55,6 +55,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                          f"the previous one, or retrain with `knnd run train --force`") from error
 
 
+def checkpoint_clip(path) -> dict | None:
+    """The identity of the CLIP a checkpoint was trained on (None: written before it was recorded)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("clip")
+
+
 def load_model(path, use_ema: bool = True, device="cpu") -> KnnDenoiser:
     """Rebuild the denoiser from a checkpoint alone (its config is inside), in eval mode."""
     checkpoint = load_checkpoint(path)

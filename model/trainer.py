@@ -56,10 +56,11 @@ class TrainParams:
     max_seconds: float | None = None  # wall-clock budget of this run: then checkpoint and stop
 
 
-def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir) -> dict:
+def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir, clip: dict | None = None) -> dict:
     """Train on pack shards into out_dir/checkpoints/ and out_dir/metrics.jsonl; returns a
-    summary {step, loss, lr, samples_per_s, checkpoint}."""
-    config = {"params": dataclasses.asdict(params), "model": model_config.to_dict(),
+    summary {step, loss, lr, samples_per_s, checkpoint}. `clip` (the identity of the CLIP whose
+    embeddings the pack holds) is recorded in every checkpoint."""
+    config = {"params": dataclasses.asdict(params), "model": model_config.to_dict(), "clip": clip,
               "shard_paths": [str(p) for p in shard_paths], "out_dir": str(Path(out_dir).resolve())}
     if params.num_workers == 1 and not params.use_gpu:
         return train_loop(config)
@@ -130,7 +131,7 @@ def train_loop(config: dict) -> dict:
             metrics.write(step, loss.item(), lr, samples_per_step=params.batch_size * world_size)
         if rank == 0 and (step % params.checkpoint_every == 0 or step == stop):
             save_checkpoint(out_dir / "checkpoints",
-                            training_state(model, ema, optimizer, lr_schedule, step, data, params))
+                            training_state(model, ema, optimizer, lr_schedule, step, data, params, config.get("clip")))
     return summary(out_dir) if rank == 0 else {}
 
 
@@ -254,9 +255,9 @@ def ema_state_dict(model: torch.nn.Module, ema: dict) -> dict:
             for name, value in model.state_dict().items()}
 
 
-def training_state(model, ema, optimizer, lr_schedule, step, data, params) -> dict:
-    """Everything to resume exactly; tensors and primitives only (weights_only=True loads it)."""
-    return {"model_config": model.config.to_dict(), "train_params": dataclasses.asdict(params),
+def training_state(model, ema, optimizer, lr_schedule, step, data, params, clip: dict | None = None) -> dict:
+    """Everything to resume exactly, and the CLIP identity; tensors and primitives only (weights_only=True loads it)."""
+    return {"model_config": model.config.to_dict(), "train_params": dataclasses.asdict(params), "clip": clip,
             "model": model.state_dict(), "ema": ema_state_dict(model, ema),
             "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
             "step": step, "data_position": list(data.position), "rng": rng_state()}

@@ -78,7 +78,8 @@ def cmd_sample(args) -> int:
         steps=conf.steps if args.steps is None else args.steps,
         seed=conf.seed if args.seed is None else args.seed,
         images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn, neighbours_only=args.neighbours_only,
-        init_image=args.init_image, strength=args.strength if args.init_image else 1.0)
+        init_image=args.init_image, strength=args.strength if args.init_image else 1.0,
+        allow_other_clip=args.allow_other_clip)
     sample_into(cfg, request, args.checkpoint, args.index, args.out)
     return 0
 
@@ -87,7 +88,7 @@ def cmd_evaluate(args) -> int:
     from pipeline.evaluate import evaluate_command
 
     return evaluate_command(_config(args), args.checkpoint, args.index, args.out, k=args.k, no_knn=args.no_knn,
-                            neighbours_only=args.neighbours_only)
+                            neighbours_only=args.neighbours_only, allow_other_clip=args.allow_other_clip)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="condition on the retrieved neighbours alone: the text only retrieves them (RDM-style)")
     p.add_argument("--init-image", help="reference image to edit (replaces the first neighbour, noised start)")
     p.add_argument("--strength", type=float, default=0.7, help="how far the reference is noised (0..1)")
+    p.add_argument("--allow-other-clip", action="store_true",
+                   help="sample against an index embedded by another CLIP than the model's (refused by default)")
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -146,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
     p.add_argument("--neighbours-only", action="store_true",
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")
+    p.add_argument("--allow-other-clip", action="store_true",
+                   help="grade against an index embedded by another CLIP than the model's (refused by default)")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
     return parser

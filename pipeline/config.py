@@ -87,6 +87,9 @@ class DedupConfig:
 
 @dataclass
 class IndexConfig:
+    self_contained: bool = opt(True, "copy the indexed vectors (float16), keys, captions, urls and thumbnails into the "
+                               "index folder, so it can be moved without the embed folder (n x d x 2 bytes more)")
+    thumbnail_size: int = opt(32, "thumbnails kept in a self-contained index, pixels (0: none)", min=0, max=256)
     factory: str = opt("auto", '"auto" or a faiss index factory string such as "OPQ256_512,IVF65536,PQ256"')
     memory_budget: str = opt("4GB", "the index must fit in this much memory (auto factory)")
     nprobe: str | int = opt("auto", '"auto" (tuned to target_recall) or a fixed number of IVF cells to search')

@@ -39,6 +39,7 @@ class EvalSetup:
     k: int
     no_knn: bool = False
     neighbours_only: bool = False
+    allow_other_clip: bool = False  # grade against an index of another CLIP (same dimension)
     samples_from: Path | None = None  # an earlier evaluation's folder: grade its samples.npz, sample nothing
 
 
@@ -234,7 +235,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
 
     conf, device, start = cfg.evaluate, resolve_device(cfg), time.time()
     prompts, held_rows = prompt_set(cfg)
-    sampler = Sampler(setup.checkpoint, setup.index_dir, device)
+    sampler = Sampler(setup.checkpoint, setup.index_dir, device, setup.allow_other_clip)
     size = sampler.config.resolution
     encoder = load_encoder(conf, sampler.retriever.infos, setup.index_dir, device)  # a bad encoder fails before sampling
     print(f"evaluate: {len(prompts)} prompts x {conf.images_per_prompt} images, k={0 if setup.no_knn else setup.k}, "
@@ -333,7 +334,7 @@ def run(stage: StageRun) -> dict:
 
 
 def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
-                     no_knn: bool = False, neighbours_only: bool = False) -> int:
+                     no_knn: bool = False, neighbours_only: bool = False, allow_other_clip: bool = False) -> int:
     """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts."""
     from pipeline.generation import resolve_checkpoint
 
@@ -351,7 +352,7 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
     result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn,
-                                     neighbours_only=neighbours_only))
+                                     neighbours_only=neighbours_only, allow_other_clip=allow_other_clip))
     print_metrics(result)
     print(f"report: {folder / 'report.html'}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.files import atomic_path
 from pipeline.grids import write_grid
 
@@ -44,16 +46,16 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, sampler
     """report.html: summary, metric table, loss curve, and the first report_prompts prompts with their
     retrieved neighbours (thumbnails from the index's own database), samples and real image."""
     from pipeline.html_report import write_report
-    from pipeline.images import DatabaseImages
 
     shown = min(conf.report_prompts, len(prompts))
     rows, sims = generated["rows"][:shown, :REPORT_NEIGHBOURS], generated["sims"][:shown, :REPORT_NEIGHBOURS]
-    database = DatabaseImages(sampler.retriever.embeddings.dir) if rows.size else None
-    thumbs = database.load(rows[rows >= 0], 64) if database else {}
+    found = np.unique(rows[rows >= 0])
+    thumbs = sampler.retriever.thumbnails(found, 64) if found.size else {}
+    captions = dict(zip(found.tolist(), (c for _, c in sampler.retriever.describe(found)))) if found.size else {}
     real_by_prompt = real_images or {}  # {prompt index: image}
     entries = []
     for p in range(shown):
-        neighbours = [{"image": thumbs.get(int(r)), "caption": str(database.captions[r]) if database else "",
+        neighbours = [{"image": thumbs.get(int(r)), "caption": captions.get(int(r), ""),
                        "similarity": float(s)} for r, s in zip(rows[p], sims[p]) if r >= 0]
         entries.append({"prompt": prompts[p], "samples": list(generated["images"][generated["prompt_of"] == p]),
                         "real": real_by_prompt.get(p), "neighbours": neighbours})

@@ -32,6 +32,7 @@ class SampleRequest:
     neighbours_only: bool = False
     init_image: str | None = None
     strength: float = 1.0
+    allow_other_clip: bool = False  # sample against an index of another CLIP (same dimension)
 
     def validate(self) -> None:
         if not self.prompts:
@@ -57,8 +58,9 @@ class Sampler:
     `__call__(prompt, request)` -> (uint8 images [n, H, W, 3], one record per image).
     """
 
-    def __init__(self, checkpoint: Path, index_dir: Path, device: str):
-        from model.checkpoint import load_model
+    def __init__(self, checkpoint: Path, index_dir: Path, device: str, allow_other_clip: bool = False):
+        from model.checkpoint import checkpoint_clip, load_model
+        from pipeline.index_files import check_same_clip
         from pipeline.retrieval import Retriever
 
         self.checkpoint, self.index_dir = Path(checkpoint), Path(index_dir)
@@ -70,6 +72,8 @@ class Sampler:
         self.retriever = Retriever(self.index_dir, queries="text")
         if self.retriever.dim != self.config.clip_dim:
             raise UsageError(dimension_mismatch(self.checkpoint, self.config.clip_dim, self.index_dir, self.retriever.dim))
+        check_same_clip(checkpoint_clip(self.checkpoint), self.retriever.infos.get("clip"), self.checkpoint,
+                        self.index_dir, allow_other_clip)
         self.clip = load_index_clip(self.retriever.infos, self.index_dir, device)
         self.retriever.check_dim(self.clip.embed_dim, f"the CLIP model {self.clip.name}")
 
@@ -118,7 +122,8 @@ class Sampler:
                 np.zeros((len(prompts), 0), np.float32)
         sims, rows = self.retriever.search(texts, k)
         found = rows >= 0
-        neighbours = self.retriever.embeddings[np.where(found, rows, 0).ravel()].astype(np.float32)
+        any_row = self.retriever.index_rows()[0]  # a placeholder for missing neighbours (masked out)
+        neighbours = self.retriever.embeddings[np.where(found, rows, any_row).ravel()].astype(np.float32)
         neighbours = neighbours.reshape(len(prompts), k, -1) * found[..., None]
         emb = np.concatenate([texts[:, None, :], neighbours], axis=1)
         mask = np.concatenate([np.full((len(prompts), 1), not neighbours_only), found], axis=1)
@@ -268,7 +273,7 @@ def sample_into(cfg, request: SampleRequest, checkpoint: str | None = None, inde
     Returns the folder."""
     request.validate()
     sampler = Sampler(resolve_checkpoint(cfg, checkpoint), Path(index or cfg.sample.index or Path(cfg.workdir) / "index"),
-                      resolve_device(cfg))
+                      resolve_device(cfg), request.allow_other_clip)
     folder = Path(out) if out else new_folder(Path(cfg.workdir) / "sample_cli")
     records = generate(sampler, request, folder)
     write_records(folder, records)

@@ -21,6 +21,7 @@ from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_by
                                   train_index, training_sample_size)
 from pipeline.faiss_search import (drop_self, exact_search, recall_at_k, refine_search, search, search_param_name,
                                    set_search_param, tune_nprobe)
+from pipeline.index_files import clip_identity, write_index_files
 from pipeline.runner import StageRun, UsageError, atomic_path, write_json
 from pipeline.sizes import parse_bytes
 
@@ -134,6 +135,10 @@ def run(stage: StageRun) -> dict:
     save_index(index, stage.dir / "image.index")
     with atomic_path(stage.dir / "rows.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, kept_rows, allow_pickle=False)  # which embed rows the index holds (evaluation, reports)
+    files = {}
+    if conf.self_contained:  # the folder can be moved and shared without the embed folder
+        files = write_index_files(stage.dir, emb, kept_rows, embed_dir,
+                                  conf.thumbnail_size if stage.inputs["embed"].get("download_dir") else 0)
     fixed, per_vector = index_cost(factory, d)
     infos = {
         "factory": factory, "n": n, "d": d, "metric": "inner_product",
@@ -143,6 +148,7 @@ def run(stage: StageRun) -> dict:
         "memory_budget": conf.memory_budget, "refine": conf.refine, "refine_k_factor": REFINE_K_FACTOR,
         "build_seconds": round(time.time() - start, 2), "recall": recall,
         "embed_dir": str(embed_dir.resolve()), "model": stage.inputs["embed"]["model"],
+        "clip": clip_identity(stage.inputs["embed"]["model"]), "files": files,
     }
     write_json(stage.dir / "index_infos.json", infos)
     stage.mark_done(0, {"n": n})

@@ -43,19 +43,19 @@ def select_neighbours(sims, rows, q_rows, q_bits, bits, k, cosine_threshold, man
 class NeighbourWorker:
     """Holds the index; `__call__(shard)` writes that shard's neighbour lists."""
 
-    def __init__(self, index_dir: str, dedup_dir: str, out_dir: str, k: int, candidates: int,
+    def __init__(self, index_dir: str, embed_dir: str, dedup_dir: str, out_dir: str, k: int, candidates: int,
                  cosine_threshold: float, manhattan_threshold: int, batch_size: int):
         from pathlib import Path
 
         import faiss
         import pyarrow as pa
 
-        from pipeline.embeddings import read_metadata_table
+        from pipeline.embeddings import Embeddings, read_metadata_table
 
         faiss.omp_set_num_threads(1)  # one actor per CPU: threads inside an actor would oversubscribe
         self.retriever = Retriever(index_dir)
         self.keep = read_keep(Path(dedup_dir))
-        emb = self.retriever.embeddings
+        self.embeddings = emb = Embeddings(Path(embed_dir))  # the queries: every kept embed row
         meta = read_metadata_table(emb.dir, emb.manifest, ["key", "phash"])
         # Arrow strings (64-bit offsets past 2 GiB of keys): a few bytes over the key per row, in every actor
         self.keys = meta.column("key").cast(pa.large_string()).combine_chunks()
@@ -85,7 +85,7 @@ class NeighbourWorker:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        emb = self.retriever.embeddings
+        emb = self.embeddings
         start = shard["row_offset"]
         q_rows = np.arange(start, start + shard["rows"], dtype=np.int64)
         q_rows = q_rows[self.keep[q_rows]]
@@ -153,7 +153,8 @@ def run(stage: StageRun) -> dict:
     stage.plan(len(shards))
     ensure_ray(cfg)
     # absolute: Ray workers need not share the driver's working directory
-    args = (str(stage.input_dirs["index"].resolve()), str(stage.input_dirs["dedup"].resolve()), str(stage.dir.resolve()),
+    args = (str(stage.input_dirs["index"].resolve()), str(stage.input_dirs["embed"].resolve()),
+            str(stage.input_dirs["dedup"].resolve()), str(stage.dir.resolve()),
             conf.k, conf.candidates, cosine, manhattan, conf.batch_size)
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")

@@ -1,9 +1,10 @@
 """Search an index directory built by this pipeline: the one retrieval path for neighbours,
 `knnd search` and sampling (any index directory: that is database swapping).
 
-An index directory holds `image.index` and `index_infos.json`; the infos name the embed
-folder whose float16 embeddings back it (exact re-ranking, neighbour vectors) and whose
-metadata gives keys and captions.
+An index directory holds `image.index`, `index_infos.json`, and (pipeline.index_files) the
+vectors, metadata and thumbnails of the images it holds, so it can be moved on its own. An index
+built without them reads vectors (exact re-ranking, neighbour vectors), keys and captions from
+the embed folder its infos name.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 
 from pipeline import faiss_build, faiss_search
 from pipeline.embeddings import Embeddings, read_metadata
-from pipeline.runner import StageError, UsageError, read_json
+from pipeline.files import StageError, UsageError, read_json
+from pipeline.index_files import METADATA, THUMBNAILS, VECTORS, IndexVectors
 
 
 class Retriever:
@@ -37,7 +39,11 @@ class Retriever:
         nprobe = nprobe or self.infos.get("nprobe")
         if self.infos.get("search_param") and nprobe:
             faiss_search.set_search_param(self.index, self.infos["search_param"], int(nprobe))
-        self.embeddings = Embeddings(Path(self.infos["embed_dir"]))
+        self.self_contained = (self.dir / VECTORS).exists()
+        if self.self_contained:
+            self.embeddings = IndexVectors(self.dir, self.index_rows())
+        else:
+            self.embeddings = Embeddings(Path(self.infos["embed_dir"]))
         self.dim = int(self.infos["d"])
         self._meta: dict | None = None
 
@@ -62,10 +68,29 @@ class Retriever:
         return np.arange(len(self.embeddings), dtype=np.int64)
 
     def metadata(self) -> dict:
+        """{key, caption}: arrays indexed by position (self-contained index) or by embed row."""
         if self._meta is None:
-            self._meta = read_metadata(self.embeddings.dir, self.embeddings.manifest, ["key", "caption", "phash"])
+            if self.self_contained:
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(self.dir / METADATA, columns=["key", "caption"])
+                self._meta = {name: table.column(name).to_numpy(zero_copy_only=False) for name in ("key", "caption")}
+            else:
+                self._meta = read_metadata(self.embeddings.dir, self.embeddings.manifest, ["key", "caption"])
         return self._meta
 
     def describe(self, rows: np.ndarray) -> list[tuple[str, str]]:
         meta = self.metadata()
-        return [(str(meta["key"][r]), str(meta["caption"][r])) for r in rows]
+        at = self.embeddings.positions(rows) if self.self_contained else np.asarray(rows, dtype=np.int64)
+        return [(str(meta["key"][p]), str(meta["caption"][p])) for p in at]
+
+    def thumbnails(self, rows, size: int = 64) -> dict[int, np.ndarray]:
+        """{row: uint8 image} for display: the index's own thumbnails, else decoded from the download
+        shards behind the embed folder (at `size`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if (self.dir / THUMBNAILS).exists():
+            thumbs = np.load(self.dir / THUMBNAILS, mmap_mode="r")
+            return {int(r): np.asarray(thumbs[p]) for r, p in zip(rows, self.embeddings.positions(rows))}
+        from pipeline.images import DatabaseImages
+
+        return DatabaseImages(Path(self.infos["embed_dir"])).load(rows, size)

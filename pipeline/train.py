@@ -98,6 +98,7 @@ def check(cfg) -> None:
 
 def run(stage: StageRun) -> dict:
     from model.trainer import train
+    from pipeline.index_files import clip_identity
 
     conf, pack = stage.conf, stage.inputs["pack"]
     config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
@@ -114,7 +115,8 @@ def run(stage: StageRun) -> dict:
     try:
         budget = None if conf.minutes is None else conf.minutes * 60
         with MetricsTail(stage.dir / "metrics.jsonl", conf.steps, budget_seconds=budget):
-            result = train(dataclasses.replace(params, max_seconds=budget), config, paths, stage.dir)
+            result = train(dataclasses.replace(params, max_seconds=budget), config, paths, stage.dir,
+                           clip=clip_identity(pack.get("clip")))
     except ValueError as e:  # the trainer's own messages: corrupt pack shard, foreign checkpoint
         raise StageError(str(e)) from None
     return manifest_body(stage.dir, result, config, conf, pack)

@@ -52,6 +52,14 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     swap_db = set(pq.read_table(sorted((work / "swap" / "embed" / "metadata").glob("*.parquet"))).column("key").to_pylist())
     assert swap_keys <= swap_db  # the swapped samples were conditioned on the second database only
     assert "grid.png" in out and "swapped database" in out
+    # the index folder carries thumbnails of its stickers (as the pack stage decodes them), row-aligned
+    from pipeline.images import DatabaseImages
+
+    rows, thumbs = np.load(work / "index" / "rows.npy"), np.load(work / "index" / "thumbnails.npy")
+    assert thumbs.shape == (len(rows), 32, 32, 3) and thumbs.dtype == np.uint8
+    pictures = DatabaseImages(work / "embed").load(rows[:3], 32)
+    assert all(np.array_equal(thumbs[i], pictures[int(r)]) for i, r in enumerate(rows[:3]))
+    assert thumbs.std() > 10  # pictures, not a blank fill
     metrics = json.loads((work / "evaluate" / "metrics.json").read_text())
     assert metrics["prompts"] >= 2 and metrics["k"] == 4 and set(metrics["databases"]) == {
         str((work / "index").resolve()), str((work / "swap" / "index").resolve())}

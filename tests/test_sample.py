@@ -216,3 +216,53 @@ def test_neighbours_only_masks_the_text_slot_and_depends_on_the_neighbours(work,
     assert mask is not None and not mask[:, 0].any() and mask[:, 1:].all() and emb.shape[1] == 4
     assert all(r["neighbours_only"] and r["k"] == 3 for r in records(tmp_path / "nbo"))
     assert knnd_sample(work, tmp_path / "both", "--neighbours-only", "--no-knn") == 2
+
+
+def test_a_copied_index_folder_samples_with_its_workdir_deleted(tmp_path, capsys):
+    """The index folder holds what search and sampling need (vectors, keys, captions, CLIP identity):
+    `cp -r index/ elsewhere` and `knnd sample --index elsewhere` give the same images and neighbours
+    after the workdir it came from is deleted; the checkpoint records the CLIP it was trained on."""
+    import shutil
+
+    from pipeline.embeddings import Embeddings
+
+    config = build_index(tmp_path / "w", "w", 24, 32, seed=4)
+    pack = write_pack(tmp_path / "w")
+    pack["clip"] = {"model": TINY, "pretrained": None, "name": "tiny", "dim": 32}
+    write_json(tmp_path / "w" / "pack" / "manifest.json", pack)
+    run_stage("train", load_config(config))
+    index, checkpoint = tmp_path / "w" / "index", tmp_path / "w" / "train" / "checkpoints" / "step_0000002.pt"
+    rows = np.load(index / "rows.npy")
+    assert np.array_equal(np.load(index / "vectors.npy"), Embeddings(tmp_path / "w" / "embed")[rows])
+    infos = json.loads((index / "index_infos.json").read_text())
+    identity = {"name": "tiny", "pretrained": None, "weights_sha256": None, "d": 32}
+    assert infos["clip"] == identity and torch.load(checkpoint, weights_only=True)["clip"] == identity
+    assert not (index / "thumbnails.npy").exists()  # synthetic embeddings: no pictures behind them
+
+    args = ["sample", "red heart", "rocket", "-k", "3", "--steps", "2", "--seed", "5", "-c", str(config)]
+    assert main([*args, "--out", str(tmp_path / "before")]) == 0
+    shutil.copytree(index, tmp_path / "elsewhere" / "index")
+    shutil.copy(checkpoint, tmp_path / "elsewhere" / "model.pt")
+    shutil.copy(config, tmp_path / "elsewhere" / "stages.yaml")  # the same sample: settings
+    shutil.rmtree(tmp_path / "w")
+    moved = ["--index", str(tmp_path / "elsewhere" / "index"), "--checkpoint", str(tmp_path / "elsewhere" / "model.pt"),
+             "-c", str(tmp_path / "elsewhere" / "stages.yaml")]
+    assert main(["sample", "red heart", "rocket", "-k", "3", "--steps", "2", "--seed", "5", *moved,
+                 "--out", str(tmp_path / "after")]) == 0
+    before, after = records(tmp_path / "before"), records(tmp_path / "after")
+    assert [r["neighbour_keys"] for r in after] == [r["neighbour_keys"] for r in before]
+    assert [r["neighbour_captions"] for r in after] == [r["neighbour_captions"] for r in before]
+    for r in before:
+        assert (tmp_path / "after" / r["image"]).read_bytes() == (tmp_path / "before" / r["image"]).read_bytes()
+
+    # an index embedded by another CLIP (same dimension) is refused, naming both, unless allowed
+    other = tmp_path / "elsewhere" / "index" / "index_infos.json"
+    other.write_text(json.dumps({**infos, "clip": {**identity, "name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}}))
+    capsys.readouterr()
+    assert main(["sample", "red heart", "-k", "3", "--steps", "2", *moved, "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "trained on embeddings of CLIP tiny (random init, d=32)" in err
+    assert "embeddings of CLIP ViT-B-32 (laion2b_s34b_b79k, d=32)" in err and "--allow-other-clip" in err
+    assert not (tmp_path / "other").exists()
+    assert main(["sample", "red heart", "-k", "3", "--steps", "2", *moved, "--allow-other-clip",
+                 "--out", str(tmp_path / "other")]) == 0

@@ -149,7 +149,7 @@ def test_shard_paths_handed_to_the_trainer_are_absolute_with_a_relative_workdir(
 
     seen = {}
 
-    def capture(params, config, shard_paths, out_dir):
+    def capture(params, config, shard_paths, out_dir, clip=None):
         seen["paths"] = [Path(p) for p in shard_paths]  # out_dir: model.trainer.train resolves it itself
         raise Captured
 
