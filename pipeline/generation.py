@@ -99,7 +99,7 @@ class Sampler:
             keep = rows >= 0
             sims, rows = sims[keep], rows[keep]
             if reference is not None:  # the paper's editing condition: (f_txt, f_img(ref), d_2 .. d_k)
-                sims, rows = sims[:k - 1], rows[:k - 1]
+                sims, rows = sims[1:k], rows[1:k]
             described = self.retriever.describe(rows)
             record = {"neighbour_keys": [key for key, _ in described],
                       "neighbour_captions": [caption for _, caption in described],

@@ -169,6 +169,12 @@ def test_init_image_takes_the_first_neighbour_slot_and_the_noised_start(work, tm
     rows = records(tmp_path / "out")
     assert all(len(r["neighbour_keys"]) == 2 and r["strength"] == 0.5 and r["init_image"] == str(reference.resolve())
                for r in rows)
+    # the paper keeps d_2 .. d_k: the nearest neighbour gives its slot to the reference
+    assert knnd_sample(work, tmp_path / "plain") == 0
+    plain = next(r for r in records(tmp_path / "plain") if r["prompt"] == "red heart")
+    edited = next(r for r in rows if r["prompt"] == "red heart")
+    assert edited["neighbour_keys"] == plain["neighbour_keys"][1:3]
+    assert edited["similarities"] == plain["similarities"][1:3]
 
 
 def test_k_beyond_the_model_and_missing_checkpoint_are_usage_errors(work, tmp_path, capsys):
