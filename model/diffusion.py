@@ -48,7 +48,7 @@ def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None):
 @torch.no_grad()
 def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
            generator: torch.Generator | list[torch.Generator] | None = None, init_image=None, strength: float = 1.0,
-           scheduler: str = "ddim", neighbour_mask=None) -> np.ndarray:
+           scheduler: str = "ddim", neighbour_mask=None, progress=None) -> np.ndarray:
     """Generate uint8 images [B, H, W, 3] for condition embeddings emb [B, n <= k+1, d].
 
     Deterministic for a given CPU torch.Generator (noise is drawn on the CPU, on any device). A list
@@ -58,6 +58,7 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     the reference noised to timestep ~strength * T and run the remaining steps (the paper also puts
     f_img(reference) in neighbour slot 1 of emb: the caller's job). neighbour_mask: see
     ConditionEncoder (e.g. --no-knn with a model trained with neighbours: pass emb[:, :1]).
+    progress(done, total), if given, is called after each denoising step (`knnd serve` shows it).
     """
     config = model.config
     device = next(model.parameters()).device
@@ -78,10 +79,12 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     model.eval()
     emb = emb.to(device, torch.float32)
     use_bf16 = device.type == "cuda"
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = guided_output(model, x, t, emb, guidance, neighbour_mask)
         x = sched.step(out, t, x, generator=generator).prev_sample
+        if progress is not None:
+            progress(i + 1, len(timesteps))
     model.train(was_training)
     return tensor_to_images(x)
 

@@ -62,7 +62,7 @@ def cmd_demo(args) -> int:
 def cmd_search(args) -> int:
     from pipeline.search import search_command
 
-    return search_command(_config(args), args.prompt, index_dir=args.index, k=args.k)
+    return search_command(_config(args), args.prompt, index_dir=args.index, k=args.k, where=args.where)
 
 
 def cmd_sample(args) -> int:
@@ -79,7 +79,7 @@ def cmd_sample(args) -> int:
         seed=conf.seed if args.seed is None else args.seed,
         images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn, neighbours_only=args.neighbours_only,
         init_image=args.init_image, strength=args.strength if args.init_image else 1.0,
-        allow_other_clip=args.allow_other_clip)
+        allow_other_clip=args.allow_other_clip, where=args.where)
     sample_into(cfg, request, args.checkpoint, args.index, args.out)
     return 0
 
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--index", help="index directory (default: this workdir's index/)")
     p.add_argument("-k", type=int, default=10, help="neighbours to print")
+    p.add_argument("--where", help='only images whose metadata satisfies this SQL filter, e.g. "punsafe < 0.1" (DuckDB)')
     _add_config_args(p)
     p.set_defaults(func=cmd_search)
 
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.7, help="how far the reference is noised (0..1)")
     p.add_argument("--allow-other-clip", action="store_true",
                    help="sample against an index embedded by another CLIP than the model's (refused by default)")
+    p.add_argument("--where", help='neighbours only among images whose metadata satisfies this SQL filter, '
+                                   'e.g. "aesthetic >= q(0.9)" (DuckDB)')
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)
 

@@ -49,6 +49,8 @@ class DownloadConfig:
                             choices=["auto", "parquet", "csv", "tsv", "txt"])
     url_col: str = opt("url", "column holding the image URL")
     caption_col: str | None = opt("caption", "column holding the caption (null: none); kept as metadata only")
+    extra_columns: list[str] = opt([], "more URL-list columns carried into the embed and index metadata (e.g. punsafe, "
+                                   "pwatermark, aesthetic), for --where filters")
     image_size: int = opt(256, "images are resized to this size (pixels)", min=8, max=8192)
     resize_mode: str = opt("border", "img2dataset resize mode", choices=["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"])
     encode_format: str = opt("jpg", "image format inside the shards", choices=["jpg", "png", "webp"])
@@ -90,6 +92,8 @@ class IndexConfig:
     self_contained: bool = opt(True, "copy the indexed vectors (float16), keys, captions, urls and thumbnails into the "
                                "index folder, so it can be moved without the embed folder (n x d x 2 bytes more)")
     thumbnail_size: int = opt(32, "thumbnails kept in a self-contained index, pixels (0: none)", min=0, max=256)
+    where: str | None = opt(None, "index only the kept images whose metadata satisfies this SQL filter, e.g. "
+                            '"punsafe < 0.1 and aesthetic >= q(0.9)" (DuckDB; q(p): the column\'s p-quantile)')
     factory: str = opt("auto", '"auto" or a faiss index factory string such as "OPQ256_512,IVF65536,PQ256"')
     memory_budget: str = opt("4GB", "the index must fit in this much memory (auto factory)")
     nprobe: str | int = opt("auto", '"auto" (tuned to target_recall) or a fixed number of IVF cells to search')
@@ -104,6 +108,7 @@ class IndexConfig:
 class NeighboursConfig:
     k: int = opt(10, "neighbours per image (paper: 10)", min=1)
     candidates: int = opt(32, "candidates fetched per image before removing self and near-duplicates", min=1)
+    where: str | None = opt(None, "neighbours only among images whose metadata satisfies this SQL filter (see index.where)")
     batch_size: int = opt(8192, "queries per search batch", min=1, runtime=True)
     actors: str | int = opt("auto", '"auto" (one per CPU, as memory allows) or a number of Ray actors holding the index',
                             runtime=True)

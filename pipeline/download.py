@@ -51,10 +51,15 @@ def check(cfg) -> None:
         raise UsageError("download.url_list is not set: pass --set download.url_list=PATH (parquet, csv, tsv or txt)")
     if not Path(conf.url_list).exists():
         raise UsageError(f"download.url_list {conf.url_list} does not exist: fix the path")
+    taken = sorted(set(conf.extra_columns) & {"row", "key", "shard", "url", "caption", "width", "height", "phash"})
+    if taken:
+        raise UsageError(f"download.extra_columns {taken}: these names are the metadata's own columns; "
+                         f"list only other columns of the URL list")
     fmt = url_list_format(conf)
     if fmt in ("parquet", "csv", "tsv"):
         columns = _columns(Path(conf.url_list), fmt)
-        for key, col in (("url_col", conf.url_col), ("caption_col", conf.caption_col)):
+        for key, col in (("url_col", conf.url_col), ("caption_col", conf.caption_col),
+                         *(("extra_columns", c) for c in conf.extra_columns)):
             if col is not None and col not in columns:
                 raise UsageError(f"download.{key}: column {col!r} is not in {conf.url_list} (columns: {', '.join(columns)}); "
                                  f"set download.{key} to one of them" + (" or null" if key == "caption_col" else ""))
@@ -124,7 +129,8 @@ def run(stage: StageRun) -> dict:
     finally:
         stop.set()
         watcher.join()
-    return summarise(stage.dir, n_shards)
+    # extra URL-list columns ride in each sample's json; embed copies them into its metadata
+    return summarise(stage.dir, n_shards) | {"extra_columns": list(conf.extra_columns)}
 
 
 def _img2dataset(conf, fmt: str, out: Path) -> None:
@@ -141,6 +147,7 @@ def _img2dataset(conf, fmt: str, out: Path) -> None:
             input_format=fmt,
             url_col=conf.url_col,
             caption_col=conf.caption_col,
+            save_additional_columns=list(conf.extra_columns) or None,
             image_size=conf.image_size,
             resize_mode=conf.resize_mode,
             encode_format=conf.encode_format,

@@ -43,14 +43,15 @@ def decode_sample(parts: dict, pil_transform, phash_size: int):
     return pixels, image.width, image.height, phash
 
 
-def decode_chunks(tar_path: str, pil_transform, phash_size: int, chunk_size: int, expected: int | None = None):
+def decode_chunks(tar_path: str, pil_transform, phash_size: int, chunk_size: int, expected: int | None = None,
+                  extra: tuple = ()):
     """Decode a shard into chunks of at most `chunk_size` samples (dicts of columns).
 
     `expected` is the number of samples the downloader wrote: tarfile reads an archive cut at a
     member boundary without complaint, so a shorter shard is reported as truncated."""
     from PIL import Image
 
-    chunk, seen = _empty_chunk(), 0
+    chunk, seen = _empty_chunk(extra), 0
     try:
         for key, parts in iter_tar_samples(tar_path):
             seen += 1
@@ -65,6 +66,8 @@ def decode_chunks(tar_path: str, pil_transform, phash_size: int, chunk_size: int
                 continue
             chunk["key"].append(key)
             chunk["url"].append(meta.get("url"))
+            for name in extra:  # URL-list columns img2dataset saved in the sample's json
+                chunk[name].append(meta.get(name))
             chunk["caption"].append(parts["txt"].decode("utf-8") if "txt" in parts else meta.get("caption"))
             chunk["width"].append(width)
             chunk["height"].append(height)
@@ -72,7 +75,7 @@ def decode_chunks(tar_path: str, pil_transform, phash_size: int, chunk_size: int
             chunk["pixels"].append(pixels)
             if len(chunk["key"]) == chunk_size:
                 yield _finish_chunk(chunk)
-                chunk = _empty_chunk()
+                chunk = _empty_chunk(extra)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise StageError(corrupt_message(tar_path, str(e))) from None
     if expected is not None and seen != expected:
@@ -80,8 +83,8 @@ def decode_chunks(tar_path: str, pil_transform, phash_size: int, chunk_size: int
     yield _finish_chunk(chunk)
 
 
-def _empty_chunk() -> dict:
-    chunk = {c: [] for c in ("key", "url", "caption", "width", "height", "phash", "pixels")}
+def _empty_chunk(extra: tuple = ()) -> dict:
+    chunk = {c: [] for c in ("key", "url", "caption", "width", "height", "phash", "pixels", *extra)}
     chunk["failed"] = collections.Counter()
     return chunk
 
@@ -210,6 +213,7 @@ def run(stage: StageRun) -> dict:
     info = ray.get(encoder.info.remote())
     clock.ready()
     decode = ray.remote(decode_chunks).options(num_cpus=1, max_retries=0)
+    extra = tuple(download.get("extra_columns", ()))
     progress = stage.progress(len(shards), unit="images")
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     transform_ref = ray.put(info["pil_transform"])
@@ -219,13 +223,13 @@ def run(stage: StageRun) -> dict:
     workers = decode_worker_count(conf.decode_workers, largest * info["image_size"] ** 2 * 3)
 
     def finish_oldest():
-        rows = _finish_shard(stage, encoder, *running.popleft(), info["dim"])
+        rows = _finish_shard(stage, encoder, *running.popleft(), info["dim"], extra)
         clock.items += rows
         progress.update(1, rows)
 
     for shard in todo:
         tar = str((stage.input_dirs["download"] / shard["tar"]).resolve())  # Ray workers: absolute
-        chunks = decode.remote(tar, transform_ref, conf.phash_size, chunk_size, shard["successes"])
+        chunks = decode.remote(tar, transform_ref, conf.phash_size, chunk_size, shard["successes"], extra)
         running.append((shard["shard"], tar, chunks))
         while len(running) > workers:
             finish_oldest()
@@ -235,7 +239,7 @@ def run(stage: StageRun) -> dict:
     return finalize(stage, [s["shard"] for s in shards], info) | {"timing": timing}
 
 
-def _finish_shard(stage: StageRun, encoder, shard: int, tar: str, chunks, dim: int) -> int:
+def _finish_shard(stage: StageRun, encoder, shard: int, tar: str, chunks, dim: int, extra: tuple = ()) -> int:
     """Encode a shard's decoded chunks, write its embeddings and row-less metadata, mark it done."""
     import ray
 
@@ -248,7 +252,8 @@ def _finish_shard(stage: StageRun, encoder, shard: int, tar: str, chunks, dim: i
         if isinstance(e.cause, StageError):
             raise StageError(str(e.cause)) from None
         raise
-    meta = {c: [v for chunk, _ in results for v in chunk[c]] for c in ("key", "url", "caption", "width", "height", "phash")}
+    meta = {c: [v for chunk, _ in results for v in chunk[c]]
+            for c in ("key", "url", "caption", "width", "height", "phash", *extra)}
     for chunk, _ in results:
         failed.update(chunk["failed"])
     img = np.concatenate([e["img"] for _, e in results]) if results else np.zeros((0, dim), np.float16)
@@ -283,6 +288,7 @@ def _write_metadata(path: Path, meta: dict, shard: int, row_offset: int | None) 
         "height": pa.array(meta["height"], pa.int32()),
         "phash": pa.array(meta["phash"], pa.string()),
     }
+    columns |= {name: pa.array(values) for name, values in meta.items() if name not in columns and name != "row"}
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(columns), tmp)
 

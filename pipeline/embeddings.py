@@ -96,6 +96,21 @@ def read_metadata_table(embed_dir: Path, manifest: dict, columns: list[str]):
     return pa.concat_tables(tables)
 
 
+def metadata_files(embed_dir: Path, manifest: dict) -> list[Path]:
+    return [Path(embed_dir) / shard["metadata"] for shard in manifest["shards"]]
+
+
+def metadata_schema(embed_dir: Path, manifest: dict):
+    """The embed metadata's columns (row, key, shard, url, caption, ..., and download.extra_columns)."""
+    import pyarrow.parquet as pq
+
+    files = metadata_files(embed_dir, manifest)
+    try:
+        return pq.read_schema(files[0])
+    except (OSError, IndexError) as e:
+        raise StageError(f"{Path(embed_dir)} has no readable metadata ({e}): {REBUILD}") from None
+
+
 def read_metadata(embed_dir: Path, manifest: dict, columns: list[str]) -> dict[str, np.ndarray]:
     """Columns of the embed metadata for every row, in row order."""
     table = read_metadata_table(embed_dir, manifest, columns)

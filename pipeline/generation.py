@@ -33,6 +33,7 @@ class SampleRequest:
     init_image: str | None = None
     strength: float = 1.0
     allow_other_clip: bool = False  # sample against an index of another CLIP (same dimension)
+    where: str | None = None  # neighbours only among images whose metadata satisfies this filter
 
     def validate(self) -> None:
         if not self.prompts:
@@ -55,7 +56,8 @@ class SampleRequest:
 class Sampler:
     """Loaded once: the denoiser (EMA weights), the index and the CLIP that embedded its images.
 
-    `__call__(prompt, request)` -> (uint8 images [n, H, W, 3], one record per image).
+    `__call__(prompt, request)` -> (uint8 images [n, H, W, 3], one record per image); an optional
+    `progress(done, total)` is called after each denoising step.
     """
 
     def __init__(self, checkpoint: Path, index_dir: Path, device: str, allow_other_clip: bool = False):
@@ -94,7 +96,7 @@ class Sampler:
         record = {"neighbour_keys": [], "neighbour_captions": [], "similarities": []}
         slots = [text]
         if k:
-            sims, rows = self.retriever.search(text, k)
+            sims, rows = self.retriever.search(text, k, where=request.where)
             sims, rows = sims[0], rows[0]
             keep = rows >= 0
             sims, rows = sims[keep], rows[keep]
@@ -129,7 +131,7 @@ class Sampler:
         mask = np.concatenate([np.full((len(prompts), 1), not neighbours_only), found], axis=1)
         return emb, mask, rows, sims.astype(np.float32)
 
-    def __call__(self, prompt: str, request: SampleRequest) -> tuple[np.ndarray, list[dict]]:
+    def __call__(self, prompt: str, request: SampleRequest, progress=None) -> tuple[np.ndarray, list[dict]]:
         import torch
 
         from model import diffusion
@@ -149,7 +151,7 @@ class Sampler:
             mask[:, 0] = False
         images = diffusion.sample(self.model, emb, steps=request.steps, guidance=request.guidance, generator=generators,
                                   init_image=init, strength=request.strength if init_pixels is not None else 1.0,
-                                  neighbour_mask=mask)
+                                  neighbour_mask=mask, progress=progress)
         records = []
         for i in range(n):
             records.append({"prompt": prompt, "index_in_prompt": i, "seed": request.seed + i,

@@ -16,13 +16,14 @@ import time
 
 import numpy as np
 
-from pipeline.embeddings import Embeddings, read_keep
+from pipeline.embeddings import Embeddings, metadata_files, metadata_schema, read_keep
 from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, save_index,
                                   train_index, training_sample_size)
 from pipeline.faiss_search import (drop_self, exact_search, recall_at_k, refine_search, search, search_param_name,
                                    set_search_param, tune_nprobe)
 from pipeline.index_files import clip_identity, write_index_files
-from pipeline.runner import StageRun, UsageError, atomic_path, write_json
+from pipeline.filters import check_where, matching_rows
+from pipeline.runner import StageRun, UsageError, atomic_path, read_json, stage_dir, write_json
 from pipeline.sizes import parse_bytes
 
 K_EVAL = 10
@@ -30,6 +31,9 @@ REFINE_K_FACTOR = 4
 
 
 def check(cfg) -> None:
+    if cfg.index.where:  # before anything is written: unknown columns and bad syntax
+        embed_dir = stage_dir(cfg, "embed")
+        check_where(metadata_schema(embed_dir, read_json(embed_dir / "manifest.json")), cfg.index.where, "index.where")
     factory = cfg.index.factory
     if factory != "auto":
         try:
@@ -102,6 +106,11 @@ def run(stage: StageRun) -> dict:
     embed_dir = stage.input_dirs["embed"]
     emb = Embeddings(embed_dir, stage.inputs["embed"])
     kept_rows = np.nonzero(read_keep(stage.input_dirs["dedup"]))[0].astype(np.int64)
+    if conf.where:  # a filtered index: only the kept images whose metadata satisfies index.where
+        chosen = matching_rows(metadata_files(embed_dir, stage.inputs["embed"]), conf.where, "index.where")
+        kept_rows = np.intersect1d(kept_rows, chosen)
+        if len(kept_rows) < 2:
+            raise UsageError(f"index.where {conf.where!r} keeps {len(kept_rows)} images: loosen the filter")
     n, d = len(kept_rows), emb.dim
     budget = parse_bytes(conf.memory_budget)
     try:
@@ -148,7 +157,7 @@ def run(stage: StageRun) -> dict:
         "memory_budget": conf.memory_budget, "refine": conf.refine, "refine_k_factor": REFINE_K_FACTOR,
         "build_seconds": round(time.time() - start, 2), "recall": recall,
         "embed_dir": str(embed_dir.resolve()), "model": stage.inputs["embed"]["model"],
-        "clip": clip_identity(stage.inputs["embed"]["model"]), "files": files,
+        "clip": clip_identity(stage.inputs["embed"]["model"]), "files": files, "where": conf.where,
     }
     write_json(stage.dir / "index_infos.json", infos)
     stage.mark_done(0, {"n": n})

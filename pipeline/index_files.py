@@ -4,7 +4,7 @@
     rows.npy           int64 [n], sorted: the embed rows it holds
     vectors.npy        float16 [n, d], row-aligned with rows.npy: what search re-ranks with and
                        sampling conditions on (memory-mapped)
-    metadata.parquet   row, key, caption, url of each indexed image, row-aligned
+    metadata.parquet   row, key, url, caption (and download.extra_columns) of each indexed image, row-aligned
     thumbnails.npy     uint8 [n, T, T, 3] small pictures for reports and browsing (T = index.thumbnail_size)
     index_infos.json   factory, tuning, recall, and `clip`: the identity of the CLIP that embedded it
 
@@ -22,6 +22,7 @@ from pipeline.files import StageError, UsageError, atomic_path
 
 VECTORS, METADATA, THUMBNAILS = "vectors.npy", "metadata.parquet", "thumbnails.npy"
 BLOCK = 65_536  # rows written per step: bounded memory at any n
+INTERNAL_COLUMNS = {"row", "shard", "width", "height", "phash"}  # embed bookkeeping, not for display or filters
 
 
 # --------------------------------------------------------------------------- CLIP identity
@@ -75,7 +76,7 @@ def write_index_files(out_dir: Path, embeddings, rows: np.ndarray, embed_dir: Pa
     returns their names for index_infos.json."""
     import pyarrow.parquet as pq
 
-    from pipeline.embeddings import read_metadata_table
+    from pipeline.embeddings import metadata_schema, read_metadata_table
 
     n, d = len(rows), embeddings.dim
     with atomic_path(out_dir / VECTORS) as tmp:
@@ -84,7 +85,8 @@ def write_index_files(out_dir: Path, embeddings, rows: np.ndarray, embed_dir: Pa
             vectors[start:start + BLOCK] = embeddings[rows[start:start + BLOCK]]
         vectors.flush()
         del vectors
-    meta = read_metadata_table(embed_dir, embeddings.manifest, ["key", "caption", "url"]).take(rows)
+    extra = [c for c in metadata_schema(embed_dir, embeddings.manifest).names if c not in INTERNAL_COLUMNS]
+    meta = read_metadata_table(embed_dir, embeddings.manifest, extra).take(rows)
     with atomic_path(out_dir / METADATA) as tmp:
         pq.write_table(meta.add_column(0, "row", [rows]), tmp)
     files = {"vectors": VECTORS, "metadata": METADATA}

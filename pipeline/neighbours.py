@@ -28,6 +28,13 @@ def check(cfg) -> None:
         if cfg.neighbours.k >= kept:
             raise UsageError(f"neighbours.k ({cfg.neighbours.k}) must be smaller than the number of kept images ({kept}): "
                              f"lower neighbours.k")
+    if cfg.neighbours.where:  # before anything is written: unknown columns and bad syntax
+        from pipeline.embeddings import metadata_schema
+        from pipeline.filters import check_where
+
+        embed_dir = stage_dir(cfg, "embed")
+        check_where(metadata_schema(embed_dir, read_json(embed_dir / "manifest.json")), cfg.neighbours.where,
+                    "neighbours.where")
 
 
 def select_neighbours(sims, rows, q_rows, q_bits, bits, k, cosine_threshold, manhattan_threshold):
@@ -44,7 +51,7 @@ class NeighbourWorker:
     """Holds the index; `__call__(shard)` writes that shard's neighbour lists."""
 
     def __init__(self, index_dir: str, embed_dir: str, dedup_dir: str, out_dir: str, k: int, candidates: int,
-                 cosine_threshold: float, manhattan_threshold: int, batch_size: int):
+                 cosine_threshold: float, manhattan_threshold: int, batch_size: int, allowed=None):
         from pathlib import Path
 
         import faiss
@@ -63,6 +70,7 @@ class NeighbourWorker:
         self.out = Path(out_dir)
         self.k, self.candidates, self.batch_size = k, candidates, batch_size
         self.thresholds = (cosine_threshold, manhattan_threshold)
+        self.allowed = allowed  # bool by embed row (neighbours.where), or None
         self.n_kept = int(self.keep.sum())
 
     def neighbours(self, queries: np.ndarray, q_rows: np.ndarray):
@@ -71,6 +79,8 @@ class NeighbourWorker:
         todo, c = np.arange(len(q_rows)), self.candidates
         while len(todo):
             s, r = self.retriever.search(queries[todo], min(c, self.n_kept))
+            if self.allowed is not None:  # neighbours.where: a filtered-out candidate counts as none
+                r = np.where((r >= 0) & self.allowed[np.maximum(r, 0)], r, -1)
             s, r, ok = select_neighbours(s, r, q_rows[todo], self.bits[q_rows[todo]], self.bits, self.k, *self.thresholds)
             done = ok | (c >= self.n_kept)
             if (~ok & done).any():
@@ -143,6 +153,23 @@ def dedup_thresholds(stage: StageRun) -> tuple[float, int]:
     return float(thresholds["cosine"]), int(thresholds["manhattan"])
 
 
+def allowed_rows(stage: StageRun):
+    """neighbours.where as a bool mask by embed row (in Ray's object store for the actors), or None."""
+    if not stage.conf.where:
+        return None
+    import ray
+
+    from pipeline.embeddings import metadata_files
+    from pipeline.filters import matching_rows, row_mask
+
+    embed = stage.inputs["embed"]
+    rows = matching_rows(metadata_files(stage.input_dirs["embed"], embed), stage.conf.where, "neighbours.where")
+    if len(rows) <= stage.conf.k:
+        raise UsageError(f"neighbours.where {stage.conf.where!r} leaves {len(rows)} images, not more than "
+                         f"neighbours.k={stage.conf.k}: loosen the filter or lower neighbours.k")
+    return ray.put(row_mask(rows, int(embed["rows"])))
+
+
 def run(stage: StageRun) -> dict:
     import ray
     from ray.util import ActorPool
@@ -155,7 +182,7 @@ def run(stage: StageRun) -> dict:
     # absolute: Ray workers need not share the driver's working directory
     args = (str(stage.input_dirs["index"].resolve()), str(stage.input_dirs["embed"].resolve()),
             str(stage.input_dirs["dedup"].resolve()), str(stage.dir.resolve()),
-            conf.k, conf.candidates, cosine, manhattan, conf.batch_size)
+            conf.k, conf.candidates, cosine, manhattan, conf.batch_size, allowed_rows(stage))
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")
     timing = {"actors": 0, "images_this_run": 0}

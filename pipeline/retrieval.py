@@ -46,19 +46,54 @@ class Retriever:
             self.embeddings = Embeddings(Path(self.infos["embed_dir"]))
         self.dim = int(self.infos["d"])
         self._meta: dict | None = None
+        self._allowed: dict[str, np.ndarray] = {}
 
     def check_dim(self, dim: int, what: str) -> None:
         if dim != self.dim:
             raise UsageError(f"{what} gives {dim}-dimensional embeddings but the index {self.dir} holds "
                              f"{self.dim}-dimensional ones: use an index built with the same CLIP model")
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sims descending, rows) of the k nearest indexed images; exact re-ranking when the index asks for it."""
+    def search(self, queries: np.ndarray, k: int, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(sims descending, rows) of the k nearest indexed images; exact re-ranking when the index asks for it.
+        `where` (a metadata filter, pipeline.filters): over-fetch and keep the k nearest that satisfy it."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.check_dim(queries.shape[1], "the query")
+        if where is None:
+            return self._search(queries, k)
+        allowed = self.allowed(where)
+        if allowed.sum() < k:
+            raise UsageError(f"--where {where!r}: only {int(allowed.sum())} images of the index {self.dir} satisfy it, "
+                             f"fewer than k={k}: lower k or loosen the filter")
+        n, fetch = int(self.infos.get("n") or len(self.index_rows())), 4 * k
+        while True:
+            sims, rows = self._search(queries, min(fetch, n))
+            ok = (rows >= 0) & allowed[np.maximum(rows, 0)]
+            if (ok.sum(axis=1) >= k).all() or fetch >= n:
+                break
+            fetch *= 4
+        order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # satisfying first, nearest first
+        sims, rows = np.take_along_axis(sims, order, axis=1), np.take_along_axis(rows, order, axis=1)
+        taken = np.take_along_axis(ok, order, axis=1)
+        return np.where(taken, sims, -np.inf).astype(sims.dtype), np.where(taken, rows, -1)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.infos.get("refine"):
             return faiss_search.refine_search(self.index, self.embeddings, queries, k, self.infos.get("refine_k_factor", 4))
         return faiss_search.search(self.index, queries, k)
+
+    def allowed(self, where: str) -> np.ndarray:
+        """bool mask by embed row: the indexed images whose metadata satisfies `where` (cached)."""
+        if where not in self._allowed:
+            from pipeline.filters import matching_rows, row_mask
+
+            indexed = self.index_rows()
+            if self.self_contained:
+                rows = matching_rows([self.dir / METADATA], where, "--where")
+            else:
+                files = [self.embeddings.dir / s["metadata"] for s in self.embeddings.manifest["shards"]]
+                rows = matching_rows(files, where, "--where")
+            self._allowed[where] = row_mask(np.intersect1d(rows, indexed), int(indexed.max()) + 1 if len(indexed) else 0)
+        return self._allowed[where]
 
     def index_rows(self) -> np.ndarray:
         """The embed rows this index holds (rows.npy; every row for indexes built before it existed)."""

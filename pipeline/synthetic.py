@@ -31,8 +31,9 @@ def random_phashes(n: int, seed: int = 0, bits: int = 64) -> list[str]:
 
 def write_embed_output(workdir: Path, vectors: np.ndarray, shard_size: int, phash: list[str] | None = None,
                        captions: list[str] | None = None, text: np.ndarray | None = None,
-                       keys: list[str] | None = None, model: dict | None = None) -> dict:
-    """Write <workdir>/embed/ exactly as the embed stage lays it out; returns the manifest."""
+                       keys: list[str] | None = None, model: dict | None = None, extra: dict | None = None) -> dict:
+    """Write <workdir>/embed/ exactly as the embed stage lays it out; returns the manifest. `extra`:
+    {column: values} metadata columns, as download.extra_columns carries them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -56,7 +57,8 @@ def write_embed_output(workdir: Path, vectors: np.ndarray, shard_size: int, phas
         table = pa.table({"key": keys[start:stop], "row": np.arange(start, stop, dtype=np.int64),
                           "shard": np.full(stop - start, s, np.int32), "url": [None] * (stop - start),
                           "caption": captions[start:stop], "width": np.zeros(stop - start, np.int32),
-                          "height": np.zeros(stop - start, np.int32), "phash": phash[start:stop]})
+                          "height": np.zeros(stop - start, np.int32), "phash": phash[start:stop],
+                          **{name: values[start:stop] for name, values in (extra or {}).items()}})
         with atomic_path(out / entry["metadata"]) as tmp:
             pq.write_table(table, tmp)
         shards.append(entry)

@@ -1,0 +1,62 @@
+"""Metadata filters: a SQL boolean expression over the metadata columns, evaluated by DuckDB.
+
+    punsafe < 0.1 and aesthetic >= 6
+    caption ilike '%flag%' and not (pwatermark > 0.5)
+    aesthetic >= q(0.9)                  -- q(p): the column's p-quantile over the same table
+
+The expression is DuckDB's own SQL (no parser of ours); the one rewrite is `column OP q(p)` into a
+quantile subquery, as the paper filters by aesthetic quantiles. Used at index build (`index.where`),
+by the neighbours stage (`neighbours.where`) and at search and sampling (`--where`).
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from pipeline.files import UsageError
+
+QUANTILE = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|<>|!=|<|>|=)\s*q\(\s*([0-9]*\.?[0-9]+)\s*\)")
+
+
+def expand_quantiles(where: str) -> str:
+    """`aesthetic >= q(0.9)` -> `aesthetic >= (SELECT quantile_cont(aesthetic, 0.9) FROM items)`."""
+    return QUANTILE.sub(lambda m: f"{m[1]} {m[2]} (SELECT quantile_cont({m[1]}, {m[3]}) FROM items)", where)
+
+
+def matching_rows(source, where: str, what: str) -> np.ndarray:
+    """Sorted values of the `row` column where `where` holds (NULL counts as false). `source`: a
+    pyarrow Table, or a list of Parquet files that DuckDB scans itself (bounded memory at any n).
+
+    A bad expression (unknown column, type mismatch, syntax) is a UsageError naming `what`, DuckDB's
+    reason and the known columns."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        if isinstance(source, (list, tuple)):
+            con.read_parquet([str(p) for p in source]).create_view("items")
+        else:
+            con.register("items", source)
+        columns = [d[0] for d in con.execute("SELECT * FROM items LIMIT 0").description if d[0] != "row"]
+        try:
+            result = con.execute(f"SELECT row FROM items WHERE ({expand_quantiles(where)}) ORDER BY row").fetchnumpy()
+        except duckdb.Error as e:
+            reason = str(e).splitlines()[0]
+            raise UsageError(f"{what} {where!r} cannot be evaluated: {reason}. Known columns: {', '.join(columns)}") from None
+    finally:
+        con.close()
+    return np.asarray(result["row"], dtype=np.int64)
+
+
+def check_where(schema, where: str, what: str) -> None:
+    """Evaluate `where` over an empty table of `schema` (a pyarrow.Schema with a `row` column): finds
+    unknown columns and syntax errors before anything is written."""
+    matching_rows(schema.empty_table(), where, what)
+
+
+def row_mask(rows: np.ndarray, size: int) -> np.ndarray:
+    """bool [size]: True at `rows`."""
+    mask = np.zeros(size, bool)
+    mask[rows[rows < size]] = True
+    return mask
