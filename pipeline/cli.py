@@ -91,6 +91,12 @@ def cmd_evaluate(args) -> int:
                             neighbours_only=args.neighbours_only, allow_other_clip=args.allow_other_clip)
 
 
+def cmd_serve(args) -> int:
+    from pipeline.serve import serve_command
+
+    return serve_command(_config(args), args.index, args.checkpoint, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knnd", description="KNN-Diffusion: data pipeline, trainer and sampler")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grade against an index embedded by another CLIP than the model's (refused by default)")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="a local web page (and JSON API) to search indexes and sample from them")
+    p.add_argument("--index", action="append", metavar="DIR",
+                   help="index directory to offer (repeatable; default: sample.index, else this workdir's index/)")
+    p.add_argument("--checkpoint", help="checkpoint file or folder (default: the latest in train/checkpoints; "
+                                        "none: search only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; anything else is reachable by others)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
