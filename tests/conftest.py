@@ -206,3 +206,14 @@ def ivf_pq(data):
     from faiss_data import ivf_pq_index
 
     return ivf_pq_index(data)
+
+
+def load_tool(name: str):
+    """A module of tools/ (not an installed package), e.g. load_tool("chromium")."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,6 @@
 """The HTML report: structure and escaping (always), and a real headless-Chromium render (when installed)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections import Counter
 from html.parser import HTMLParser
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_tool
 from pipeline.html_report import write_report
 
 NASTY_PROMPT = "<b>x & y</b>"
@@ -155,21 +155,13 @@ def test_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     assert target.read_text(encoding="utf-8") == "old"  # and the old report is untouched
 
 
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
 def run_browser(browser: str, profile, *extra: str) -> subprocess.CompletedProcess:
     cmd = [browser, *BROWSER_FLAGS, f"--user-data-dir={profile}", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 def test_report_renders_in_headless_chromium(tmp_path):
-    browser = find_chromium()
+    browser = load_tool("chromium").find_chromium()
     if browser is None:
         pytest.skip("no Chromium: install Debian's chromium package (apt-get install -y chromium)")
     page = write_report(tmp_path / "report.html", make_report())

@@ -5,7 +5,6 @@ binding, and one real headless Chromium that types a prompt and waits for thumbn
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import threading
@@ -19,7 +18,7 @@ import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import TINY_CLIP, png_bytes, write_fake_download
+from conftest import TINY_CLIP, load_tool, png_bytes, write_fake_download
 from model.clip import encode_texts
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -31,17 +30,9 @@ from pipeline.serve_service import Service, make_service
 from pipeline.synthetic import write_embed_output
 from test_train_stage import write_pack
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 SHARD = 10
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, shared cores
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_database(workdir: Path, prefix: str, n: int, seed: int, self_contained: bool) -> Path:
