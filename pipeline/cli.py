@@ -79,7 +79,7 @@ def cmd_sample(args) -> int:
         seed=conf.seed if args.seed is None else args.seed,
         images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn, neighbours_only=args.neighbours_only,
         init_image=args.init_image, strength=args.strength if args.init_image else 1.0,
-        allow_other_clip=args.allow_other_clip, where=args.where)
+        allow_other_clip=args.allow_other_clip, where=args.where, unconditional=args.unconditional or 0)
     sample_into(cfg, request, args.checkpoint, args.index, args.out)
     return 0
 
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample against an index embedded by another CLIP than the model's (refused by default)")
     p.add_argument("--where", help='neighbours only among images whose metadata satisfies this SQL filter, '
                                    'e.g. "aesthetic >= q(0.9)" (DuckDB)')
+    p.add_argument("--unconditional", type=int, metavar="N",
+                   help="no prompts: N random database images as pseudo-queries, conditioned on their neighbours (RDM)")
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)
 

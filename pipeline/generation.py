@@ -34,9 +34,16 @@ class SampleRequest:
     strength: float = 1.0
     allow_other_clip: bool = False  # sample against an index of another CLIP (same dimension)
     where: str | None = None  # neighbours only among images whose metadata satisfies this filter
+    unconditional: int = 0  # RDM's unconditional mode: this many random database embeddings as the queries
+    query_rows: list[int] | None = None  # (filled by Sampler.pseudo_queries) the index rows behind the prompts
 
     def validate(self) -> None:
-        if not self.prompts:
+        if self.unconditional < 0:
+            raise UsageError(f"--unconditional must be at least 1, got {self.unconditional}")
+        if self.unconditional and (self.no_knn or self.init_image):
+            raise UsageError("--unconditional samples from database embeddings and their neighbours: "
+                             "it excludes --no-knn and --init-image")
+        if not self.prompts and not self.unconditional:
             raise UsageError("no prompts: give some on the command line or set sample.prompts")
         for name, low in (("k", 0), ("steps", 1), ("images_per_prompt", 1)):
             if getattr(self, name) < low:
@@ -87,17 +94,36 @@ class Sampler:
         if n is not None and k > n:
             raise UsageError(f"k={k} exceeds the {n} images in the index {self.index_dir}: lower -k")
 
-    def condition(self, prompt: str, request: SampleRequest, reference: np.ndarray | None):
-        """(emb float32 [1, 1 + n, d], record fields): f_txt(t), then the reference, then neighbours."""
+    def pseudo_queries(self, request: SampleRequest) -> SampleRequest:
+        """RDM's unconditional mode: `request.unconditional` random indexed images (seeded by
+        request.seed) become the queries; their labels replace the prompts."""
+        if not request.unconditional:
+            return request
+        import dataclasses
+
+        indexed = self.retriever.index_rows()
+        rows = np.random.default_rng(request.seed).choice(indexed, size=request.unconditional,
+                                                          replace=request.unconditional > len(indexed))
+        labels = [f"pseudo-query {key}" for key, _ in self.retriever.describe(rows)]
+        return dataclasses.replace(request, prompts=labels, query_rows=[int(r) for r in rows])
+
+    def condition(self, prompt: str, request: SampleRequest, reference: np.ndarray | None, query_row: int | None = None):
+        """(emb float32 [1, 1 + n, d], record fields): f_txt(t) (or a database image's embedding), then
+        the reference, then neighbours."""
         from model.clip import encode_texts
 
-        text = encode_texts(self.clip, [prompt])
+        if query_row is None:
+            text = encode_texts(self.clip, [prompt])
+        else:  # a pseudo-query: the image's own embedding; its neighbours exclude itself
+            text = self.retriever.embeddings[[query_row]].astype(np.float32)
         k = 0 if request.no_knn else request.k
         record = {"neighbour_keys": [], "neighbour_captions": [], "similarities": []}
         slots = [text]
         if k:
-            sims, rows = self.retriever.search(text, k, where=request.where)
+            sims, rows = self.retriever.search(text, k + (query_row is not None), where=request.where)
             sims, rows = sims[0], rows[0]
+            if query_row is not None:
+                sims, rows = sims[rows != query_row][:k], rows[rows != query_row][:k]
             keep = rows >= 0
             sims, rows = sims[keep], rows[keep]
             if reference is not None:  # the paper's editing condition: (f_txt, f_img(ref), d_2 .. d_k)
@@ -131,7 +157,8 @@ class Sampler:
         mask = np.concatenate([np.full((len(prompts), 1), not neighbours_only), found], axis=1)
         return emb, mask, rows, sims.astype(np.float32)
 
-    def __call__(self, prompt: str, request: SampleRequest, progress=None) -> tuple[np.ndarray, list[dict]]:
+    def __call__(self, prompt: str, request: SampleRequest, progress=None,
+                 query_row: int | None = None) -> tuple[np.ndarray, list[dict]]:
         import torch
 
         from model import diffusion
@@ -140,7 +167,7 @@ class Sampler:
         if request.init_image is not None:
             reference = reference_embedding(self.clip, request.init_image)
             init_pixels = load_reference(request.init_image, self.config.resolution)
-        emb, record = self.condition(prompt, request, reference)
+        emb, record = self.condition(prompt, request, reference, query_row)
         n = request.images_per_prompt
         emb = torch.from_numpy(emb).expand(n, *emb.shape[1:]).contiguous()
         generators = [torch.Generator().manual_seed(request.seed + i) for i in range(n)]
@@ -250,7 +277,8 @@ def generate(sampler: Sampler, request: SampleRequest, out: Path, done=None, ski
     for p, (prompt, slug) in enumerate(zip(request.prompts, slugs(request.prompts))):
         if p in skip:
             continue
-        images, prompt_records = sampler(prompt, request)
+        images, prompt_records = sampler(prompt, request,
+                                         query_row=request.query_rows[p] if request.query_rows else None)
         for record in prompt_records:
             record["prompt_index"] = p
         write_images(out, slug, images, prompt_records)
@@ -277,6 +305,7 @@ def sample_into(cfg, request: SampleRequest, checkpoint: str | None = None, inde
     sampler = Sampler(resolve_checkpoint(cfg, checkpoint), Path(index or cfg.sample.index or Path(cfg.workdir) / "index"),
                       resolve_device(cfg), request.allow_other_clip)
     folder = Path(out) if out else new_folder(Path(cfg.workdir) / "sample_cli")
+    request = sampler.pseudo_queries(request)  # --unconditional: database images become the prompts
     records = generate(sampler, request, folder)
     write_records(folder, records)
     grid = write_grid(folder, records, request.prompts, request.images_per_prompt)

@@ -272,3 +272,28 @@ def test_a_copied_index_folder_samples_with_its_workdir_deleted(tmp_path, capsys
     assert not (tmp_path / "other").exists()
     assert main(["sample", "red heart", "-k", "3", "--steps", "2", *moved, "--allow-other-clip",
                  "--out", str(tmp_path / "other")]) == 0
+
+
+def test_unconditional_samples_database_images_conditioned_on_their_neighbours(work, tmp_path, spy, capsys):
+    """RDM's unconditional mode: N random indexed images (seeded) are the queries; each is conditioned on
+    its own embedding and its k nearest other images."""
+    from pipeline.embeddings import Embeddings
+
+    args = ["sample", "--unconditional", "3", "-k", "3", "--steps", "2", "--seed", "7", "-c", work["config"]]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    rows = records(tmp_path / "one")
+    labels = list(dict.fromkeys(r["prompt"] for r in rows))
+    assert len(labels) == 3 and all(label.startswith("pseudo-query a") for label in labels)
+    embeddings = Embeddings(work["a"] / "embed")
+    for record in rows:
+        key = record["prompt"].removeprefix("pseudo-query ")
+        assert len(record["neighbour_keys"]) == 3 and key not in record["neighbour_keys"]
+    for call, label in zip(spy, labels):  # slot 0 holds the pseudo-query image's own embedding
+        row = int(label.removeprefix("pseudo-query a"))
+        assert np.allclose(call["emb"][0, 0].numpy(), embeddings[[row]][0].astype(np.float32), atol=1e-6)
+    assert Image.open(tmp_path / "one" / "grid.png").height > 3 * 128
+    assert main([*args, "--out", str(tmp_path / "two")]) == 0  # the same seed draws the same queries
+    assert [r["prompt"] for r in records(tmp_path / "two")] == [r["prompt"] for r in rows]
+    capsys.readouterr()
+    assert main([*args, "--no-knn", "--out", str(tmp_path / "bad")]) == 2
+    assert "--unconditional" in capsys.readouterr().err and not (tmp_path / "bad").exists()
