@@ -5,7 +5,9 @@ among CLIP candidate pairs only, when their perceptual hashes differ in at most
 `manhattan_threshold` bits (pHash alone cannot be applied to all pairs: unrelated 64 px emoji
 often sit within 8 bits of each other). Candidates are each item's `candidates` nearest
 neighbours from a faiss index (IVF beyond small N), so cost grows about linearly with N.
-Groups are connected components; the smallest row of each group is kept.
+Then the paper's per-item rule, in row order: an item not yet removed is kept and removes every
+later item it is a duplicate of, so each removed item names a kept item it is itself similar to
+(no chains: A ~ B ~ C keeps C when A and C are not duplicates).
 
 Then `holdout` of the kept images (at most `holdout_max`), chosen by a hash of their key, are held
 out of the database and of training (`keep` false, `holdout` true, reason "holdout"): their captions
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.duplicates import candidate_pairs, connected_components, near_duplicates, phash_bits_from_hex
+from pipeline.duplicates import candidate_pairs, near_duplicates, phash_bits_from_hex, remove_in_row_order
 from pipeline.embeddings import Embeddings, read_metadata
 from pipeline.faiss_build import add_batches, ivf_nlist, train_index, training_sample_size
 from pipeline.faiss_search import index_for_search, search, set_nprobe
@@ -64,18 +66,6 @@ def find_duplicate_edges(emb: Embeddings, index, phash_bits: np.ndarray, conf, p
     return np.concatenate(pairs), np.concatenate(sims), np.concatenate(reasons)
 
 
-def strongest_edge(n: int, pairs: np.ndarray, sims: np.ndarray, reasons: np.ndarray):
-    """For each item, the similarity and reason of its most similar duplicate edge (-inf, -1 if none)."""
-    best_sim = np.full(n, -np.inf, np.float32)
-    best_reason = np.full(n, -1, np.int8)
-    both = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    s2, r2 = np.concatenate([sims, sims]), np.concatenate([reasons, reasons])
-    order = np.argsort(s2, kind="stable")  # ascending: the last write per item is its strongest edge
-    best_sim[both[order]] = s2[order]
-    best_reason[both[order]] = r2[order]
-    return best_sim, best_reason
-
-
 def run(stage: StageRun) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -91,21 +81,19 @@ def run(stage: StageRun) -> dict:
 
     index, factory = candidate_index(emb)
     pairs, sims, reasons = find_duplicate_edges(emb, index, phash_bits, conf, progress)
-    labels = connected_components(n, pairs)
-    representative = labels == np.arange(n)
+    removed, duplicate_of, similarity, edge_reason = remove_in_row_order(n, pairs, sims, reasons)
+    representative = ~removed
     holdout = holdout_mask(meta["key"], representative, conf.holdout, conf.holdout_max)
     keep = representative & ~holdout
-    best_sim, best_reason = strongest_edge(n, pairs, sims, reasons)
     names = np.array(["cosine", "phash"])
-    removed = ~representative
-    reason = np.where(removed, names[np.maximum(best_reason, 0)], np.where(holdout, "holdout", ""))
+    reason = np.where(removed, names[np.maximum(edge_reason, 0)], np.where(holdout, "holdout", ""))
     table = pa.table({
         "key": pa.array(meta["key"], pa.string()),
         "row": pa.array(np.arange(n, dtype=np.int64)),
         "keep": pa.array(keep),
-        "duplicate_of": pa.array(labels.astype(np.int64), mask=representative),
+        "duplicate_of": pa.array(duplicate_of, mask=representative),
         "reason": pa.array(reason, pa.string(), mask=keep),
-        "similarity": pa.array(best_sim, pa.float32(), mask=representative),
+        "similarity": pa.array(similarity, pa.float32(), mask=representative),
         "holdout": pa.array(holdout),
     })
     with atomic_path(stage.dir / "keep.parquet") as tmp:
@@ -113,12 +101,12 @@ def run(stage: StageRun) -> dict:
     if conf.holdout > 0 and holdout.sum() < 2:
         print(f"dedup: only {int(holdout.sum())} image(s) held out for evaluation (dedup.holdout {conf.holdout}): "
               f"`knnd run evaluate` needs at least 2; raise dedup.holdout or set evaluate.prompts")
-    by_reason = {name: int((removed & (best_reason == i)).sum()) for i, name in enumerate(names)}
+    by_reason = {name: int((removed & (edge_reason == i)).sum()) for i, name in enumerate(names)}
     stage.mark_done(0, {"kept": int(keep.sum())})
     return {
         "items": n,
         "counts": {"images": n, "kept": int(keep.sum()), "removed": int(removed.sum()), "holdout": int(holdout.sum()),
-                   "groups": int(len(np.unique(labels[removed]))), **{f"removed_{k}": v for k, v in by_reason.items()}},
+                   "groups": int(len(np.unique(duplicate_of[removed]))), **{f"removed_{k}": v for k, v in by_reason.items()}},
         "removed_by_reason": by_reason,
         "kept": int(keep.sum()),
         "candidate_index": factory,

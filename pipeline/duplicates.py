@@ -1,4 +1,4 @@
-"""Near duplicates, shared by the dedup and neighbours stages: the rule, candidate pairs, groups, pHash.
+"""Near duplicates, shared by the dedup and neighbours stages: the rule, candidate pairs, removal in row order, pHash.
 
 The rule (``near_duplicates``): two images are near-identical when their CLIP cosine similarity is
 above the cosine threshold, or their perceptual hashes differ in at most the Manhattan threshold
@@ -39,34 +39,28 @@ def near_duplicates(
     return by_cosine, by_phash
 
 
-def connected_components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Label nodes 0..n-1 (pairs hold node numbers) with the smallest node of their connected component.
-
-    Vectorised union-find: hook roots to the smaller root, compress paths by pointer jumping;
-    O(log n) rounds, about a second for 1M nodes and 3M pairs.
-    """
-    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    if len(pairs) and (pairs.min() < 0 or pairs.max() >= n):
-        raise ValueError(f"pairs must hold node numbers in [0, {n}), got {pairs.min()}..{pairs.max()}")
-    return _component_roots(n, pairs[:, 0], pairs[:, 1])
-
-
-def _component_roots(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """For nodes 0..n-1 and edges (a, b): each node's smallest component member."""
-    parent = np.arange(n, dtype=np.int64)
-    while True:
-        root_a, root_b = parent[a], parent[b]
-        differ = root_a != root_b
-        if not differ.any():
-            return parent
-        # Edges already inside one component never matter again.
-        a, b, root_a, root_b = a[differ], b[differ], root_a[differ], root_b[differ]
-        np.minimum.at(parent, np.maximum(root_a, root_b), np.minimum(root_a, root_b))
-        while True:  # pointer jumping until every node points at its root
-            grandparent = parent[parent]
-            if np.array_equal(grandparent, parent):
-                break
-            parent = grandparent
+def remove_in_row_order(n: int, pairs: np.ndarray, sims: np.ndarray, reasons: np.ndarray):
+    """The paper's per-item rule, in row order: an item not yet removed is kept and removes every later
+    item it has a duplicate edge to. So every removed item names (`duplicate_of`) a kept item it is
+    itself a duplicate of, with that pair's similarity and reason: no chains (A ~ B ~ C keeps C when
+    A and C are not duplicates). Returns (removed bool [n], duplicate_of int64 [n] (-1: kept),
+    similarity float32 [n] (nan: kept), reason int8 [n] (0 cosine, 1 phash, -1: kept))."""
+    removed, duplicate_of = np.zeros(n, bool), np.full(n, -1, np.int64)
+    similarity, reason = np.full(n, np.nan, np.float32), np.full(n, -1, np.int8)
+    a, b = np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1])
+    order = np.lexsort((reasons, b, a))  # by earlier item, then later item; cosine before pHash
+    a, b, sims, reasons = a[order], b[order], sims[order], reasons[order]
+    starts = np.searchsorted(a, np.arange(n + 1))
+    for i in np.unique(a):  # items with a later duplicate, in row order
+        if removed[i]:
+            continue
+        lo, hi = starts[i], starts[i + 1]
+        later = b[lo:hi]
+        new = ~removed[later] & (later != i)
+        new &= np.r_[True, later[1:] != later[:-1]]  # one edge per pair (the first: cosine if both)
+        removed[later[new]], duplicate_of[later[new]] = True, i
+        similarity[later[new]], reason[later[new]] = sims[lo:hi][new], reasons[lo:hi][new]
+    return removed, duplicate_of, similarity, reason
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""dedup stage: hand-made duplicates, and the same groups as a brute-force all-pairs reference."""
+"""dedup stage: hand-made duplicates, and the same removals as a brute-force all-pairs reference, with no chains."""
 from __future__ import annotations
 
 import io
@@ -66,31 +66,31 @@ def test_hand_made_duplicates_are_grouped_and_lookalikes_are_not(tmp_path):
     assert m["removed_by_reason"]["cosine"] + m["removed_by_reason"]["phash"] == 25
 
 
-def brute_force_groups(x: np.ndarray, bits: np.ndarray, cos_thr: float, man_thr: int, candidates: int) -> np.ndarray:
-    """All pairs above the cosine threshold, plus pHash-close pairs among each item's top candidates."""
+def brute_force_keep(x: np.ndarray, bits: np.ndarray, cos_thr: float, man_thr: int, candidates: int) -> np.ndarray:
+    """All pairs above the cosine threshold, plus pHash-close pairs among each item's top candidates;
+    then the paper's rule in row order: each row not yet removed is kept and removes every later row it
+    has an edge to. Returns, per row, itself if kept, else the kept row it names."""
     n = len(x)
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
     top = np.argsort(-sims, axis=1, kind="stable")[:, :candidates]
-    edges = [(i, j) for i in range(n) for j in range(i + 1, n) if sims[i, j] > cos_thr]
+    edges = {(i, j) for i in range(n) for j in range(i + 1, n) if sims[i, j] > cos_thr}
     for i in range(n):
         for j in top[i]:
             if np.unpackbits(bits[i] ^ bits[j]).sum() <= man_thr:
-                edges.append((i, j))
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            a = parent[a]
-        return a
-
-    for a, b in edges:
-        ra, rb = find(a), find(b)
-        parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
+                edges.add((min(i, j), max(i, j)))
+    named = list(range(n))
+    removed = [False] * n
+    for i in range(n):
+        if removed[i]:
+            continue
+        for j in sorted(b for a, b in edges if a == i):
+            if not removed[j]:
+                removed[j], named[j] = True, i
+    return np.array(named)
 
 
-def test_same_groups_as_brute_force(tmp_path):
+def test_same_removals_as_brute_force_and_no_chains(tmp_path):
     rng = np.random.default_rng(3)
     n, d = 600, 24
     x = clustered_unit_vectors(n, d, n_clusters=40, spread=0.9, seed=2)
@@ -109,10 +109,20 @@ def test_same_groups_as_brute_force(tmp_path):
     keep = pq.read_table(tmp_path / "dedup" / "keep.parquet").to_pandas()
     xs = np.load(tmp_path / "embed" / "img_emb" / "img_emb_00000.npy")  # float16 as stored
     x16 = np.concatenate([xs] + [np.load(tmp_path / "embed" / "img_emb" / f"img_emb_{s:05d}.npy") for s in range(1, 5)])
-    labels = brute_force_groups(x16.astype(np.float32), phash_bits_from_hex(hashes), 0.9, 3, 8)
+    bits = phash_bits_from_hex(hashes)
+    labels = brute_force_keep(x16.astype(np.float32), bits, 0.9, 3, 8)
     got = np.where(keep["keep"], keep["row"], keep["duplicate_of"].fillna(-1)).astype(int)
-    assert (labels != np.arange(n)).sum() > 30  # the planted structure produced groups
+    assert (labels != np.arange(n)).sum() > 30  # the planted structure produced removals
     np.testing.assert_array_equal(got, labels)
+    # no chains: every removed item is itself a duplicate of the kept item it names, at the stated similarity
+    removed = keep[~keep["keep"]]
+    for row, of, sim, why in zip(removed["row"], removed["duplicate_of"].astype(int), removed["similarity"], removed["reason"]):
+        assert keep.loc[of, "keep"]
+        cosine = float(x16[row].astype(np.float32) @ x16[of].astype(np.float32))
+        if why == "cosine":
+            assert cosine > 0.9 and abs(cosine - sim) < 1e-5
+        else:
+            assert np.unpackbits(bits[row] ^ bits[of]).sum() <= 3
 
 
 def test_dedup_is_stale_when_embed_changes(tmp_path):

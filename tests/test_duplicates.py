@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 import pytest
 
@@ -42,43 +40,41 @@ def test_near_duplicates_broadcasts_query_hashes_over_candidates():
         assert by_phash[i, j] == (sims[i, j] <= 0.9 and distance <= 30)
 
 
-def bfs_components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Reference: breadth-first search, label = smallest node of the component."""
-    neighbours = [[] for _ in range(n)]
-    for a, b in pairs:
-        neighbours[a].append(b)
-        neighbours[b].append(a)
-    labels = np.full(n, -1)
-    for start in range(n):  # ascending, so the first node reached is the smallest
-        if labels[start] >= 0:
+def row_order_by_hand(n: int, edges: list[tuple[int, int, float, int]]):
+    """The per-item rule written plainly: visit rows in order; a row not yet removed is kept and removes
+    every later row it has an edge to (its first edge to that row, cosine before pHash)."""
+    removed, named = [False] * n, {}
+    for i in range(n):
+        if removed[i]:
             continue
-        labels[start] = start
-        queue = deque([start])
-        while queue:
-            for nxt in neighbours[queue.popleft()]:
-                if labels[nxt] < 0:
-                    labels[nxt] = start
-                    queue.append(nxt)
-    return labels
+        for a, b, sim, reason in sorted(edges, key=lambda e: (min(e[:2]), max(e[:2]), e[3])):
+            j = max(a, b)
+            if min(a, b) == i and j != i and not removed[j]:
+                removed[j], named[j] = True, (i, sim, reason)
+    return removed, named
 
 
-@pytest.mark.parametrize("n, m", [(3000, 1500), (3000, 2900), (500, 5000), (10, 0)])
-def test_connected_components_match_bfs(n, m):
+@pytest.mark.parametrize("n, m", [(300, 150), (300, 290), (50, 500), (10, 0)])
+def test_row_order_removal_matches_the_rule_by_hand(n, m):
     rng = np.random.default_rng(n + m)
     pairs = rng.integers(0, n, size=(m, 2))
-    np.testing.assert_array_equal(duplicates.connected_components(n, pairs), bfs_components(n, pairs))
+    sims = rng.uniform(0.9, 1.0, m).astype(np.float32)
+    reasons = rng.integers(0, 2, m).astype(np.int8)
+    removed, duplicate_of, similarity, reason = duplicates.remove_in_row_order(n, pairs, sims, reasons)
+    by_hand, named = row_order_by_hand(n, [(int(a), int(b), float(s), int(r)) for (a, b), s, r in zip(pairs, sims, reasons)])
+    assert removed.tolist() == by_hand
+    for j, (i, sim, why) in named.items():
+        assert (duplicate_of[j], reason[j]) == (i, why) and similarity[j] == np.float32(sim)
+        assert not removed[i]  # every removed item names a kept one
+    assert (duplicate_of[~removed] == -1).all() and np.isnan(similarity[~removed]).all()
 
 
-def test_connected_components_long_shuffled_chain():
-    n = 5000
-    perm = np.random.default_rng(3).permutation(n)
-    pairs = np.stack([perm[:-1], perm[1:]], axis=1)[::-1]
-    assert (duplicates.connected_components(n, pairs) == 0).all()
-
-
-def test_connected_components_rejects_unknown_nodes():
-    with pytest.raises(ValueError, match=r"node numbers in \[0, 5\)"):
-        duplicates.connected_components(5, np.array([[0, 5]]))
+def test_no_chains():
+    """0 ~ 1 ~ 2 with 0 and 2 not duplicates: 1 goes (naming 0), 2 stays. Connected components would
+    have removed 2 as well, naming 0, which it does not resemble."""
+    removed, duplicate_of, _, _ = duplicates.remove_in_row_order(
+        3, np.array([[1, 2], [0, 1]]), np.array([0.95, 0.96], np.float32), np.zeros(2, np.int8))
+    assert removed.tolist() == [False, True, False] and duplicate_of.tolist() == [-1, 0, -1]
 
 
 def test_phash_distances_match_bit_by_bit():
