@@ -93,7 +93,7 @@ def read_metadata_table(embed_dir: Path, manifest: dict, columns: list[str]):
             tables.append(pq.read_table(path, columns=columns))
         except (OSError, pa.ArrowInvalid) as e:
             raise StageError(f"{path} is missing or corrupt ({e}): {REBUILD}") from None
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")  # an all-NULL extra column in one shard
 
 
 def metadata_files(embed_dir: Path, manifest: dict) -> list[Path]:

@@ -34,13 +34,19 @@ def matching_rows(source, where: str, what: str) -> np.ndarray:
 
     con = duckdb.connect()
     try:
-        if isinstance(source, (list, tuple)):
-            con.read_parquet([str(p) for p in source]).create_view("items")
+        if isinstance(source, (list, tuple)):  # shards whose extra columns are all NULL read as NULL-typed: unify
+            con.execute("CREATE TABLE items AS SELECT * FROM read_parquet(?, union_by_name = true)",
+                        [[str(p) for p in source]])
         else:
             con.register("items", source)
+        # The expression is the user's SQL: one SELECT, and no file or network access from inside it.
+        con.execute("SET enable_external_access = false")
         columns = [d[0] for d in con.execute("SELECT * FROM items LIMIT 0").description if d[0] != "row"]
+        query = f"SELECT row FROM items WHERE ({expand_quantiles(where)}) ORDER BY row"
         try:
-            result = con.execute(f"SELECT row FROM items WHERE ({expand_quantiles(where)}) ORDER BY row").fetchnumpy()
+            if len(duckdb.extract_statements(query)) != 1:
+                raise UsageError(f"{what} {where!r} is not one boolean expression: remove the ';' and what follows")
+            result = con.execute(query).fetchnumpy()
         except duckdb.Error as e:
             reason = str(e).splitlines()[0]
             raise UsageError(f"{what} {where!r} cannot be evaluated: {reason}. Known columns: {', '.join(columns)}") from None

@@ -40,6 +40,9 @@ class Retriever:
         if self.infos.get("search_param") and nprobe:
             faiss_search.set_search_param(self.index, self.infos["search_param"], int(nprobe))
         self.self_contained = (self.dir / VECTORS).exists()
+        if self.self_contained and not (self.dir / "rows.npy").exists():
+            raise StageError(f"{self.dir} has {VECTORS} but no rows.npy (copied in part?): copy the whole index folder, "
+                             f"or rebuild it with `knnd run index --force`")
         if self.self_contained:
             self.embeddings = IndexVectors(self.dir, self.index_rows())
         else:

@@ -138,7 +138,9 @@ def serve_command(cfg, index_dirs: list[str] | None, checkpoint: str | None, hos
     url_host = f"[{host}]" if ":" in host else host
     print(f"knnd serve: {', '.join(db.name for db in service.databases)}; {model}; "
           f"open http://{url_host}:{port}/ (Ctrl-C to stop)", file=sys.stderr)
-    server = make_server(build_app(service, LOOPBACK_NAMES if host in LOOPBACK_NAMES else ["*"]), host, port)
+    # Host headers answered: the loopback names and the bound address; any name only on a wildcard bind
+    allowed = ["*"] if host in ("0.0.0.0", "::", "") else LOOPBACK_NAMES + [host, f"[{host}]"]
+    server = make_server(build_app(service, allowed), host, port)
     try:
         server.run()
     finally:

@@ -117,13 +117,14 @@ class JobQueue:
         def progress(done: int, total: int) -> None:
             job.step, job.steps = done, total
 
+        status, error = "done", None
         try:
             job.result = job.work(progress)
-            job.status = "done"
         except (UsageError, StageError) as e:  # the request or the files: the message says what to change
-            job.status, job.error = "failed", str(e)
+            status, error = "failed", str(e)
         except Exception as e:  # noqa: BLE001 - a failed job must not stop the worker; the trace goes to the log
             traceback.print_exc(file=sys.stderr)
-            job.status, job.error = "failed", f"sampling failed ({type(e).__name__}: {e}); the server log has the details"
-        job.finished = time.time()
+            status, error = "failed", f"sampling failed ({type(e).__name__}: {e}); the server log has the details"
+        job.finished, job.error = time.time(), error  # before the status: a poll that sees "done" sees `finished`
+        job.status = status
         job.done.set()

@@ -244,7 +244,7 @@ class Service:
             raise BadInput(None, str(e), status=429) from None
 
     def job(self, job_id: str) -> Job:
-        job = self.queue.get(int(job_id)) if str(job_id).isdigit() else None
+        job = self.queue.get(int(job_id)) if str(job_id).isascii() and str(job_id).isdigit() else None
         if job is None:
             raise BadInput("id", f"no job {job_id!r}: jobs are numbered by /api/sample, and only the last "
                                  f"{self.queue.keep} finished ones are kept", status=404)
@@ -269,7 +269,7 @@ class Service:
     def job_png(self, job_id: str, i: str) -> bytes:
         job = self.job(job_id)
         pngs = job.result["pngs"] if job.status == "done" else []
-        if not str(i).isdigit() or int(i) >= len(pngs):
+        if not (str(i).isascii() and str(i).isdigit()) or int(i) >= len(pngs):
             state = f"has {len(pngs)} images (0 to {len(pngs) - 1})" if job.status == "done" else f"is {job.status}"
             raise BadInput("image", f"job {job.id} {state}: ask for one of its images once it is done", status=404)
         return pngs[int(i)]

@@ -49,8 +49,15 @@ def test_bad_expressions_name_the_column_and_the_known_columns(tmp_path):
         matching_rows(table(), "scor > 1", "--where")
     with pytest.raises(UsageError, match=r"index.where 'score >' cannot be evaluated: Parser Error"):
         matching_rows(table(), "score >", "index.where")
-    pq.write_table(table(), tmp_path / "m.parquet")  # the Parquet path (DuckDB scans the files) agrees
-    assert matching_rows([tmp_path / "m.parquet"], "score < 0.1", "x").tolist() == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(UsageError, match="is not one boolean expression"):  # no second statement rides along
+        matching_rows(table(), f"true); COPY (SELECT 42) TO '{tmp_path / 'x.csv'}'; SELECT 1 WHERE (true", "--where")
+    assert not (tmp_path / "x.csv").exists()
+    with pytest.raises(UsageError, match="file system operations are disabled"):  # nor file access inside it
+        matching_rows(table(), "(SELECT content FROM read_text('/etc/hostname')) <> ''", "--where")
+    nulls = pa.table({"row": [0, 1], "score": pa.array([None, None], pa.null())})  # a shard's all-NULL column
+    pq.write_table(nulls, tmp_path / "a.parquet")
+    pq.write_table(table().slice(2), tmp_path / "m.parquet")  # the Parquet path agrees, NULL-typed shard first
+    assert matching_rows([tmp_path / "a.parquet", tmp_path / "m.parquet"], "score < 0.1", "x").tolist() == [2, 3, 4, 5]
 
 
 # --------------------------------------------------------------------------- through the stages

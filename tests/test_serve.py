@@ -234,7 +234,9 @@ def test_other_bad_requests_are_clear_json(work):
     assert_clear_error(client.post("/api/sample", json=["red heart"]), 400, None, "JSON object")
     assert_clear_error(client.get("/api/jobs/999999"), 404, "id", "no job")
     assert_clear_error(client.get("/api/jobs/abc"), 404, "id", "no job")
-    assert_clear_error(client.get("/api/jobs/1/7.png"), 404, "image", "ask for one of its images")
+    done = client.post("/api/sample", json={"prompt": "red heart", "steps": 1, "images": 1, "wait": True}).json()
+    assert_clear_error(client.get(f"/api/jobs/{done['id']}/7.png"), 404, "image", "ask for one of its images")
+    assert_clear_error(client.get("/api/jobs/\u00b2"), 404, "id", "no job")  # a digit to isdigit(), not to int()
     assert_clear_error(client.get("/nowhere"), 404, None, "/api/search")
     other_host = TestClient(client.app, base_url="http://attacker.example")  # DNS rebinding: refused
     assert other_host.get("/api/info").status_code == 400
