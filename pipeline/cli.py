@@ -94,7 +94,8 @@ def cmd_evaluate(args) -> int:
 def cmd_serve(args) -> int:
     from pipeline.serve import serve_command
 
-    return serve_command(_config(args), args.index, args.checkpoint, host=args.host, port=args.port)
+    return serve_command(_config(args), args.index, args.checkpoint, host=args.host, port=args.port,
+                         allow_other_clip=args.allow_other_clip)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; anything else is reachable by others)")
+    p.add_argument("--allow-other-clip", action="store_true",
+                   help="sample against indexes embedded by another CLIP than the model's (refused by default)")
     _add_config_args(p)
     p.set_defaults(func=cmd_serve)
     return parser

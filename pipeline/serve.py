@@ -128,12 +128,12 @@ def make_server(app, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_lev
 
 
 def serve_command(cfg, index_dirs: list[str] | None, checkpoint: str | None, host: str = DEFAULT_HOST,
-                  port: int = DEFAULT_PORT) -> int:
+                  port: int = DEFAULT_PORT, allow_other_clip: bool = False) -> int:
     """`knnd serve`: load the indexes (and model), then serve until Ctrl-C."""
     if not is_loopback(host):
         print(f"knnd serve: warning: --host {host} lets other machines reach this page and its API, which has no "
               f"authentication; the default, 127.0.0.1, keeps it on this machine", file=sys.stderr)
-    service = make_service(cfg, index_dirs, checkpoint)
+    service = make_service(cfg, index_dirs, checkpoint, allow_other_clip)
     model = f"sampling with {service.databases[0].sampler.checkpoint}" if service.sampling else "search only"
     url_host = f"[{host}]" if ":" in host else host
     print(f"knnd serve: {', '.join(db.name for db in service.databases)}; {model}; "

@@ -24,8 +24,9 @@ from pipeline.serve_jobs import Job, JobQueue, QueueFull
 MAX_SEARCH_K, MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_PROMPT = 100, 250, 30.0, 8, 2**32 - 1, 1000
 THUMBNAIL_SIZE = 64  # decoded size for index folders without thumbnails.npy
 THUMBNAIL_CACHE = 20_000  # data URLs kept per index
-SEARCH_FIELDS = {"prompt", "index", "k"}
-SAMPLE_FIELDS = {"prompt", "index", "k", "guidance", "steps", "seed", "images", "no_knn", "neighbours_only", "wait"}
+SEARCH_FIELDS = {"prompt", "index", "k", "where"}
+SAMPLE_FIELDS = {"prompt", "index", "k", "guidance", "steps", "seed", "images", "no_knn", "neighbours_only", "where",
+                 "wait"}
 
 
 class BadInput(Exception):
@@ -47,7 +48,8 @@ class Database:
     thumbs: dict = field(default_factory=dict)  # row -> PNG data URL, or None (no picture)
 
 
-def load_databases(index_dirs: list[Path], checkpoint: Path | None, device: str) -> list[Database]:
+def load_databases(index_dirs: list[Path], checkpoint: Path | None, device: str,
+                   allow_other_clip: bool = False) -> list[Database]:
     """Each index with its CLIP; with a checkpoint, a Sampler per index (model, index and CLIP checked together)."""
     databases = []
     for index_dir in index_dirs:
@@ -55,7 +57,7 @@ def load_databases(index_dirs: list[Path], checkpoint: Path | None, device: str)
         if any(db.name == name for db in databases):
             raise UsageError(f"--index {name} is given twice: give each index folder once")
         if checkpoint is not None:
-            sampler = Sampler(checkpoint, Path(index_dir), device)
+            sampler = Sampler(checkpoint, Path(index_dir), device, allow_other_clip)
             databases.append(Database(name, sampler.retriever, sampler.clip, sampler))
             continue
         retriever = Retriever(index_dir, queries="text")
@@ -110,6 +112,25 @@ def number_field(values: dict, name: str, default, low, high, kind=int, why: str
         fix = f"lower {name}" if value > high else f"raise {name}"
         raise BadInput(name, f"{name} must be from {low} to {high}{why}, got {value}: {fix}")
     return value
+
+
+def where_field(values: dict, db, k: int) -> str | None:
+    """The metadata filter (pipeline.filters), checked against the index now: unknown columns, bad
+    syntax, or fewer than k images satisfying it are a 400 naming the field."""
+    raw = values.get("where")
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if not isinstance(raw, str) or len(raw) > MAX_PROMPT:
+        raise BadInput("where", f"where must be a SQL filter of at most {MAX_PROMPT} characters, "
+                                f"e.g. \"colourfulness >= q(0.8)\"")
+    try:
+        satisfied = int(db.retriever.allowed(raw).sum())
+    except UsageError as e:
+        raise BadInput("where", str(e)) from None
+    if satisfied < k:
+        raise BadInput("where", f"where {raw!r}: only {satisfied} images of {db.name} satisfy it, fewer than k={k}: "
+                                f"lower k or loosen the filter")
+    return raw
 
 
 def bool_field(values: dict, name: str) -> bool:
@@ -177,7 +198,8 @@ class Service:
         check_fields(values, SEARCH_FIELDS)
         prompt, db = text_field(values, "prompt"), self.database(values)
         k = number_field(values, "k", self.defaults["k"], 1, MAX_SEARCH_K)
-        hits = nearest(db.retriever, db.clip, prompt, k)
+        where = where_field(values, db, k)
+        hits = nearest(db.retriever, db.clip, prompt, k, where)
         thumbs = self.thumbnails(db, [h["row"] for h in hits])
         for hit in hits:
             hit["thumbnail"] = thumbs[hit["row"]]
@@ -215,6 +237,7 @@ class Service:
             seed=number_field(values, "seed", d["seed"], 0, MAX_SEED),
             images_per_prompt=number_field(values, "images", d["images"], 1, MAX_IMAGES),
             no_knn=bool_field(values, "no_knn"), neighbours_only=bool_field(values, "neighbours_only"))
+        request.where = where_field(values, db, 0 if request.no_knn else request.k)
         if request.no_knn and request.neighbours_only:
             raise BadInput("neighbours_only", "no_knn and neighbours_only exclude each other (the first drops the "
                                               "neighbours, the second the text): set one of them to false")
@@ -275,7 +298,8 @@ class Service:
         return pngs[int(i)]
 
 
-def make_service(cfg, index_dirs: list[str] | None = None, checkpoint: str | None = None) -> Service:
+def make_service(cfg, index_dirs: list[str] | None = None, checkpoint: str | None = None,
+                 allow_other_clip: bool = False) -> Service:
     """The service for a config: the given indexes (default: sample.index, else the workdir's) and the
     given or latest checkpoint (none found: search only, said on stderr)."""
     dirs = [Path(d) for d in index_dirs] if index_dirs else [Path(cfg.sample.index or stage_dir(cfg, "index"))]
@@ -286,7 +310,7 @@ def make_service(cfg, index_dirs: list[str] | None = None, checkpoint: str | Non
             raise
         print(f"knnd serve: {e}; serving search only", file=sys.stderr)
         found = None
-    databases = load_databases(dirs, found, resolve_device(cfg))
+    databases = load_databases(dirs, found, resolve_device(cfg), allow_other_clip)
     conf = cfg.sample
     defaults = {"k": max(1, conf.k), "guidance": min(conf.guidance, MAX_GUIDANCE), "steps": min(conf.steps, MAX_STEPS),
                 "seed": conf.seed, "images": min(conf.images_per_prompt, MAX_IMAGES)}

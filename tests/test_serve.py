@@ -390,3 +390,25 @@ def test_the_page_in_headless_chromium_types_a_prompt_and_shows_neighbours_and_s
         rgb = im.convert("RGB")
         assert rgb.width >= 600 and rgb.height >= 400
         assert len(rgb.getcolors(maxcolors=1 << 24)) > 50, "screenshot is (nearly) one flat colour"
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["self-contained", "embed-backed"])
+def test_where_filters_search_and_sampling_and_names_bad_filters(work, which):
+    """The metadata filter of `knnd search/sample --where` through the API: every neighbour satisfies it,
+    on both kinds of index; a bad column, too strict a filter or a second statement is a 400 on `where`."""
+    client, index = work["client"], work["indexes"][which]
+    where = "caption like '%1%'"
+    body = client.get("/api/search", params={"prompt": "red heart", "index": index, "k": 3, "where": where}).json()
+    assert len(body["neighbours"]) == 3 and all("1" in h["caption"] for h in body["neighbours"])
+    unfiltered = client.get("/api/search", params={"prompt": "red heart", "index": index, "k": 3}).json()
+    assert [h["row"] for h in body["neighbours"]] != [h["row"] for h in unfiltered["neighbours"]] or \
+        all("1" in h["caption"] for h in unfiltered["neighbours"])
+    if which == 0:
+        job = client.post("/api/sample", json={"prompt": "red heart", "index": index, "k": 3, "steps": 1,
+                                               "images": 1, "where": where, "wait": True}).json()
+        assert job["status"] == "done" and len(job["neighbours"]) == 3
+        assert all("1" in n["caption"] for n in job["neighbours"])
+    for bad, words in [("captoin like '%1%'", "Known columns"), ("caption = 'a item 1'", "fewer than k=3"),
+                       ("true); SELECT 1 WHERE (true", "not one boolean expression")]:
+        assert_clear_error(client.get("/api/search", params={"prompt": "x", "index": index, "k": 3, "where": bad}),
+                           400, "where", words)
