@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+    add_serve_parser(sub)
+    return parser
+
+
+def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="a local web page (and JSON API) to search indexes and sample from them")
     p.add_argument("--index", action="append", metavar="DIR",
                    help="index directory to offer (repeatable; default: sample.index, else this workdir's index/)")
@@ -178,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample against indexes embedded by another CLIP than the model's (refused by default)")
     _add_config_args(p)
     p.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv=None) -> int:
