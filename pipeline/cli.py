@@ -31,6 +31,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. --set embed.batch_size=64 (repeatable)")
 
 
+def _add_allow_other_clip(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--allow-other-clip", action="store_true",
+                   help=f"{what} embedded by another CLIP than the model's (refused by default)")
+
+
 def cmd_run(args) -> int:
     cfg = _config(args)
     names = STAGES if "all" in args.stages else args.stages
@@ -144,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="condition on the retrieved neighbours alone: the text only retrieves them (RDM-style)")
     p.add_argument("--init-image", help="reference image to edit (replaces the first neighbour, noised start)")
     p.add_argument("--strength", type=float, default=0.7, help="how far the reference is noised (0..1)")
-    p.add_argument("--allow-other-clip", action="store_true",
-                   help="sample against an index embedded by another CLIP than the model's (refused by default)")
+    _add_allow_other_clip(p, "sample against an index")
     p.add_argument("--where", help='neighbours only among images whose metadata satisfies this SQL filter, '
                                    'e.g. "aesthetic >= q(0.9)" (DuckDB)')
     p.add_argument("--unconditional", type=int, metavar="N",
@@ -161,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
     p.add_argument("--neighbours-only", action="store_true",
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")
-    p.add_argument("--allow-other-clip", action="store_true",
-                   help="grade against an index embedded by another CLIP than the model's (refused by default)")
+    _add_allow_other_clip(p, "grade against an index")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -179,8 +182,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; anything else is reachable by others)")
-    p.add_argument("--allow-other-clip", action="store_true",
-                   help="sample against indexes embedded by another CLIP than the model's (refused by default)")
+    _add_allow_other_clip(p, "sample against indexes")
     _add_config_args(p)
     p.set_defaults(func=cmd_serve)
 

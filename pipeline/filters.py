@@ -61,6 +61,14 @@ def check_where(schema, where: str, what: str) -> None:
     matching_rows(schema.empty_table(), where, what)
 
 
+def check_where_on_embed(embed_dir, where: str, what: str) -> None:
+    """`check_where` against an embed folder's metadata columns (the stages' up-front check)."""
+    from pipeline.embeddings import metadata_schema
+    from pipeline.files import read_json
+
+    check_where(metadata_schema(embed_dir, read_json(embed_dir / "manifest.json")), where, what)
+
+
 def row_mask(rows: np.ndarray, size: int) -> np.ndarray:
     """bool [size]: True at `rows`."""
     mask = np.zeros(size, bool)

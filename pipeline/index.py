@@ -16,14 +16,14 @@ import time
 
 import numpy as np
 
-from pipeline.embeddings import Embeddings, metadata_files, metadata_schema, read_keep
+from pipeline.embeddings import Embeddings, metadata_files, read_keep
 from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, save_index,
                                   train_index, training_sample_size)
 from pipeline.faiss_search import (drop_self, exact_search, recall_at_k, refine_search, search, search_param_name,
                                    set_search_param, tune_nprobe)
+from pipeline.filters import check_where_on_embed, matching_rows
 from pipeline.index_files import clip_identity, write_index_files
-from pipeline.filters import check_where, matching_rows
-from pipeline.runner import StageRun, UsageError, atomic_path, read_json, stage_dir, write_json
+from pipeline.runner import StageRun, UsageError, atomic_path, stage_dir, write_json
 from pipeline.sizes import parse_bytes
 
 K_EVAL = 10
@@ -32,8 +32,7 @@ REFINE_K_FACTOR = 4
 
 def check(cfg) -> None:
     if cfg.index.where:  # before anything is written: unknown columns and bad syntax
-        embed_dir = stage_dir(cfg, "embed")
-        check_where(metadata_schema(embed_dir, read_json(embed_dir / "manifest.json")), cfg.index.where, "index.where")
+        check_where_on_embed(stage_dir(cfg, "embed"), cfg.index.where, "index.where")
     factory = cfg.index.factory
     if factory != "auto":
         try:

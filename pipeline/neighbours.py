@@ -29,12 +29,9 @@ def check(cfg) -> None:
             raise UsageError(f"neighbours.k ({cfg.neighbours.k}) must be smaller than the number of kept images ({kept}): "
                              f"lower neighbours.k")
     if cfg.neighbours.where:  # before anything is written: unknown columns and bad syntax
-        from pipeline.embeddings import metadata_schema
-        from pipeline.filters import check_where
+        from pipeline.filters import check_where_on_embed
 
-        embed_dir = stage_dir(cfg, "embed")
-        check_where(metadata_schema(embed_dir, read_json(embed_dir / "manifest.json")), cfg.neighbours.where,
-                    "neighbours.where")
+        check_where_on_embed(stage_dir(cfg, "embed"), cfg.neighbours.where, "neighbours.where")
 
 
 def select_neighbours(sims, rows, q_rows, q_bits, bits, k, cosine_threshold, manhattan_threshold):

@@ -63,10 +63,7 @@ class Retriever:
         self.check_dim(queries.shape[1], "the query")
         if where is None:
             return self._search(queries, k)
-        allowed = self.allowed(where)
-        if allowed.sum() < k:
-            raise UsageError(f"--where {where!r}: only {int(allowed.sum())} images of the index {self.dir} satisfy it, "
-                             f"fewer than k={k}: lower k or loosen the filter")
+        allowed = self.allowed(where, at_least=k)
         n, fetch = int(self.infos.get("n") or len(self.index_rows())), 4 * k
         while True:
             sims, rows = self._search(queries, min(fetch, n))
@@ -84,8 +81,9 @@ class Retriever:
             return faiss_search.refine_search(self.index, self.embeddings, queries, k, self.infos.get("refine_k_factor", 4))
         return faiss_search.search(self.index, queries, k)
 
-    def allowed(self, where: str) -> np.ndarray:
-        """bool mask by embed row: the indexed images whose metadata satisfies `where` (cached)."""
+    def allowed(self, where: str, at_least: int = 0) -> np.ndarray:
+        """bool mask by embed row: the indexed images whose metadata satisfies `where` (cached); fewer
+        than `at_least` of them is a UsageError saying how many."""
         if where not in self._allowed:
             from pipeline.filters import matching_rows, row_mask
 
@@ -96,6 +94,10 @@ class Retriever:
                 files = [self.embeddings.dir / s["metadata"] for s in self.embeddings.manifest["shards"]]
                 rows = matching_rows(files, where, "--where")
             self._allowed[where] = row_mask(np.intersect1d(rows, indexed), int(indexed.max()) + 1 if len(indexed) else 0)
+        satisfied = int(self._allowed[where].sum())
+        if satisfied < at_least:
+            raise UsageError(f"--where {where!r}: only {satisfied} images of the index {self.dir} satisfy it, "
+                             f"fewer than k={at_least}: lower k or loosen the filter")
         return self._allowed[where]
 
     def index_rows(self) -> np.ndarray:
