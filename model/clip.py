@@ -82,6 +82,16 @@ def load_clip(model: str, pretrained: str | None, device: str = "cpu") -> ClipBu
     )
 
 
+def load_clip_spec(spec: dict, device: str = "cpu") -> ClipBundle:
+    """The CLIP an embed manifest names ({"model", "pretrained", ...}); a random-init one (pretrained
+    null: tests) is rebuilt from seed 0, as the embed stage built it, without touching the global RNG."""
+    if spec.get("pretrained") is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return load_clip(spec["model"], None, device)
+    return load_clip(spec["model"], spec["pretrained"], device)
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state_dict (bare or under "state_dict") without executing any pickled code."""
     try:

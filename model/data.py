@@ -4,6 +4,10 @@ A pack shard is a webdataset-compatible tar; per sample three members, written w
     {key}.image.npy  uint8 [H, W, 3]     the image at training resolution
     {key}.emb.npy    float16 [d]         its CLIP image embedding
     {key}.nbr.npy    float16 [k, d]      its k neighbours' embeddings, nearest first
+and, in a pack for local manipulation (model.manipulation), three more:
+    {key}.nbr_image.npy  uint8 [H, W, 3]   the first neighbour's image, ECC-aligned to the image
+    {key}.boxes.npy      int16 [b, 4]      b boxes M (x0, y0, x1, y1) in pixels of the image
+    {key}.box_emb.npy    float16 [b, d]    f_img(I * M) of each box: the CLIP embedding of its crop
 
 PackDataset holds every shard in memory as one [N, k+1, d] float16 condition array and one
 [N, H, W, 3] uint8 image array (the demo: ~15 MB; 1 M samples at 64 px with d = 512: ~23 GB), so a
@@ -20,10 +24,14 @@ from pipeline.files import atomic_path
 from pipeline.shards import iter_tar_samples
 
 MEMBERS = ("image", "emb", "nbr")
+MANIPULATION_MEMBERS = ("nbr_image", "boxes", "box_emb")
+DTYPES = {"image": np.uint8, "emb": np.float16, "nbr": np.float16,
+          "nbr_image": np.uint8, "boxes": np.int16, "box_emb": np.float16}
 
 
 def write_pack_shard(path, samples) -> int:
-    """Write samples (dicts with key, image, emb, nbr) to a pack tar atomically; returns the count.
+    """Write samples (dicts with key, image, emb, nbr [, nbr_image, boxes, box_emb]) to a pack tar
+    atomically; returns the count.
 
     The tar is byte-for-byte reproducible (fixed mtime/owner), so a re-run writes identical files.
     """
@@ -33,11 +41,10 @@ def write_pack_shard(path, samples) -> int:
             key = str(sample["key"])
             if not key or "." in key or "/" in key:
                 raise ValueError(f"pack key {key!r} must be non-empty without '.' or '/'")
-            arrays = {"image": np.asarray(sample["image"], dtype=np.uint8),
-                      "emb": np.asarray(sample["emb"], dtype=np.float16),
-                      "nbr": np.asarray(sample["nbr"], dtype=np.float16)}
+            names = MEMBERS + (MANIPULATION_MEMBERS if "nbr_image" in sample else ())
+            arrays = {name: np.asarray(sample[name], dtype=DTYPES[name]) for name in names}
             _check_sample(key, arrays)
-            for name in MEMBERS:
+            for name in names:
                 _add_member(tar, f"{key}.{name}.npy", arrays[name])
             count += 1
     return count
@@ -49,6 +56,12 @@ def _check_sample(key: str, arrays: dict):
         raise ValueError(f"sample {key}: image shape {image.shape}, expected [H, W, 3]")
     if emb.ndim != 1 or nbr.ndim != 2 or nbr.shape[1] != emb.shape[0]:
         raise ValueError(f"sample {key}: emb {emb.shape} and nbr {nbr.shape}, expected [d], [k, d]")
+    if "nbr_image" in arrays:
+        boxes, box_emb = arrays["boxes"], arrays["box_emb"]
+        if arrays["nbr_image"].shape != image.shape:
+            raise ValueError(f"sample {key}: nbr_image shape {arrays['nbr_image'].shape}, expected {image.shape}")
+        if boxes.ndim != 2 or boxes.shape[1] != 4 or box_emb.shape != (len(boxes), emb.shape[0]) or not len(boxes):
+            raise ValueError(f"sample {key}: boxes {boxes.shape} and box_emb {box_emb.shape}, expected [b, 4], [b, d]")
 
 
 def _add_member(tar: tarfile.TarFile, name: str, array: np.ndarray):
@@ -62,7 +75,8 @@ def _add_member(tar: tarfile.TarFile, name: str, array: np.ndarray):
 
 
 def read_pack_shard(path) -> dict:
-    """{keys: list[str], image: uint8 [n,H,W,3], emb: float16 [n,d], nbr: float16 [n,k,d]}.
+    """{keys: list[str], image: uint8 [n,H,W,3], emb: float16 [n,d], nbr: float16 [n,k,d]} (and
+    nbr_image, boxes, box_emb stacked likewise when the shard holds them).
 
     A corrupt or incomplete shard raises ValueError naming the file and how to rebuild it.
     """
@@ -73,10 +87,11 @@ def read_pack_shard(path) -> dict:
                             for name, data in parts.items()}
         if not samples:  # a shard whose items all failed upstream: no shapes to report
             return {"keys": [], "image": None, "emb": None, "nbr": None}
-        missing = [key for key, arrays in samples.items() if set(arrays) != set(MEMBERS)]
+        names = MEMBERS + (MANIPULATION_MEMBERS if "nbr_image" in next(iter(samples.values())) else ())
+        missing = [key for key, arrays in samples.items() if set(arrays) != set(names)]
         if missing:
-            raise ValueError(f"sample {missing[0]!r} lacks one of {MEMBERS}")
-        arrays = {name: np.stack([s[name] for s in samples.values()]) for name in MEMBERS}
+            raise ValueError(f"sample {missing[0]!r} lacks one of {names} or has others")
+        arrays = {name: np.stack([s[name] for s in samples.values()]) for name in names}
     except (tarfile.TarError, ValueError, OSError, EOFError, AttributeError) as error:
         raise ValueError(f"corrupt pack shard {path}: {error}; delete it and rebuild it with "
                          f"`knnd run pack --force`") from error
@@ -91,13 +106,22 @@ class PackDataset:
     takes every world_size-th sample of it (cut to equal length, so all ranks run the same number of
     steps, as DDP needs). Incomplete last batches are dropped. `position` = (epoch, index) is the
     next sample index in this rank's epoch order; pass it back in to resume exactly there.
+    manipulation: batches are (image, emb, nbr_image, boxes, box_emb) from a pack written with
+    pack.manipulation (model.manipulation builds the training input from them).
     """
 
     def __init__(self, shard_paths, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, position: tuple = (0, 0), k: int | None = None):
+                 world_size: int = 1, position: tuple = (0, 0), k: int | None = None,
+                 manipulation: bool = False):
         shards = [shard for shard in map(read_pack_shard, shard_paths) if shard["keys"]]
         if not shards:
             raise ValueError("no pack samples in the given shards; run `knnd run pack` first")
+        self.manipulation = manipulation
+        if manipulation:
+            if not all("nbr_image" in s for s in shards):
+                raise ValueError("the pack holds no aligned neighbour images and box embeddings (needed by "
+                                 "train.mode=manipulate): re-run `knnd run pack --set pack.manipulation=true`")
+            self.extra = [np.concatenate([s[name] for s in shards]) for name in ("nbr_image", "boxes", "box_emb")]
         self.images = np.concatenate([s["image"] for s in shards])
         # slot 0: the sample's own embedding, slots 1..k: its neighbours
         self.cond = np.concatenate([np.concatenate([s["emb"][:, None], s["nbr"]], axis=1)
@@ -140,4 +164,9 @@ class PackDataset:
 
     def batch(self, rows: np.ndarray):
         image = torch.from_numpy(self.images[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return image, torch.from_numpy(self.cond[rows].astype(np.float32))
+        emb = torch.from_numpy(self.cond[rows].astype(np.float32))
+        if not self.manipulation:
+            return image, emb
+        nbr_image, boxes, box_emb = (array[rows] for array in self.extra)
+        return (image, emb, torch.from_numpy(nbr_image).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
+                torch.from_numpy(boxes.astype(np.int64)), torch.from_numpy(box_emb.astype(np.float32)))

@@ -41,6 +41,7 @@ class ModelConfig:
     prediction_type: str = "epsilon"          # "epsilon" | "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"  # "squaredcos_cap_v2" (cosine) | "linear"
     num_train_timesteps: int = 1000
+    manipulation: bool = False                # local manipulation: the U-Net also sees I_manip (3 more input channels)
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
@@ -132,8 +133,9 @@ def build_unet(config: ModelConfig) -> UNet2DConditionModel:
     # diffusers' `attention_head_dim` is, despite its name, the number of heads (diffusers #2011).
     heads = tuple(c // config.attention_head_dim for c in config.block_out_channels)
     channels = config.in_channels * config.space_to_depth ** 2
+    extra = 3 * config.space_to_depth ** 2 if config.manipulation else 0  # I_manip, concatenated to x_t
     return UNet2DConditionModel(
-        sample_size=config.resolution // config.space_to_depth, in_channels=channels,
+        sample_size=config.resolution // config.space_to_depth, in_channels=channels + extra,
         out_channels=channels, down_block_types=down, up_block_types=up,
         block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
         mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=config.cond_width,
@@ -141,7 +143,10 @@ def build_unet(config: ModelConfig) -> UNet2DConditionModel:
 
 
 class KnnDenoiser(nn.Module):
-    """eps (or v) prediction: forward(x_t [B,C,H,W], t [B], emb [B,n<=k+1,d]) -> [B,C,H,W]."""
+    """eps (or v) prediction: forward(x_t [B,C,H,W], t [B], emb [B,n<=k+1,d]) -> [B,C,H,W].
+
+    A manipulation model (config.manipulation) also takes image_cond [B,3,H,W] in [-1, 1] (the
+    manipulated image), concatenated to x_t as extra input channels (paper, section 3.1)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -152,13 +157,18 @@ class KnnDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
                 drop_mask: torch.Tensor | None = None,
-                neighbour_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """drop_mask [B] bool: use the null context (guidance); neighbour_mask [B, n]: see
-        ConditionEncoder."""
+                neighbour_mask: torch.Tensor | None = None,
+                image_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """drop_mask [B] bool: use the null context (guidance; image_cond is kept); neighbour_mask
+        [B, n]: see ConditionEncoder."""
         if emb.shape[-1] != self.config.clip_dim:
             raise ValueError(f"embedding dimension {emb.shape[-1]} differs from the model's "
                              f"clip_dim {self.config.clip_dim}")
+        if (image_cond is not None) != self.config.manipulation:
+            raise ValueError("a manipulation model needs image_cond (the manipulated image), and only it takes one")
         context, key_mask = self.condition(emb, drop_mask, neighbour_mask)
+        if image_cond is not None:
+            x_t = torch.cat([x_t, image_cond.to(x_t.dtype)], dim=1)
         s = self.config.space_to_depth
         x = F.pixel_unshuffle(x_t, s) if s > 1 else x_t
         out = self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=key_mask, return_dict=False)[0]

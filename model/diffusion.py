@@ -30,17 +30,19 @@ def training_example(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
     return x_t, noise
 
 
-def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None):
+def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None, image_cond=None):
     """Classifier-free guidance, cond and uncond in one batch:
-    out = out_uncond + guidance * (out_cond - out_uncond). guidance 1 skips the uncond pass."""
+    out = out_uncond + guidance * (out_cond - out_uncond). guidance 1 skips the uncond pass.
+    image_cond (a manipulation model's I_manip) goes to both halves: guidance acts on the condition."""
     batch = x_t.shape[0]
     timesteps = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
     if guidance == 1.0:
-        return model(x_t, timesteps, emb, None, neighbour_mask).float()
+        return model(x_t, timesteps, emb, None, neighbour_mask, image_cond).float()
     drop = torch.arange(2 * batch, device=x_t.device) >= batch  # second half: null context
     mask = None if neighbour_mask is None else torch.cat([neighbour_mask, neighbour_mask])
+    image_cond = None if image_cond is None else torch.cat([image_cond, image_cond])
     out = model(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
-                torch.cat([emb, emb]), drop, mask).float()
+                torch.cat([emb, emb]), drop, mask, image_cond).float()
     cond, uncond = out.chunk(2)
     return uncond + guidance * (cond - uncond)
 
@@ -48,7 +50,7 @@ def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None):
 @torch.no_grad()
 def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
            generator: torch.Generator | list[torch.Generator] | None = None, init_image=None, strength: float = 1.0,
-           scheduler: str = "ddim", neighbour_mask=None, progress=None) -> np.ndarray:
+           scheduler: str = "ddim", neighbour_mask=None, progress=None, image_cond=None) -> np.ndarray:
     """Generate uint8 images [B, H, W, 3] for condition embeddings emb [B, n <= k+1, d].
 
     Deterministic for a given CPU torch.Generator (noise is drawn on the CPU, on any device). A list
@@ -59,6 +61,7 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     f_img(reference) in neighbour slot 1 of emb: the caller's job). neighbour_mask: see
     ConditionEncoder (e.g. --no-knn with a model trained with neighbours: pass emb[:, :1]).
     progress(done, total), if given, is called after each denoising step (`knnd serve` shows it).
+    image_cond (uint8 [B, H, W, 3] or [H, W, 3]): a manipulation model's input image (knnd edit).
     """
     config = model.config
     device = next(model.parameters()).device
@@ -78,10 +81,12 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     was_training = model.training
     model.eval()
     emb = emb.to(device, torch.float32)
+    if image_cond is not None:
+        image_cond = images_to_tensor(image_cond, batch).to(device)
     use_bf16 = device.type == "cuda"
     for i, t in enumerate(timesteps):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = guided_output(model, x, t, emb, guidance, neighbour_mask)
+            out = guided_output(model, x, t, emb, guidance, neighbour_mask, image_cond)
         x = sched.step(out, t, x, generator=generator).prev_sample
         if progress is not None:
             progress(i + 1, len(timesteps))

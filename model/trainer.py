@@ -28,6 +28,7 @@ from model.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, sav
 from model.data import PackDataset
 from model.denoiser import KnnDenoiser, ModelConfig
 from model.diffusion import make_scheduler, training_example
+from model.manipulation import manipulation_batch
 from pipeline.files import write_text
 
 
@@ -89,7 +90,7 @@ def train_loop(config: dict) -> dict:
     # data: in memory, this rank's slice, from the checkpoint's position
     position = tuple(checkpoint["data_position"]) if checkpoint else (0, 0)
     data = PackDataset(config["shard_paths"], params.batch_size, params.seed, rank, world_size,
-                       position, k=model_config.k)
+                       position, k=model_config.k, manipulation=model_config.manipulation)
     check_data(data.shapes, model_config)
 
     # model, EMA, optimizer, LR schedule
@@ -115,14 +116,17 @@ def train_loop(config: dict) -> dict:
     metrics = MetricsLog(out_dir / "metrics.jsonl", step) if rank == 0 else None
     batches = iter(data)
     while step < stop:
-        image, emb = next(batches)
+        image, emb, *manipulation = next(batches)
+        image_cond = None
+        if model_config.manipulation:  # input I_manip, condition f_img(I * M) in slot 0 (paper 3.1)
+            image_cond, emb = manipulation_batch(image, emb, *manipulation, params.seed, rank, step)
         noise, t, drop, slots = step_randomness(params, rank, step, image.shape,
                                                 model_config.num_train_timesteps, emb.shape[1])
         if params.query_noise > 0:
             emb = noisy_query(emb, params.query_noise, params, rank, step)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         loss = train_step(net, optimizer, lr_schedule, noise_scheduler, params, device,
-                          image, emb, noise, t, drop, slots)
+                          image, emb, noise, t, drop, slots, image_cond)
         step += 1
         ema_update(model, ema, min(params.ema_decay, (1 + step) / (10 + step)))
         if out_of_time(deadline, config.get("distributed", False), device):
@@ -163,15 +167,17 @@ def resume_checkpoint(directory: Path, model_config: ModelConfig) -> dict | None
 
 
 def train_step(net, optimizer, lr_schedule, noise_scheduler, params, device, image, emb, noise,
-               t, drop, slots=None) -> torch.Tensor:
+               t, drop, slots=None, image_cond=None) -> torch.Tensor:
     """One optimizer step of the epsilon/v-prediction MSE loss (min-SNR weighted on request);
-    `slots` [B, k+1] bool masks condition slots (query dropout). Returns the (detached) loss."""
+    `slots` [B, k+1] bool masks condition slots (query dropout); `image_cond` is a manipulation
+    model's extra input. Returns the (detached) loss."""
     image, emb, noise, t, drop = (x.to(device, non_blocking=True)
                                   for x in (image, emb, noise, t, drop))
     slots = None if slots is None else slots.to(device, non_blocking=True)
+    image_cond = None if image_cond is None else image_cond.to(device, non_blocking=True)
     x_t, target = training_example(noise_scheduler, image, noise, t)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        prediction = net(x_t, t, emb, drop, slots)
+        prediction = net(x_t, t, emb, drop, slots, image_cond)
     if params.loss_weighting == "min_snr":
         per_sample = (prediction.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weight(noise_scheduler, t, params.min_snr_gamma)).mean()

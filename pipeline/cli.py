@@ -89,6 +89,23 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_edit(args) -> int:
+    """`knnd edit IMAGE "edit text"`: the flags override the sample: section's k, guidance, steps, seed."""
+    from pipeline.edit import EditRequest, edit_into, parse_box
+
+    cfg = _config(args)
+    conf = cfg.sample
+    request = EditRequest(
+        image=args.image, text=args.text, box=parse_box(args.box),
+        k=conf.k if args.k is None else args.k,
+        guidance=conf.guidance if args.guidance is None else args.guidance,
+        steps=conf.steps if args.steps is None else args.steps,
+        seed=conf.seed if args.seed is None else args.seed,
+        images=args.images, allow_other_clip=args.allow_other_clip)
+    edit_into(cfg, request, args.checkpoint, args.index, args.out)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from pipeline.evaluate import evaluate_command
 
@@ -169,8 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+    add_edit_parser(sub)
     add_serve_parser(sub)
     return parser
+
+
+def add_edit_parser(sub) -> None:
+    p = sub.add_parser("edit", help="mask-free local manipulation of an image by an edit text (a train.mode=manipulate model)")
+    p.add_argument("image", help="the image to edit")
+    p.add_argument("text", help='what to change, e.g. "wearing sunglasses"')
+    p.add_argument("--box", metavar="X0,Y0,X1,Y1",
+                   help="optional region, as fractions of the side: replaced by the image's ECC-aligned first "
+                        "neighbour as in training (default: none, the paper's mask-free edit)")
+    p.add_argument("--checkpoint", help="checkpoint file or folder (default: the latest in train/checkpoints)")
+    p.add_argument("--index", help="index directory for the image's neighbours (default: sample.index, else this workdir's)")
+    p.add_argument("-k", type=int, help="neighbours of the image in the condition (default: sample.k)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.guidance)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: sample.steps)")
+    p.add_argument("--seed", type=int, help="seed of the initial noise; image i uses seed + i (default: sample.seed)")
+    p.add_argument("--images", type=int, default=4, help="edited versions to sample (default: 4)")
+    p.add_argument("--out", help="output folder (default: a new <workdir>/edit_cli/<YYYYmmdd-HHMMSS>[-N])")
+    _add_allow_other_clip(p, "retrieve from an index")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_edit)
 
 
 def add_serve_parser(sub) -> None:

@@ -118,11 +118,18 @@ class NeighboursConfig:
 class PackConfig:
     image_size: int = opt(32, "training resolution (pixels)", min=8, max=1024)
     shard_size: int = opt(10000, "most samples per pack shard (an embed shard is split, never merged)", min=1)
+    manipulation: bool = opt(False, "also store, per image, its first neighbour's image ECC-aligned to it and "
+                             "`boxes` random boxes with the CLIP embeddings of their crops (train.mode=manipulate)")
+    boxes: int = opt(4, "boxes M per image (pack.manipulation): each training step uses one of them at random", min=1)
+    box_min: float = opt(0.25, "smallest box side, as a fraction of the image side (pack.manipulation)", min=0.01, max=1.0)
+    box_max: float = opt(0.5, "largest box side, as a fraction of the image side (pack.manipulation)", min=0.01, max=1.0)
 
 
 @dataclass
 class TrainConfig:
     model: str = opt("demo", "model size preset: tiny, demo or paper", choices=["tiny", "demo", "paper"])
+    mode: str = opt("generate", "generate (text-to-image) or manipulate (mask-free local manipulation, `knnd edit`; "
+                    "needs pack.manipulation)", choices=["generate", "manipulate"])
     steps: int = opt(2000, "optimizer steps", min=1)
     minutes: float | None = opt(None, "stop after this many minutes even before `steps` (null: no limit)", min=0.0)
     batch_size: int = opt(32, "samples per step, over all workers", min=1)
@@ -354,6 +361,9 @@ def check_config(cfg: Config) -> None:
     if cfg.neighbours.candidates < cfg.neighbours.k + 1:
         raise ConfigError(f"neighbours.candidates ({cfg.neighbours.candidates}) must exceed neighbours.k ({cfg.neighbours.k}): "
                           f"set neighbours.candidates to at least {cfg.neighbours.k + 1} (self is among the candidates)")
+    if cfg.pack.box_min > cfg.pack.box_max:
+        raise ConfigError(f"pack.box_min ({cfg.pack.box_min}) exceeds pack.box_max ({cfg.pack.box_max}): "
+                          f"set pack.box_min <= pack.box_max")
     if cfg.train.batch_size % cfg.train.num_workers:
         raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by train.num_workers ({cfg.train.num_workers})")
     if not cfg.sample.prompts:

@@ -67,7 +67,9 @@ class Sampler:
     `progress(done, total)` is called after each denoising step.
     """
 
-    def __init__(self, checkpoint: Path, index_dir: Path, device: str, allow_other_clip: bool = False):
+    def __init__(self, checkpoint: Path, index_dir: Path, device: str, allow_other_clip: bool = False,
+                 manipulation: bool = False):
+        """manipulation: the checkpoint must be a local-manipulation model (`knnd edit`), else a text-to-image one."""
         from model.checkpoint import checkpoint_clip, load_model
         from pipeline.index_files import check_same_clip
         from pipeline.retrieval import Retriever
@@ -78,6 +80,7 @@ class Sampler:
         except ValueError as e:  # names the file: damaged, foreign or not weights-only
             raise StageError(str(e)) from None
         self.config = self.model.config
+        check_model_kind(self.checkpoint, self.config.manipulation, manipulation)
         self.retriever = Retriever(self.index_dir, queries="text")
         if self.retriever.dim != self.config.clip_dim:
             raise UsageError(dimension_mismatch(self.checkpoint, self.config.clip_dim, self.index_dir, self.retriever.dim))
@@ -191,6 +194,17 @@ class Sampler:
         return images, records
 
 
+def check_model_kind(checkpoint: Path, is_manipulation: bool, wanted: bool) -> None:
+    """A text-to-image checkpoint cannot edit, and a local-manipulation one cannot sample from text alone."""
+    if is_manipulation and not wanted:
+        raise UsageError(f"{checkpoint} was trained for local manipulation (train.mode=manipulate): it edits images, "
+                         f"with `knnd edit IMAGE \"edit text\" --checkpoint {checkpoint}`; sample from a checkpoint "
+                         f"trained with train.mode=generate")
+    if wanted and not is_manipulation:
+        raise UsageError(f"{checkpoint} is a text-to-image model (train.mode=generate): `knnd edit` needs a checkpoint "
+                         f"trained with train.mode=manipulate on a pack built with pack.manipulation=true")
+
+
 def dimension_mismatch(checkpoint: Path, model_dim: int, index_dir: Path, index_dim: int) -> str:
     return (f"the model {checkpoint} was trained on {model_dim}-dimensional CLIP embeddings but the index {index_dir} "
             f"holds {index_dim}-dimensional ones: use an index built with the CLIP model the training data was embedded with")
@@ -201,24 +215,18 @@ def load_index_clip(infos: dict, index_dir: Path, device: str):
 
     A random-init CLIP (embed.pretrained null, tests) is rebuilt from the seed the embed stage used.
     """
-    import torch
-
-    from model.clip import load_clip
+    from model.clip import load_clip_spec
 
     spec = infos.get("model") or {}
     model, pretrained = spec.get("model"), spec.get("pretrained")
     try:
-        if pretrained is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # as pipeline.embed.ClipEncoder
-                return load_clip(model, None, device)
-        return load_clip(model, pretrained, device)
+        return load_clip_spec({"model": model, "pretrained": pretrained}, device)  # seed 0 as pipeline.embed.ClipEncoder
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
         raise UsageError(f"the index {index_dir} was built from embeddings of CLIP {model!r} (pretrained {pretrained!r}), "
                          f"which cannot be loaded here ({e}): build the index with an open_clip model") from None
 
 
-def reference_embedding(bundle, path: str) -> np.ndarray:
+def reference_embedding(bundle, path: str, what: str = "--init-image") -> np.ndarray:
     """f_img(reference): float32 [1, d], through the CLIP's own preprocessing (decompression-bomb guarded)."""
     from PIL import Image
 
@@ -230,10 +238,10 @@ def reference_embedding(bundle, path: str) -> np.ndarray:
             im.load()
             return encode_images(bundle, preprocess_images(bundle, [im]))
     except (OSError, Image.DecompressionBombError, ValueError) as e:
-        raise UsageError(f"--init-image {path} cannot be read as an image ({e})") from None
+        raise UsageError(f"{what} {path} cannot be read as an image ({e})") from None
 
 
-def load_reference(path: str, size: int) -> np.ndarray:
+def load_reference(path: str, size: int, what: str = "--init-image") -> np.ndarray:
     """The reference as uint8 [size, size, 3], resized exactly as the pack stage resizes training images."""
     from PIL import Image
 
@@ -242,7 +250,7 @@ def load_reference(path: str, size: int) -> np.ndarray:
     try:
         return load_image(Path(path), size)
     except (OSError, Image.DecompressionBombError, ValueError) as e:
-        raise UsageError(f"--init-image {path} cannot be read as an image ({e})") from None
+        raise UsageError(f"{what} {path} cannot be read as an image ({e})") from None
 
 
 # --------------------------------------------------------------------------- entry points

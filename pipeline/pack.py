@@ -12,6 +12,11 @@ merged with another: with the defaults, one pack shard per download shard). Pack
 numbered in embed-shard order before any work starts (the neighbours manifest gives each shard's
 row count), and a re-run writes byte-identical tars. A task holds one embed shard's images at
 training resolution in memory (10,000 at 64 px: 120 MB).
+
+With pack.manipulation (the local-manipulation training mode) each sample also holds its first
+neighbour's image ECC-aligned to it, and pack.boxes random boxes with the CLIP embeddings of their
+crops (pipeline.pack_manipulation). A task then also reads the download tars holding its images'
+first neighbours (any shard) and runs the embed stage's CLIP on the crops, on the CPU.
 """
 from __future__ import annotations
 
@@ -49,10 +54,12 @@ def pack_tar_name(pack_shard: int) -> str:
 # --------------------------------------------------------------------------- one shard (a Ray task)
 
 
-def pack_shard(plan: dict, dirs: dict, download_tars: dict[int, str], image_size: int) -> dict:
-    """Write the pack tars of one embed shard; return its stats {samples, failed, tars}.
+def pack_shard(plan: dict, dirs: dict, download_tars: dict[int, str], image_size: int,
+               manipulation: dict | None = None) -> dict:
+    """Write the pack tars of one embed shard; return its stats {samples, failed, tars, manipulation}.
 
-    dirs: {"embed", "neighbours", "out"} folders; download_tars: download shard id -> tar path.
+    dirs: {"embed", "neighbours", "out"} folders; download_tars: download shard id -> tar path;
+    manipulation: None, or {boxes, box_min, box_max, clip} (pack.manipulation, the embed CLIP's spec).
     Runs anywhere the workdir is visible: it opens the memory-mapped embeddings itself.
     """
     from model.data import write_pack_shard
@@ -64,15 +71,41 @@ def pack_shard(plan: dict, dirs: dict, download_tars: dict[int, str], image_size
     embed_shard = next(s for s in emb.shards if s["shard"] == plan["shard"])
     shards = _download_shards_of(emb.dir, embed_shard, rows)
     images, failed = _decode_images(keys, shards, download_tars, image_size)
+    extras, manipulated = {}, {}
+    if manipulation is not None:
+        extras, manipulated = _manipulation_extras(keys, shards, table["neighbour_rows"][:, 0], images, emb,
+                                                   download_tars, image_size, manipulation)
     counts = []
     for pack_id, start, stop in plan["parts"]:
         own, nbr = emb[rows[start:stop]], emb[table["neighbour_rows"][start:stop]]  # one gather per tar
-        samples = ({"key": keys[i], "image": images[keys[i]], "emb": own[i - start], "nbr": nbr[i - start]}
-                   for i in range(start, stop) if keys[i] in images)
+        samples = ({"key": keys[i], "image": images[keys[i]], "emb": own[i - start], "nbr": nbr[i - start],
+                    **extras.get(keys[i], {})}
+                   for i in range(start, stop) if keys[i] in images and (manipulation is None or keys[i] in extras))
         counts.append(write_pack_shard(Path(dirs["out"]) / pack_tar_name(pack_id), samples))
-    return {"samples": sum(counts), "failed": dict(failed),
+    return {"samples": sum(counts), "failed": dict(failed), "manipulation": dict(manipulated),
             "tars": [{"shard": pack_id, "tar": pack_tar_name(pack_id), "samples": count}
                      for (pack_id, _, _), count in zip(plan["parts"], counts)]}
+
+
+def _manipulation_extras(keys, shards, first_rows, images, emb, download_tars, image_size, settings):
+    """pipeline.pack_manipulation's members for a shard: the first neighbours' images (decoded from
+    whichever download tars hold them) and the images again at the CLIP's size, for the box crops."""
+    from pipeline.embeddings import read_metadata
+    from pipeline.pack_manipulation import CropEncoder, manipulation_members
+
+    spec = settings["clip"] or {}
+    try:
+        encoder = CropEncoder(spec)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise StageError(f"pack.manipulation embeds box crops with the embed stage's CLIP {spec.get('model')!r} "
+                         f"(pretrained {spec.get('pretrained')!r}), which cannot be loaded here ({e}): embed with an "
+                         f"open_clip model, or set pack.manipulation=false") from None
+    crop_sources, _ = _decode_images(keys, shards, download_tars, encoder.size)
+    meta = read_metadata(emb.dir, emb.manifest, ["key", "shard"])
+    first_keys = [str(meta["key"][row]) for row in first_rows]
+    decoded, _ = _decode_images(first_keys, meta["shard"][first_rows], download_tars, image_size)
+    neighbour_images = {key: decoded[first] for key, first in zip(keys, first_keys) if first in decoded}
+    return manipulation_members(keys, images, crop_sources, neighbour_images, encoder, settings)
 
 
 def _read_neighbours(path: Path, expected_rows: int, k: int) -> dict:
@@ -169,7 +202,10 @@ def run(stage: StageRun) -> dict:
     if todo:
         ensure_ray(stage.cfg)
         task = ray.remote(pack_shard).options(num_cpus=1, max_retries=0)
-        running = {task.remote(p, dirs, download_tars, conf.image_size): p["shard"] for p in todo}
+        manipulation = None
+        if conf.manipulation:
+            manipulation = {"boxes": conf.boxes, "box_min": conf.box_min, "box_max": conf.box_max, "clip": embed.get("model")}
+        running = {task.remote(p, dirs, download_tars, conf.image_size, manipulation): p["shard"] for p in todo}
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)
             shard = running.pop(ready[0])
@@ -181,25 +217,37 @@ def run(stage: StageRun) -> dict:
                 raise
             stage.mark_done(shard, stats)  # after its tars were renamed into place
             progress.update(1, stats["samples"])
-    return manifest_body(stage.done_stats(), plans, conf.image_size, neighbours["k"], embed)
+    return manifest_body(stage.done_stats(), plans, conf, neighbours["k"], embed)
 
 
-def manifest_body(stats: dict[int, dict], plans: list[dict], image_size: int, k: int, embed: dict) -> dict:
-    shards, failed = [], collections.Counter()
+def manifest_body(stats: dict[int, dict], plans: list[dict], conf, k: int, embed: dict) -> dict:
+    image_size = conf.image_size
+    shards, failed, manipulated = [], collections.Counter(), collections.Counter()
     for plan in plans:
         done = stats[plan["shard"]]
         failed.update(done["failed"])
+        manipulated.update(done.get("manipulation", {}))
         shards += [{**t, "embed_shard": plan["shard"]} for t in done["tars"]]
     total = sum(s["samples"] for s in shards)
     d = int(embed["dim"])
+    dtypes = {"image": "uint8", "emb": "float16", "nbr": "float16"}
+    shapes = {"image": [image_size, image_size, 3], "emb": [d], "nbr": [k, d]}
+    manipulation = None
+    if conf.manipulation:  # counts: aligned / unaligned (ECC failed) / neighbour_missing first neighbours
+        manipulation = {"boxes": conf.boxes, "box_min": conf.box_min, "box_max": conf.box_max,
+                        **{name: manipulated.get(name, 0) for name in ("aligned", "unaligned", "neighbour_missing")}}
+        dtypes |= {"nbr_image": "uint8", "boxes": "int16", "box_emb": "float16"}
+        shapes |= {"nbr_image": [image_size, image_size, 3], "boxes": [conf.boxes, 4], "box_emb": [conf.boxes, d]}
     return {
         "items": total,
         "counts": {"samples": total, "failed": sum(failed.values()), "shards": len(shards)},
         "failures": dict(sorted(failed.items())),
         "shards": shards,
         "image_size": image_size, "k": k, "d": d,
-        "dtypes": {"image": "uint8", "emb": "float16", "nbr": "float16"},
-        "shapes": {"image": [image_size, image_size, 3], "emb": [d], "nbr": [k, d]},
+        "dtypes": dtypes,
+        "shapes": shapes,
+        "manipulation": manipulation,  # null: a text-to-image pack
         "clip": embed.get("model"),  # the CLIP whose embeddings these are: sampling needs its text tower
-        "format": "model.data pack tar: {key}.image.npy, {key}.emb.npy, {key}.nbr.npy",
+        "format": "model.data pack tar: {key}.image.npy, {key}.emb.npy, {key}.nbr.npy"
+                  + (" (+ .nbr_image.npy, .boxes.npy, .box_emb.npy)" if manipulation else ""),
     }

@@ -34,6 +34,9 @@ def check(cfg) -> None:
         raise UsageError(f"sample.index {index_dir} is not an index directory (no index_infos.json): "
                          f"build one with `knnd run index`")
     d, model = read_json(infos_path)["d"], train["model_config"]
+    if model.get("manipulation"):
+        raise UsageError("the trained model is a local-manipulation one (train.mode=manipulate): the sample stage "
+                         "generates from text; edit images with `knnd edit IMAGE \"edit text\"` instead")
     if d != model["clip_dim"]:
         raise UsageError(dimension_mismatch(stage_dir(cfg, "train") / train["checkpoint"], model["clip_dim"], index_dir, d))
     if cfg.sample.k > model["k"]:

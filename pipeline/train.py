@@ -48,7 +48,7 @@ def model_config(preset: str, resolution: int, clip_dim: int, k: int, conf=None)
     extra = {}
     if conf is not None:
         extra = {"prediction_type": conf.prediction_type, "beta_schedule": conf.beta_schedule,
-                 "conditioning": conf.conditioning, "space_to_depth": s}
+                 "conditioning": conf.conditioning, "space_to_depth": s, "manipulation": conf.mode == "manipulate"}
         if conf.k is not None:
             if conf.k > k:
                 raise UsageError(f"train.k {conf.k} is more than the {k} neighbours the pack holds: lower train.k "
@@ -82,6 +82,9 @@ def check(cfg) -> None:
     conf = cfg.train
     pack = read_json(stage_dir(cfg, "pack") / "manifest.json", "Rebuild it with `knnd run pack --force`.")
     model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
+    if conf.mode == "manipulate" and not pack.get("manipulation"):
+        raise UsageError("train.mode is manipulate but the pack holds no aligned neighbour images and box embeddings: "
+                         "re-run `knnd run pack --force --set pack.manipulation=true` first")
     if pack["items"] < conf.batch_size:
         raise UsageError(f"the pack holds {pack['items']} samples, fewer than train.batch_size {conf.batch_size}: "
                          f"lower train.batch_size or pack more images")
@@ -109,7 +112,8 @@ def run(stage: StageRun) -> dict:
     stage.plan(conf.steps)  # `knnd status` counts steps of the latest checkpoint (count_done_shards)
     if use_gpu or conf.num_workers > 1:
         ensure_ray(stage.cfg)  # Ray Train joins ray.address instead of starting a Ray of its own
-    print(f"train: {conf.model} model at {config.resolution} px, k={config.k}, d={config.clip_dim}, "
+    print(f"train: {conf.model} {'manipulation ' if config.manipulation else ''}model at {config.resolution} px, "
+          f"k={config.k}, d={config.clip_dim}, "
           f"{conf.steps} steps of {conf.batch_size} on {'GPU' if use_gpu else 'CPU'}"
           + (f", at most {conf.minutes:g} min" if conf.minutes is not None else ""), file=sys.stderr)
     try:
