@@ -36,13 +36,14 @@ def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None, imag
     image_cond (a manipulation model's I_manip) goes to both halves: guidance acts on the condition."""
     batch = x_t.shape[0]
     timesteps = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
+    extra = {} if image_cond is None else {"image_cond": image_cond}
     if guidance == 1.0:
-        return model(x_t, timesteps, emb, None, neighbour_mask, image_cond).float()
+        return model(x_t, timesteps, emb, None, neighbour_mask, **extra).float()
     drop = torch.arange(2 * batch, device=x_t.device) >= batch  # second half: null context
     mask = None if neighbour_mask is None else torch.cat([neighbour_mask, neighbour_mask])
-    image_cond = None if image_cond is None else torch.cat([image_cond, image_cond])
+    extra = {name: torch.cat([value, value]) for name, value in extra.items()}
     out = model(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
-                torch.cat([emb, emb]), drop, mask, image_cond).float()
+                torch.cat([emb, emb]), drop, mask, **extra).float()
     cond, uncond = out.chunk(2)
     return uncond + guidance * (cond - uncond)
 

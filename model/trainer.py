@@ -174,10 +174,10 @@ def train_step(net, optimizer, lr_schedule, noise_scheduler, params, device, ima
     image, emb, noise, t, drop = (x.to(device, non_blocking=True)
                                   for x in (image, emb, noise, t, drop))
     slots = None if slots is None else slots.to(device, non_blocking=True)
-    image_cond = None if image_cond is None else image_cond.to(device, non_blocking=True)
+    extra = {} if image_cond is None else {"image_cond": image_cond.to(device, non_blocking=True)}
     x_t, target = training_example(noise_scheduler, image, noise, t)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        prediction = net(x_t, t, emb, drop, slots, image_cond)
+        prediction = net(x_t, t, emb, drop, slots, **extra)
     if params.loss_weighting == "min_snr":
         per_sample = (prediction.float() - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per_sample * min_snr_weight(noise_scheduler, t, params.min_snr_gamma)).mean()

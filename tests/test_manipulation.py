@@ -23,7 +23,7 @@ from model.trainer import train
 from pipeline.config import load_config
 from pipeline.runner import UsageError, run_stage
 from pipeline.synthetic import write_embed_output
-from test_pack import DROPPED_ROW, K, neighbour_rows, write_neighbours
+from test_pack import DROPPED_ROW, neighbour_rows, write_neighbours
 from test_trainer import make_samples, read_metrics, tiny_params
 
 TINY = os.path.abspath(TINY_CLIP)
