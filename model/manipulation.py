@@ -97,3 +97,38 @@ def align_ecc(moving: np.ndarray, fixed: np.ndarray, iterations: int = 200, eps:
     aligned = cv2.warpAffine(np.ascontiguousarray(moving), warp, (width, height),
                              flags=cv2.INTER_LINEAR + cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
     return aligned, True
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def check_init_source(path, source: dict, config) -> None:
+    """The source checkpoint's model config (a dict) must equal `config` but for `manipulation`."""
+    import dataclasses
+
+    from model.denoiser import ModelConfig
+
+    source = ModelConfig.from_dict(source)
+    if dataclasses.replace(source, manipulation=config.manipulation) != config:
+        differ = sorted(k for k, v in source.to_dict().items() if k != "manipulation" and config.to_dict()[k] != v)
+        raise ValueError(f"train.init_from {path} was trained with another model ({', '.join(differ)} differ): "
+                         f"start from a checkpoint of the same train.model preset, pack and train keys")
+
+
+def init_from_checkpoint(model, path) -> None:
+    """Load a checkpoint's EMA weights into `model` before training (the paper fine-tunes its text-to-image
+    model for manipulation). The source must have the same model config but for `manipulation`; a
+    text-to-image source's U-Net input convolution is widened with zero weights for the I_manip
+    channels, so the started model computes exactly what the source did, whatever I_manip holds."""
+    from model.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    check_init_source(path, checkpoint["model_config"], model.config)
+    state = dict(checkpoint["ema"])
+    own = model.state_dict()
+    name = "unet.conv_in.weight"
+    if state[name].shape != own[name].shape:  # text-to-image -> manipulation: zeros for the new channels
+        widened = torch.zeros_like(own[name])
+        widened[:, :state[name].shape[1]] = state[name]
+        state[name] = widened
+    model.load_state_dict(state)

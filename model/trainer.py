@@ -28,7 +28,7 @@ from model.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, sav
 from model.data import PackDataset
 from model.denoiser import KnnDenoiser, ModelConfig
 from model.diffusion import make_scheduler, training_example
-from model.manipulation import manipulation_batch
+from model.manipulation import init_from_checkpoint, manipulation_batch
 from pipeline.files import write_text
 
 
@@ -55,6 +55,7 @@ class TrainParams:
     log_every: int = 10             # steps between metrics.jsonl lines
     stop_at_step: int | None = None  # stop early (with a checkpoint), as if interrupted
     max_seconds: float | None = None  # wall-clock budget of this run: then checkpoint and stop
+    init_from: str | None = None    # a fresh run starts from this checkpoint's EMA weights (fine-tuning)
 
 
 def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir, clip: dict | None = None) -> dict:
@@ -97,6 +98,8 @@ def train_loop(config: dict) -> dict:
     model = KnnDenoiser(model_config)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
+    elif params.init_from:  # e.g. a text-to-image model fine-tuned for local manipulation
+        init_from_checkpoint(model, params.init_from)
     model.to(device)
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = make_optimizer(model, params)

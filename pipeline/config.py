@@ -128,6 +128,8 @@ class PackConfig:
 @dataclass
 class TrainConfig:
     model: str = opt("demo", "model size preset: tiny, demo or paper", choices=["tiny", "demo", "paper"])
+    init_from: str | None = opt(None, "start a fresh run from this checkpoint's EMA weights (e.g. a text-to-image model "
+                                "fine-tuned for train.mode=manipulate, as the paper does; null: random init)")
     mode: str = opt("generate", "generate (text-to-image) or manipulate (mask-free local manipulation, `knnd edit`; "
                     "needs pack.manipulation)", choices=["generate", "manipulate"])
     steps: int = opt(2000, "optimizer steps", min=1)

@@ -74,14 +74,16 @@ def train_params(conf, use_gpu: bool):
                        query_noise=conf.query_noise,
                        loss_weighting=conf.loss_weighting, grad_clip=conf.grad_clip, ema_decay=conf.ema_decay,
                        checkpoint_every=conf.checkpoint_every, seed=conf.seed, num_workers=conf.num_workers,
-                       use_gpu=use_gpu)
+                       use_gpu=use_gpu, init_from=str(Path(conf.init_from).resolve()) if conf.init_from else None)
 
 
 def check(cfg) -> None:
     """Usage errors found before anything is written: preset vs pack, batch vs pack size, GPU."""
     conf = cfg.train
     pack = read_json(stage_dir(cfg, "pack") / "manifest.json", "Rebuild it with `knnd run pack --force`.")
-    model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
+    config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
+    if conf.init_from:
+        check_init_from(Path(conf.init_from), config)
     if conf.mode == "manipulate" and not pack.get("manipulation"):
         raise UsageError("train.mode is manipulate but the pack holds no aligned neighbour images and box embeddings: "
                          "re-run `knnd run pack --force --set pack.manipulation=true` first")
@@ -94,6 +96,19 @@ def check(cfg) -> None:
         if cfg.device == "cpu" or not torch.cuda.is_available():
             why = "device is cpu" if cfg.device == "cpu" else "no CUDA device is visible"
             raise UsageError(f"train.use_gpu is true but {why}: set train.use_gpu=false")
+
+
+def check_init_from(path: Path, config) -> None:
+    """train.init_from names a checkpoint of the same network (but for the manipulation input)."""
+    from model.checkpoint import load_checkpoint
+    from model.manipulation import check_init_source
+
+    if not path.is_file():
+        raise UsageError(f"train.init_from {path} does not exist: give a step_XXXXXXX.pt checkpoint, or null")
+    try:
+        check_init_source(path, load_checkpoint(path)["model_config"], config)
+    except (ValueError, KeyError) as e:
+        raise UsageError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- the stage

@@ -14,11 +14,11 @@ import torch
 from PIL import Image, ImageOps
 
 from conftest import TINY_CLIP, jpg_bytes, write_fake_download
-from model.checkpoint import latest_checkpoint
+from model.checkpoint import latest_checkpoint, load_model
 from model.data import PackDataset, read_pack_shard, write_pack_shard
 from model.denoiser import KnnDenoiser, ModelConfig
-from model.manipulation import (align_ecc, box_masks, choose_boxes, key_rng, manipulation_batch,
-                                random_boxes)
+from model.manipulation import (align_ecc, box_masks, choose_boxes, init_from_checkpoint, key_rng,
+                                manipulation_batch, random_boxes)
 from model.trainer import train
 from pipeline.config import load_config
 from pipeline.runner import UsageError, run_stage
@@ -159,6 +159,9 @@ def test_pack_stores_aligned_neighbours_boxes_and_crop_embeddings(tmp_path, upst
     (tmp_path / "plain" / "pack" / "manifest.json").write_text(json.dumps({**manifest, "manipulation": None}))
     with pytest.raises(UsageError, match=r"train.mode is manipulate but the pack holds no aligned.*pack.manipulation=true"):
         train_stage.check(load_config(None, [f"workdir={tmp_path / 'plain'}", "train.mode=manipulate", "train.batch_size=4"]))
+    with pytest.raises(UsageError, match=r"train.init_from .*missing.pt does not exist"):
+        train_stage.check(load_config(None, [f"workdir={tmp_path}", f"train.init_from={tmp_path / 'missing.pt'}",
+                                             "train.batch_size=4"]))
 
 
 # --------------------------------------------------------------------------- training
@@ -212,3 +215,28 @@ def test_manipulation_training_resumes_exactly(manipulation_pack, tmp_path):
     assert final_a["model_config"]["manipulation"] is True
     for key in ("model", "ema"):
         assert all(torch.equal(final_a[key][name], final_b[key][name]) for name in final_a[key])
+
+
+def test_init_from_a_text_to_image_checkpoint_starts_where_it_left_off(manipulation_pack, tmp_path):
+    """The paper fine-tunes its model: the widened input convolution starts at zero for I_manip, so the
+    started model computes what the source computed, whatever the manipulated image holds."""
+    paths, samples = manipulation_pack
+    plain = tmp_path / "plain.tar"
+    write_pack_shard(plain, make_samples(8))
+    train(tiny_params(steps=2), ModelConfig.tiny(), [plain], tmp_path / "source")
+    source_path = latest_checkpoint(tmp_path / "source" / "checkpoints")
+    source = load_model(source_path)
+    model = KnnDenoiser(ModelConfig.tiny(manipulation=True)).eval()
+    init_from_checkpoint(model, source_path)
+    g = torch.Generator().manual_seed(1)
+    x, emb = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 4, 32, generator=g)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        expected = source(x, t, emb)
+        for image_cond in (torch.zeros(2, 3, 16, 16), torch.rand(2, 3, 16, 16, generator=g) * 2 - 1):
+            torch.testing.assert_close(model(x, t, emb, image_cond=image_cond), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"another model \(k differ\)"):
+        init_from_checkpoint(KnnDenoiser(ModelConfig.tiny(manipulation=True, k=2)), source_path)
+    result = train(tiny_params(steps=2, init_from=str(source_path)), ModelConfig.tiny(manipulation=True), paths,
+                   tmp_path / "fine_tuned")
+    assert result["step"] == 2
