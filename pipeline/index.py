@@ -1,7 +1,8 @@
 """index stage: kept embeddings -> index/image.index (faiss) and index/index_infos.json.
 
 `factory: auto` picks the most accurate index that fits `memory_budget` for N (exact, HNSW,
-IVF, then the paper's OPQ+IVF+PQ); an explicit factory string is used as given. Training uses
+IVF, then the paper's OPQ+IVF+PQ; IVF cells of `cell_size` vectors at any N, an HNSW coarse
+quantizer above `hnsw_quantizer_above`); an explicit factory string is used as given. Training uses
 a random sample sized to the index; vectors are added shard by shard from the float16 files.
 `nprobe: auto` is tuned to `target_recall` (recall@10 against exact search) on image queries (the
 value neighbours uses) and, when the embed stage wrote caption embeddings, separately on text-like
@@ -113,7 +114,8 @@ def run(stage: StageRun) -> dict:
     n, d = len(kept_rows), emb.dim
     budget = parse_bytes(conf.memory_budget)
     try:
-        factory = choose_factory(n, d, budget) if conf.factory == "auto" else conf.factory
+        factory = (choose_factory(n, d, budget, conf.cell_size, conf.hnsw_quantizer_above) if conf.factory == "auto"
+                   else conf.factory)
     except ValueError as e:
         raise UsageError(f"index.memory_budget {conf.memory_budget}: {e}") from None
     stage.plan(1)
