@@ -105,6 +105,9 @@ class IndexConfig:
     refine: bool = opt(False, "re-rank candidates exactly from the stored float16 embeddings")
     eval_queries: int = opt(1000, "held-out queries used to measure recall", min=10)
     add_batch_size: int = opt(65536, "vectors added per batch", min=1, runtime=True)
+    parallel_min_vectors: int = opt(1_000_000, "from this many vectors on, an IVF index is built by Ray tasks (one per "
+                                    "embed shard) into partial indexes merged into on-disk lists (image.ivfdata); "
+                                    "below it, in one process. Same neighbours either way", min=0, runtime=True)
     seed: int = opt(0, "seed for training samples and held-out queries")
 
 

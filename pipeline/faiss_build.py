@@ -358,11 +358,17 @@ def load_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
 
     faiss >= 1.10's IO_FLAG_MMAP_IFC maps Flat/PQ codes, HNSW graphs and IVF lists; older faiss only
     maps IVF lists (IO_FLAG_MMAP) and reads the rest. Index types the mapping reader rejects are read
-    plainly. A mapped index is read-only: adding to it aborts the process, so pass mmap=False to modify.
+    plainly. An index with a ``.ivfdata`` beside it (lists on disk, ``faiss_ondisk``) is read with
+    its lists from that file, wherever the folder was moved. A mapped index is read-only: adding to it aborts the process, so pass mmap=False to modify.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no faiss index at {path}")
+    if os.path.exists(os.path.splitext(path)[0] + ".ivfdata"):
+        # Lists on disk (faiss_ondisk): mapped whatever the flags; the mmap flags do not apply to
+        # them (IO_FLAG_MMAP crashes the search, IO_FLAG_MMAP_IFC refuses SAME_DIR).
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        return faiss.read_index(path, flags)
     if not mmap:
         return faiss.read_index(path)
     flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
