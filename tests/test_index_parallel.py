@@ -12,6 +12,7 @@ import pytest
 from conftest import markers, run_and_kill
 from pipeline.config import load_config
 from pipeline.faiss_ondisk import is_on_disk
+from pipeline.files import StageError
 from pipeline.retrieval import Retriever
 from pipeline.runner import run_stage
 from pipeline.synthetic import clustered_unit_vectors, write_embed_output
@@ -94,6 +95,12 @@ def test_merged_on_disk_index_equals_single_process_build(database, single_and_p
         sims, rows = retriever.search(queries, 10)
         np.testing.assert_array_equal(rows, expected[1])
         np.testing.assert_array_equal(sims, expected[0])
+    (moved / "image.ivfdata").rename(tmp_path / "image.ivfdata")  # the folder copied without its lists
+    if (parallel_dir / "image.ivfdata").exists():  # the absolute path inside image.index would still find them
+        (parallel_dir / "image.ivfdata").rename(tmp_path / "original.ivfdata")
+    with pytest.raises(StageError, match=r"image.ivfdata, must sit beside it: copy the whole folder"):
+        Retriever(moved)
+    (tmp_path / "original.ivfdata").rename(parallel_dir / "image.ivfdata")
     for nprobe in (1, 32):
         faiss.extract_index_ivf(single.index).nprobe = faiss.extract_index_ivf(parallel.index).nprobe = nprobe
         a, b = single.search(queries, 10), parallel.search(queries, 10)
