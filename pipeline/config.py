@@ -96,11 +96,18 @@ class IndexConfig:
                             '"punsafe < 0.1 and aesthetic >= q(0.9)" (DuckDB; q(p): the column\'s p-quantile)')
     factory: str = opt("auto", '"auto" or a faiss index factory string such as "OPQ256_512,IVF65536,PQ256"')
     memory_budget: str = opt("4GB", "the index must fit in this much memory (auto factory)")
+    cell_size: int = opt(1024, "auto factory: vectors per IVF cell (nlist = n / cell_size), constant as n grows so a "
+                         "query scans the same number of vectors at any n", min=39)
+    hnsw_quantizer_above: int = opt(300_000, "auto factory: above this many vectors the IVF coarse quantizer is an HNSW "
+                                    "graph over the centroids (IVF{nlist}_HNSW32)", min=0)
     nprobe: str | int = opt("auto", '"auto" (tuned to target_recall) or a fixed number of IVF cells to search')
     target_recall: float = opt(0.95, "recall@10 against exact search that nprobe: auto aims for", min=0.0, max=1.0)
     refine: bool = opt(False, "re-rank candidates exactly from the stored float16 embeddings")
     eval_queries: int = opt(1000, "held-out queries used to measure recall", min=10)
     add_batch_size: int = opt(65536, "vectors added per batch", min=1, runtime=True)
+    parallel_min_vectors: int = opt(1_000_000, "from this many vectors on, an IVF index is built by Ray tasks (one per "
+                                    "embed shard) into partial indexes merged into on-disk lists (image.ivfdata); "
+                                    "below it, in one process. Same neighbours either way", min=0, runtime=True)
     seed: int = opt(0, "seed for training samples and held-out queries")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cluster import work_device
 from pipeline.embeddings import shard_files
 from pipeline.runner import RunClock, StageError, StageRun, atomic_path, auto_count, ensure_ray
 from pipeline.shards import corrupt_message, image_bytes, iter_tar_samples, open_image
@@ -180,6 +181,8 @@ def check(cfg) -> None:
     if conf.pretrained and ("/" in conf.pretrained or conf.pretrained.endswith((".pt", ".bin", ".safetensors"))) \
             and not Path(conf.pretrained).exists():
         raise UsageError(f"embed.pretrained {conf.pretrained} does not exist: give an open_clip tag, a checkpoint path, or null")
+    if cfg.ray.address:
+        work_device(cfg)  # device cuda on a cluster without GPUs: refused now, not an encoder waiting forever
 
 
 def _abs(path: str | None) -> str | None:
@@ -207,7 +210,7 @@ def run(stage: StageRun) -> dict:
     stage.plan(len(shards))
     ensure_ray(stage.cfg)
     clock = RunClock()
-    device = stage.device()
+    device = work_device(stage.cfg)  # on a cluster: its GPUs, not this machine's (pipeline.cluster)
     encoder = ray.remote(ClipEncoder).options(num_gpus=1 if device == "cuda" else 0, num_cpus=1).remote(
         _abs(conf.model), _abs(conf.pretrained), device, conf.batch_size, conf.text)
     info = ray.get(encoder.info.remote())

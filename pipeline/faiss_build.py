@@ -34,6 +34,8 @@ METRIC = faiss.METRIC_INNER_PRODUCT
 EXACT_MAX_N = 20_000
 HNSW_MAX_N = 500_000
 HNSW_M = 32
+CELL_SIZE = 1024  # vectors per IVF cell of the auto factory: constant in N, so a query scans the same count
+HNSW_QUANTIZER_ABOVE = 300_000  # above this many vectors the coarse quantizer is an HNSW graph of the centroids
 PQ_BYTES = (256, 128, 64, 32, 16)  # bytes/vector tried for OPQ+IVF+PQ, best first
 ID_BYTES = 8  # one int64 row id per vector
 
@@ -100,11 +102,28 @@ def on_gpu(index: faiss.Index) -> bool:
 
 
 def ivf_nlist(n: int) -> int:
-    """IVF cells for ``n`` vectors: about 4·sqrt(n) as a power of two, >= 39 training points per cell."""
+    """IVF cells for ``n`` vectors: about 4·sqrt(n) as a power of two, >= 39 training points per cell.
+
+    dedup's candidate index; the index stage's auto factory keeps cells constant (``ivf_coarse``)."""
     nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
     while nlist > 1 and nlist * KMEANS_MIN_POINTS_PER_CENTROID > n:
         nlist //= 2
     return nlist
+
+
+def ivf_coarse(n: int, cell_size: int = CELL_SIZE, hnsw_above: int = HNSW_QUANTIZER_ABOVE) -> str:
+    """The coarse level of the auto factory for ``n`` vectors: ``IVF{nlist}`` or ``IVF{nlist}_HNSW32``.
+
+    nlist = n / cell_size (rounded, >= 1): cells hold ``cell_size`` vectors at any n, so a search of
+    nprobe cells scans the same number of vectors at 100k and 400M. Finding the nprobe nearest
+    centroids is then the part that grows with n: a flat scan of nlist centroids is cheap up to a few
+    hundred thousand vectors, above ``hnsw_above`` an HNSW graph over the centroids does it in ~log(nlist).
+    """
+    if cell_size < KMEANS_MIN_POINTS_PER_CENTROID:
+        raise ValueError(f"cell_size {cell_size} is below faiss k-means' minimum of "
+                         f"{KMEANS_MIN_POINTS_PER_CENTROID} training points per centroid")
+    nlist = max(1, round(n / cell_size))
+    return f"IVF{nlist}_HNSW{HNSW_M}" if n > hnsw_above else f"IVF{nlist}"
 
 
 def make_index(factory: str, d: int) -> faiss.Index:
@@ -168,35 +187,38 @@ def estimate_index_bytes(factory: str, n: int, d: int) -> int:
     return fixed + n * per_vector
 
 
-def candidate_factories(n: int, d: int) -> list[str]:
+def candidate_factories(n: int, d: int, cell_size: int = CELL_SIZE, hnsw_above: int = HNSW_QUANTIZER_ABOVE) -> list[str]:
     """The factories ``choose_factory`` considers for ``n`` x ``d``, most accurate first."""
-    nlist = ivf_nlist(n)
+    coarse = ivf_coarse(n, cell_size, hnsw_above)
     factories = []
     if n <= EXACT_MAX_N:
         factories.append("Flat")
     if n <= HNSW_MAX_N:
         factories.append(f"HNSW{HNSW_M}")
-    factories.append(f"IVF{nlist},Flat")
+    factories.append(f"{coarse},Flat")
     if n >= 256 * KMEANS_MIN_POINTS_PER_CENTROID:  # fewer cannot train 256-centroid codebooks
         for m in PQ_BYTES:
             d_opq = d // m * m  # OPQ rotates (and trims) to a multiple of m dimensions
             if d_opq:
-                factories.append(f"OPQ{m}_{d_opq},IVF{nlist},PQ{m}")
+                factories.append(f"OPQ{m}_{d_opq},{coarse},PQ{m}")
     return factories
 
 
-def choose_factory(n: int, d: int, memory_budget: int | str) -> str:
+def choose_factory(
+    n: int, d: int, memory_budget: int | str, cell_size: int = CELL_SIZE, hnsw_above: int = HNSW_QUANTIZER_ABOVE
+) -> str:
     """The ``factory: auto`` rule: the most accurate index for ``n`` x ``d`` vectors that fits the budget.
 
     In order: exact ``Flat`` for n <= 20k (brute force is cheap there and needs no tuning);
     ``HNSW32`` up to 500k (graph search, high recall, build time still minutes on CPU);
     ``IVF{nlist},Flat`` when the raw float32 vectors fit (exact distances inside the probed cells);
     then ``OPQ{m}_{d'},IVF{nlist},PQ{m}`` with the largest m of 256, 128, 64, 32, 16 bytes/vector that
-    fits (paper: IVF + OPQ, 2048 B -> 256 B, i.e. 264 B/vector with the id). nlist ~ 4 sqrt(n).
+    fits (paper: IVF + OPQ, 2048 B -> 256 B, i.e. 264 B/vector with the id). nlist = n / cell_size,
+    with an HNSW coarse quantizer above ``hnsw_above`` vectors (``ivf_coarse``).
     Raises ValueError naming the budget and the size needed when even the smallest does not fit.
     """
     budget = parse_bytes(memory_budget)
-    factories = candidate_factories(n, d)
+    factories = candidate_factories(n, d, cell_size, hnsw_above)
     for factory in factories:
         if estimate_index_bytes(factory, n, d) <= budget:
             return factory
@@ -336,11 +358,17 @@ def load_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
 
     faiss >= 1.10's IO_FLAG_MMAP_IFC maps Flat/PQ codes, HNSW graphs and IVF lists; older faiss only
     maps IVF lists (IO_FLAG_MMAP) and reads the rest. Index types the mapping reader rejects are read
-    plainly. A mapped index is read-only: adding to it aborts the process, so pass mmap=False to modify.
+    plainly. An index with a ``.ivfdata`` beside it (lists on disk, ``faiss_ondisk``) is read with
+    its lists from that file, wherever the folder was moved. A mapped index is read-only: adding to it aborts the process, so pass mmap=False to modify.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no faiss index at {path}")
+    if os.path.exists(os.path.splitext(path)[0] + ".ivfdata"):
+        # Lists on disk (faiss_ondisk): mapped whatever the flags; the mmap flags do not apply to
+        # them (IO_FLAG_MMAP crashes the search, IO_FLAG_MMAP_IFC refuses SAME_DIR).
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        return faiss.read_index(path, flags)
     if not mmap:
         return faiss.read_index(path)
     flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)

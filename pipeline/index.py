@@ -1,8 +1,11 @@
 """index stage: kept embeddings -> index/image.index (faiss) and index/index_infos.json.
 
 `factory: auto` picks the most accurate index that fits `memory_budget` for N (exact, HNSW,
-IVF, then the paper's OPQ+IVF+PQ); an explicit factory string is used as given. Training uses
-a random sample sized to the index; vectors are added shard by shard from the float16 files.
+IVF, then the paper's OPQ+IVF+PQ; IVF cells of `cell_size` vectors at any N, an HNSW coarse
+quantizer above `hnsw_quantizer_above`); an explicit factory string is used as given. Training uses
+a random sample sized to the index; vectors are added shard by shard from the float16 files, in
+this process, or from `parallel_min_vectors` on (IVF factories) in one Ray task per embed shard
+whose partial indexes merge into image.index + image.ivfdata (pipeline.index_parallel).
 `nprobe: auto` is tuned to `target_recall` (recall@10 against exact search) on image queries (the
 value neighbours uses) and, when the embed stage wrote caption embeddings, separately on text-like
 queries (`nprobe_text`, the value search and sampling use). Recall is then
@@ -19,10 +22,12 @@ import numpy as np
 from pipeline.embeddings import Embeddings, metadata_files, read_keep
 from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, save_index,
                                   train_index, training_sample_size)
+from pipeline.faiss_ondisk import ivfdata_path, supports_parts
 from pipeline.faiss_search import (drop_self, exact_search, recall_at_k, refine_search, search, search_param_name,
                                    set_search_param, tune_nprobe)
 from pipeline.filters import check_where_on_embed, matching_rows
 from pipeline.index_files import clip_identity, write_index_files
+from pipeline.index_parallel import build_parallel, remove_parts
 from pipeline.runner import StageRun, UsageError, atomic_path, stage_dir, write_json
 from pipeline.sizes import parse_bytes
 
@@ -42,14 +47,19 @@ def check(cfg) -> None:
                              f'use "auto" or e.g. "IVF1024,Flat", "OPQ64_256,IVF4096,PQ64", "HNSW32"') from None
 
 
-def build(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, batch_size: int):
-    """Train `factory` on a sample of the kept rows and add them all, shard by shard."""
+def train(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int):
+    """`factory` trained on a random sample of the kept rows (sized by training_sample_size), empty."""
     rng = np.random.default_rng(seed)
     size = training_sample_size(factory, len(kept_rows))
     sample = None
     if size:
         sample = emb[np.sort(rng.choice(kept_rows, size=size, replace=False))].astype(np.float32)
-    index = train_index(factory, emb.dim, sample)
+    return train_index(factory, emb.dim, sample)
+
+
+def build(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, batch_size: int):
+    """Train `factory` on a sample of the kept rows and add them all, shard by shard, in this process."""
+    index = train(emb, kept_rows, factory, seed)
     keep = np.zeros(len(emb), bool)
     keep[kept_rows] = True
 
@@ -104,21 +114,17 @@ def run(stage: StageRun) -> dict:
     start = time.time()
     embed_dir = stage.input_dirs["embed"]
     emb = Embeddings(embed_dir, stage.inputs["embed"])
-    kept_rows = np.nonzero(read_keep(stage.input_dirs["dedup"]))[0].astype(np.int64)
-    if conf.where:  # a filtered index: only the kept images whose metadata satisfies index.where
-        chosen = matching_rows(metadata_files(embed_dir, stage.inputs["embed"]), conf.where, "index.where")
-        kept_rows = np.intersect1d(kept_rows, chosen)
-        if len(kept_rows) < 2:
-            raise UsageError(f"index.where {conf.where!r} keeps {len(kept_rows)} images: loosen the filter")
+    kept_rows, factory = _rows_and_factory(stage, emb)
     n, d = len(kept_rows), emb.dim
-    budget = parse_bytes(conf.memory_budget)
-    try:
-        factory = choose_factory(n, d, budget) if conf.factory == "auto" else conf.factory
-    except ValueError as e:
-        raise UsageError(f"index.memory_budget {conf.memory_budget}: {e}") from None
-    stage.plan(1)
-    print(f"index: {factory} over {n} kept vectors of dimension {d}")
-    index = build(emb, kept_rows, factory, conf.seed, conf.add_batch_size)
+    parallel = n >= conf.parallel_min_vectors and supports_parts(factory, d)
+    print(f"index: {factory} over {n} kept vectors of dimension {d}"
+          f"{', shards added in parallel Ray tasks' if parallel else ''}")
+    if parallel:
+        index, parts = build_parallel(stage, emb, kept_rows, lambda: train(emb, kept_rows, factory, conf.seed))
+    else:
+        remove_parts(stage.dir, keep_ivfdata=False)  # what an interrupted parallel build left
+        stage.plan(1)
+        index, parts = build(emb, kept_rows, factory, conf.seed, conf.add_batch_size), None
 
     rng = np.random.default_rng(conf.seed + 1)
     q_rows = np.sort(rng.choice(kept_rows, size=min(conf.eval_queries, n), replace=False))
@@ -141,6 +147,7 @@ def run(stage: StageRun) -> dict:
         set_search_param(index, tuning["name"], tuning["value"])
 
     save_index(index, stage.dir / "image.index")
+    remove_parts(stage.dir, keep_ivfdata=parallel)
     with atomic_path(stage.dir / "rows.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, kept_rows, allow_pickle=False)  # which embed rows the index holds (evaluation, reports)
     files = {}
@@ -154,14 +161,34 @@ def run(stage: StageRun) -> dict:
         "nprobe_text": tuning.get("by_queries", {}).get("text", {}).get("value"),
         "bytes_per_vector": per_vector, "index_bytes": estimate_index_bytes(factory, n, d),
         "memory_budget": conf.memory_budget, "refine": conf.refine, "refine_k_factor": REFINE_K_FACTOR,
+        "ivfdata": ivfdata_path(stage.dir / "image.index").name if parallel else None, "parallel_build": parts,
         "build_seconds": round(time.time() - start, 2), "recall": recall,
         "embed_dir": str(embed_dir.resolve()), "model": stage.inputs["embed"]["model"],
         "clip": clip_identity(stage.inputs["embed"]["model"]), "files": files, "where": conf.where,
     }
     write_json(stage.dir / "index_infos.json", infos)
-    stage.mark_done(0, {"n": n})
+    if not parallel:
+        stage.mark_done(0, {"n": n})
     return {"items": n, "counts": {"vectors": n}, "index": "image.index", "infos": "index_infos.json", "rows": "rows.npy",
             "factory": factory, "recall": recall}
+
+
+def _rows_and_factory(stage: StageRun, emb: Embeddings) -> tuple[np.ndarray, str]:
+    """The embed rows to index (kept by dedup, satisfying index.where) and the factory for them."""
+    conf = stage.conf
+    kept_rows = np.nonzero(read_keep(stage.input_dirs["dedup"]))[0].astype(np.int64)
+    if conf.where:  # a filtered index: only the kept images whose metadata satisfies index.where
+        chosen = matching_rows(metadata_files(emb.dir, stage.inputs["embed"]), conf.where, "index.where")
+        kept_rows = np.intersect1d(kept_rows, chosen)
+        if len(kept_rows) < 2:
+            raise UsageError(f"index.where {conf.where!r} keeps {len(kept_rows)} images: loosen the filter")
+    if conf.factory != "auto":
+        return kept_rows, conf.factory
+    try:
+        return kept_rows, choose_factory(len(kept_rows), emb.dim, parse_bytes(conf.memory_budget), conf.cell_size,
+                                         conf.hnsw_quantizer_above)
+    except ValueError as e:
+        raise UsageError(f"index.memory_budget {conf.memory_budget}: {e}") from None
 
 
 def _tune(index, query_sets: dict, conf, refine_from: Embeddings | None) -> dict:

@@ -33,7 +33,9 @@ class Retriever:
         try:
             self.index = faiss_build.load_index(self.dir / "image.index", mmap=True)
         except RuntimeError as e:
-            raise StageError(f"{self.dir / 'image.index'} cannot be read ({str(e).splitlines()[0][:200]}): "
+            lists = " (its inverted lists, image.ivfdata, must sit beside it: copy the whole folder)" \
+                if ".ivfdata" in str(e) else ""
+            raise StageError(f"{self.dir / 'image.index'} cannot be read ({str(e).splitlines()[0][:200]}){lists}: "
                              f"rebuild it with `knnd run index --force`") from None
         nprobe = self.infos.get("nprobe_text") if queries == "text" else None
         nprobe = nprobe or self.infos.get("nprobe")

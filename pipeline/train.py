@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.cluster import require_per_worker, work_device
 from pipeline.runner import StageError, StageRun, UsageError, ensure_ray, hms, read_json, stage_dir
 
 PRESETS = ("tiny", "demo", "paper")
@@ -90,12 +91,17 @@ def check(cfg) -> None:
     if pack["items"] < conf.batch_size:
         raise UsageError(f"the pack holds {pack['items']} samples, fewer than train.batch_size {conf.batch_size}: "
                          f"lower train.batch_size or pack more images")
-    if conf.use_gpu:
+    if conf.use_gpu and cfg.device == "cpu":
+        raise UsageError("train.use_gpu is true but device is cpu: set train.use_gpu=false")
+    if cfg.ray.address:  # the cluster's GPUs and CPUs decide, not this machine's (pipeline.cluster)
+        use_gpu = conf.use_gpu or work_device(cfg, conf.num_workers) == "cuda"
+        require_per_worker(cfg, conf.num_workers, "GPU" if use_gpu else "CPU",
+                           f"train.num_workers={conf.num_workers} on {'GPUs' if use_gpu else 'CPUs'}")
+    elif conf.use_gpu:
         import torch
 
-        if cfg.device == "cpu" or not torch.cuda.is_available():
-            why = "device is cpu" if cfg.device == "cpu" else "no CUDA device is visible"
-            raise UsageError(f"train.use_gpu is true but {why}: set train.use_gpu=false")
+        if not torch.cuda.is_available():
+            raise UsageError("train.use_gpu is true but no CUDA device is visible: set train.use_gpu=false")
 
 
 def check_init_from(path: Path, config) -> None:
@@ -120,7 +126,7 @@ def run(stage: StageRun) -> dict:
 
     conf, pack = stage.conf, stage.inputs["pack"]
     config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
-    use_gpu = conf.use_gpu or stage.device() == "cuda"
+    use_gpu = conf.use_gpu or work_device(stage.cfg, conf.num_workers) == "cuda"
     params = train_params(conf, use_gpu)
     # absolute: Ray Train moves every worker into a folder of its own
     paths = [(stage.input_dirs["pack"] / s["tar"]).resolve() for s in pack["shards"] if s["samples"]]

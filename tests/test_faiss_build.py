@@ -19,17 +19,19 @@ from pipeline.sizes import parse_bytes
 
 
 # (n, d, budget, expected factory) -- the paper's case is 400M x 512 in a 128 GB server.
+# IVF cells hold n / nlist = 1024 vectors (index.cell_size); above 300k vectors the coarse quantizer is HNSW.
 FACTORY_CASES = [
     (5_000, 64, "1GB", "Flat"),
     (100_000, 64, "1GB", "HNSW32"),
-    (100_000, 512, "220MB", "IVF1024,Flat"),  # HNSW (233 MB) no longer fits
-    (1_000_000, 64, "1GB", "IVF4096,Flat"),
-    (100_000, 512, "100MB", "OPQ256_512,IVF1024,PQ256"),
-    (400_000_000, 512, "128GB", "OPQ256_512,IVF65536,PQ256"),
-    (400_000_000, 512, "64GB", "OPQ128_512,IVF65536,PQ128"),
-    (400_000_000, 512, "12GB", "OPQ16_512,IVF65536,PQ16"),
-    (10_000, 64, "1MB", "OPQ64_64,IVF256,PQ64"),
-    (50_000, 768, "20MB", "OPQ256_768,IVF1024,PQ256"),
+    (100_000, 512, "220MB", "IVF98,Flat"),  # HNSW (233 MB) no longer fits
+    (1_000_000, 64, "1GB", "IVF977_HNSW32,Flat"),
+    (100_000, 512, "100MB", "OPQ256_512,IVF98,PQ256"),
+    (3_000_000, 512, "4GB", "OPQ256_512,IVF2930_HNSW32,PQ256"),
+    (400_000_000, 512, "128GB", "OPQ256_512,IVF390625_HNSW32,PQ256"),
+    (400_000_000, 512, "64GB", "OPQ128_512,IVF390625_HNSW32,PQ128"),
+    (400_000_000, 512, "12GB", "OPQ16_512,IVF390625_HNSW32,PQ16"),
+    (10_000, 64, "1MB", "OPQ64_64,IVF10,PQ64"),
+    (50_000, 768, "20MB", "OPQ256_768,IVF49,PQ256"),
 ]
 
 
@@ -43,8 +45,55 @@ def test_choose_factory_picks_regime_within_budget(n, d, budget, expected):
 
 
 def test_choose_factory_budget_too_small_names_budget_and_need():
-    with pytest.raises(ValueError, match=r"memory_budget=1\.0 GB.*'OPQ16_512,IVF65536,PQ16'.*needs 9\.\d GB"):
+    with pytest.raises(ValueError, match=r"memory_budget=1\.0 GB.*'OPQ16_512,IVF390625_HNSW32,PQ16'.*needs 10\.\d GB"):
         faiss_build.choose_factory(400_000_000, 512, "1GB")
+
+
+@pytest.mark.parametrize("n, cell_size, hnsw_above, expected", [
+    (500, 1024, 300_000, "IVF1"),  # fewer vectors than one cell: one cell
+    (100_000, 1024, 300_000, "IVF98"),  # 100000 / 1024 = 97.7
+    (300_000, 1024, 300_000, "IVF293"),
+    (300_001, 1024, 300_000, "IVF293_HNSW32"),  # past the threshold: HNSW over the centroids
+    (1_000_000, 1024, 300_000, "IVF977_HNSW32"),
+    (3_000_000, 1024, 300_000, "IVF2930_HNSW32"),
+    (400_000_000, 1024, 300_000, "IVF390625_HNSW32"),
+    (400_000_000, 4096, 300_000, "IVF97656_HNSW32"),
+    (20_000, 256, 0, "IVF78_HNSW32"),
+])
+def test_ivf_coarse_cells_of_constant_size(n, cell_size, hnsw_above, expected):
+    assert faiss_build.ivf_coarse(n, cell_size, hnsw_above) == expected
+
+
+def test_cells_stay_the_same_size_as_n_grows():
+    """nlist grows with n, so the vectors a search of nprobe cells scans do not (the sqrt rule's grew as sqrt n)."""
+    for n in np.geomspace(100_000, 400_000_000, 25).astype(int):
+        factory = faiss_build.choose_factory(int(n), 512, "1TB")
+        if factory == "HNSW32":
+            continue
+        nlist = int(factory.split(",")[0].removeprefix("IVF").split("_")[0])
+        assert abs(n / nlist - 1024) <= 1024 * 0.01, (n, factory)
+        assert factory.endswith("_HNSW32,Flat") == (n > 300_000)
+    with pytest.raises(ValueError, match="cell_size 30 is below faiss k-means' minimum of 39"):
+        faiss_build.ivf_coarse(10_000, 30)
+
+
+def test_hnsw_coarse_quantizer_reaches_recall_target_against_brute_force(data, tmp_path):
+    """HNSW forced at a small n (cells of 256): nprobe tuned on half the queries reaches recall@10
+    0.95 against brute force on the other half, also after a save and a memory-mapped load."""
+    factory = faiss_build.ivf_coarse(N, cell_size=256, hnsw_above=0) + ",Flat"
+    assert factory == "IVF78_HNSW32,Flat"
+    index = build(factory, data["database"], data["rows"], n_train=faiss_build.training_sample_size(factory, N))
+    ivf = faiss.extract_index_ivf(index)
+    assert isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSWFlat) and ivf.nlist == 78
+    queries, true = data["queries"], data["true_ids"]
+    tuning = faiss_search.tune_nprobe(index, queries[:250], true[:250], K, target_recall=0.95)
+    assert tuning.reached and tuning.value < ivf.nlist // 2  # not an exhaustive scan
+    faiss_build.save_index(index, tmp_path / "hnsw.index")
+    loaded = faiss_build.load_index(tmp_path / "hnsw.index", mmap=True)
+    faiss_search.set_nprobe(loaded, tuning.value)
+    for searched in (index, loaded):
+        found = faiss_search.search(searched, queries[250:], K)[1]
+        assert faiss_search.recall_at_k(found, true[250:], K) >= 0.95
 
 
 def test_estimate_matches_written_index(ivf_flat, ivf_pq, tmp_path):
@@ -66,7 +115,7 @@ def test_training_sample_size():
     assert faiss_build.training_sample_size("IVF1024,Flat", 10**6) == 64 * 1024
     assert faiss_build.training_sample_size("IVF1024,Flat", 20_000) == 20_000
     assert faiss_build.training_sample_size("OPQ16_64,IVF16,PQ16", 10**6) == 256 * 64
-    assert faiss_build.ivf_nlist(400_000_000) == 65536
+    assert faiss_build.ivf_nlist(400_000_000) == 65536  # dedup's candidate index keeps the sqrt rule
     assert faiss_build.ivf_nlist(100) == 2  # >= 39 training points per cell
 
 

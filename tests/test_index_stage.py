@@ -104,4 +104,8 @@ def test_bad_factory_and_budget_exit_2(database, tmp_path, capsys):
     assert "index.factory 'IVF12,Flatt' is not a faiss factory string" in capsys.readouterr().err
     assert main(["run", "index", "--set", f"workdir={work}", "--set", "index.memory_budget=10KB"]) == 2
     assert "index.memory_budget 10KB" in capsys.readouterr().err
+    # the auto factory's cells come from index.cell_size and its quantizer from index.hnsw_quantizer_above
+    assert main(["run", "index", "--set", f"workdir={work}", "--set", "index.memory_budget=10KB",
+                 "--set", "index.cell_size=1000", "--set", "index.hnsw_quantizer_above=0", "--force"]) == 2
+    assert "'OPQ16_32,IVF12_HNSW32,PQ16'" in capsys.readouterr().err  # 12,000 vectors / 1,000
     assert not (work / "index" / "image.index").exists()

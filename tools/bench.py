@@ -46,6 +46,7 @@ from benchmarks.download import section_download  # noqa: E402
 from benchmarks.embed import section_embed  # noqa: E402
 from benchmarks.growth import child_stage, section_growth  # noqa: E402
 from benchmarks.index import section_index  # noqa: E402
+from benchmarks.index_parallel import section_index_parallel  # noqa: E402
 from benchmarks.neighbours import section_neighbours  # noqa: E402
 from benchmarks.quality import section_quality  # noqa: E402
 from benchmarks.sampling import section_sampling  # noqa: E402
@@ -53,10 +54,11 @@ from benchmarks.train_input import section_train_input  # noqa: E402
 from benchmarks.train_step import section_train_step  # noqa: E402
 
 RUNNERS = {"download": section_download, "embed": section_embed, "dedup": section_dedup, "index": section_index,
+           "index_parallel": section_index_parallel,
            "neighbours": section_neighbours, "quality": section_quality, "train_input": section_train_input,
            "sampling": section_sampling, "train_step": section_train_step, "growth": section_growth}
 SECTIONS = list(RUNNERS)  # in the order they run
-RAY_SECTIONS = {"download", "embed", "neighbours", "train_input", "sampling"}  # sections whose stages use Ray
+RAY_SECTIONS = {"download", "embed", "index_parallel", "neighbours", "train_input", "sampling"}  # sections whose stages use Ray
 DEMO_CLIP = ROOT / "model" / "configs" / "demo_clip.json"
 
 

@@ -1,0 +1,55 @@
+"""GPU and worker-count decisions for the work Ray places (the embed encoder, the training workers).
+
+With `ray.address` set they are made against what the cluster offers (`ray.cluster_resources()`):
+the machine running `knnd` may have no GPU while the cluster has many, and a request the cluster
+cannot meet would wait forever instead of failing. With a local Ray (the default) they are made as
+before, from what this machine's torch sees. Work the driver does itself (sampling, search,
+evaluation) keeps `runner.resolve_device`.
+"""
+from __future__ import annotations
+
+from pipeline.files import UsageError
+from pipeline.runner import ensure_ray, resolve_device
+
+
+def cluster_resources(cfg) -> dict | None:
+    """`ray.cluster_resources()` of the cluster at `ray.address` (joined once per process), or None
+    without an address (decide locally)."""
+    if not cfg.ray.address:
+        return None
+    import ray
+
+    ensure_ray(cfg)
+    return ray.cluster_resources()
+
+
+def describe(cfg, resources: dict) -> str:
+    return (f"the Ray cluster at {cfg.ray.address} offers {resources.get('CPU', 0):g} CPUs and "
+            f"{resources.get('GPU', 0):g} GPUs")
+
+
+def work_device(cfg, gpus_needed: int = 1) -> str:
+    """The `device` of work Ray places, needing `gpus_needed` GPUs: on a cluster, auto is cuda when it
+    has that many GPUs and cuda with fewer is a UsageError naming what it has; locally, as `resolve_device`."""
+    resources = cluster_resources(cfg)
+    if resources is None:
+        return resolve_device(cfg)
+    gpus = resources.get("GPU", 0)
+    if cfg.device == "auto":
+        return "cuda" if gpus >= gpus_needed else "cpu"
+    if cfg.device == "cuda" and gpus < gpus_needed:
+        raise UsageError(f"device is cuda and needs {gpus_needed} GPU{'s' if gpus_needed > 1 else ''}, but "
+                         f"{describe(cfg, resources)}: set device=cpu (or auto), or add GPU nodes to the cluster")
+    return cfg.device
+
+
+def require_per_worker(cfg, workers: int, resource: str, setting: str) -> None:
+    """On a cluster, a UsageError unless it offers `workers` x one `resource` ("GPU" or "CPU"), which
+    `setting` asks for; nothing to check locally."""
+    resources = cluster_resources(cfg)
+    if resources is None or resources.get(resource, 0) >= workers:
+        return
+    have = int(resources.get(resource, 0))
+    fix = f"lower train.num_workers to {have}" if have else ("set train.use_gpu=false" if resource == "GPU" else "")
+    raise UsageError(f"{setting} needs {workers} {resource}s (one per worker), but {describe(cfg, resources)}: "
+                     f"{fix + ' or ' if fix else ''}add nodes with {resource}s")

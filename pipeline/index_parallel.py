@@ -1,0 +1,94 @@
+"""The index stage's build above `index.parallel_min_vectors`: train once, add each embed shard's kept
+vectors in its own Ray task into a partial index, merge the parts into image.index + image.ivfdata
+(faiss on-disk inverted lists, pipeline.faiss_ondisk).
+
+    index/parts/trained.index        the trained, empty index (written once; a resume reuses it)
+    index/parts/part_{shard:05d}.index  one embed shard's kept vectors, ids = embed rows
+    index/_run/done/{shard:05d}.json    written after its part: a resume does not redo that shard
+
+The parts are deleted once image.index is written. Memory per task: one shard's vectors (float32)
+and its codes; the merge maps the parts and the output, so no process holds the whole index.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.embeddings import Embeddings
+from pipeline.faiss_build import save_index
+from pipeline.faiss_ondisk import ivfdata_path, merge_partials, write_partial
+from pipeline.runner import StageError, StageRun, ensure_ray
+
+PARTS = "parts"
+
+
+def add_shard(trained_path: str, vectors_path: str, row_offset: int, rows: np.ndarray, out_path: str,
+              batch_size: int) -> dict:
+    """One Ray task: the kept `rows` (global embed rows) of one embed shard's float16 file, added to a
+    copy of the trained index and written to `out_path`. Returns {vectors, node}."""
+    import ray
+
+    vectors = np.load(vectors_path, mmap_mode="r")
+    batches = ((rows[i:i + batch_size], vectors[rows[i:i + batch_size] - row_offset])
+               for i in range(0, len(rows), batch_size))
+    added = write_partial(trained_path, batches, out_path)
+    return {"vectors": int(added), "node": ray.get_runtime_context().get_node_id()}
+
+
+def build_parallel(stage: StageRun, emb: Embeddings, kept_rows: np.ndarray, train: Callable) -> tuple[object, dict]:
+    """(the merged index, its lists on disk; {shards, reused, added}): `train()` gives the trained,
+    empty index (called only when no earlier run wrote it); shards whose part an earlier run
+    finished are reused, not redone."""
+    import ray
+
+    parts = (stage.dir / PARTS).resolve()
+    trained_path = parts / "trained.index"
+    if not trained_path.exists():
+        save_index(train(), trained_path)
+    shards = _shard_rows(emb, kept_rows)
+    stage.plan(len(shards))
+    reused = [s for s in shards if stage.shard_done(s) and _part(parts, s).exists()]
+    todo = [s for s in shards if s not in reused]
+    progress = stage.progress(len(shards), unit="vectors")
+    if todo:
+        ensure_ray(stage.cfg)
+        task = ray.remote(add_shard).options(num_cpus=1, max_retries=0)
+        running = {task.remote(str(trained_path), str((emb.dir / emb.shards[s]["img_emb"]).resolve()),
+                               int(emb.offsets[s]), shards[s], str(_part(parts, s)), stage.conf.add_batch_size): s
+                   for s in todo}
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            shard = running.pop(ready[0])
+            try:
+                stats = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as e:
+                raise StageError(f"index: adding embed shard {shard} failed ({str(e.cause)[:300]}); "
+                                 f"re-run `knnd run index` to resume (finished shards are kept)") from None
+            stage.mark_done(shard, stats)  # after its part was renamed into place
+            progress.update(1, stats["vectors"])
+    print(f"index: merging {len(shards)} partial indexes into {ivfdata_path(stage.dir / 'image.index').name}")
+    index = merge_partials(trained_path, [_part(parts, s) for s in sorted(shards)], stage.dir / "image.index")
+    return index, {"shards": len(shards), "reused": len(reused), "added": len(todo),
+                   "nodes": sorted({d.get("node") for d in stage.done_stats().values() if d.get("node")})}
+
+
+def remove_parts(stage_dir: Path, keep_ivfdata: bool) -> None:
+    """Delete the partial indexes (after image.index is written), and a stale image.ivfdata left by an
+    interrupted parallel build when the index was then built in one process (`keep_ivfdata` False)."""
+    shutil.rmtree(stage_dir / PARTS, ignore_errors=True)
+    if not keep_ivfdata:
+        ivfdata_path(stage_dir / "image.index").unlink(missing_ok=True)
+
+
+def _part(parts: Path, shard: int) -> Path:
+    return parts / f"part_{shard:05d}.index"
+
+
+def _shard_rows(emb: Embeddings, kept_rows: np.ndarray) -> dict[int, np.ndarray]:
+    """{embed shard: its kept rows (sorted, global)} for the shards that keep any."""
+    shard_of = np.searchsorted(emb.offsets, kept_rows, side="right") - 1
+    bounds = np.searchsorted(shard_of, np.arange(len(emb.shards) + 1))
+    return {s: kept_rows[bounds[s]:bounds[s + 1]] for s in range(len(emb.shards)) if bounds[s + 1] > bounds[s]}
