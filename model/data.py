@@ -98,6 +98,7 @@ class PackDataset:
         shards = [shard for shard in map(read_pack_shard, shard_paths) if shard["keys"]]
         if not shards:
             raise ValueError("no pack samples in the given shards; run `knnd run pack` first")
+        self.keys = [key for s in shards for key in s["keys"]]
         self.images = np.concatenate([s["image"] for s in shards])
         # slot 0: the sample's own embedding, slots 1..k: its neighbours
         self.cond = np.concatenate([np.concatenate([s["emb"][:, None], s["nbr"]], axis=1)

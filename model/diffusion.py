@@ -59,7 +59,11 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     f_img(reference) in neighbour slot 1 of emb: the caller's job). neighbour_mask: see
     ConditionEncoder (e.g. --no-knn with a model trained with neighbours: pass emb[:, :1]).
     progress(done, total), if given, is called after each denoising step (`knnd serve` shows it).
+    A discrete-backbone model samples through model.discrete_sampling (`scheduler` does not apply).
     """
+    if getattr(model, "backbone", "continuous") == "discrete":
+        from model.discrete_sampling import sample_discrete
+        return sample_discrete(model, emb, steps, guidance, generator, init_image, strength, neighbour_mask, progress)
     config = model.config
     device = next(model.parameters()).device
     sched = make_scheduler(config, scheduler)
