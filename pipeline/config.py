@@ -118,11 +118,24 @@ class NeighboursConfig:
 class PackConfig:
     image_size: int = opt(32, "training resolution (pixels)", min=8, max=1024)
     shard_size: int = opt(10000, "most samples per pack shard (an embed shard is split, never merged)", min=1)
+    tokens: bool = opt(False, "also train a VQ autoencoder on the pack images and store their token grids "
+                       "(pack/vq/), which train.backbone=discrete needs")
+    vq_downsample: int = opt(2, "VQ: image side / token grid side (16 px and 2: 8 x 8 tokens)", choices=[1, 2, 4, 8])
+    vq_codes: int = opt(256, "VQ: codebook size", min=2, max=32767)
+    vq_channels: int = opt(64, "VQ: channels of every encoder/decoder level (a multiple of 16)", min=16)
+    vq_embed_dim: int = opt(8, "VQ: codebook vector size", min=1)
+    vq_steps: int = opt(2000, "VQ: training steps", min=1)
+    vq_minutes: float | None = opt(None, "VQ: stop training after this many minutes (null: no limit)", min=0.0)
+    vq_batch_size: int = opt(64, "VQ: images per training step", min=1)
+    vq_lr: float = opt(1e-3, "VQ: learning rate (Adam)", min=0.0)
 
 
 @dataclass
 class TrainConfig:
     model: str = opt("demo", "model size preset: tiny, demo or paper", choices=["tiny", "demo", "paper"])
+    backbone: str = opt("continuous", "continuous (U-Net over pixels) or discrete (transformer over the VQ tokens "
+                        "of pack.tokens, VQ-Diffusion loss)", choices=["continuous", "discrete"])
+    aux_weight: float = opt(1.0, "discrete backbone: xi, the weight of L_x0 beside L_vlb", min=0.0)
     steps: int = opt(2000, "optimizer steps", min=1)
     minutes: float | None = opt(None, "stop after this many minutes even before `steps` (null: no limit)", min=0.0)
     batch_size: int = opt(32, "samples per step, over all workers", min=1)

@@ -81,7 +81,11 @@ def check(cfg) -> None:
     """Usage errors found before anything is written: preset vs pack, batch vs pack size, GPU."""
     conf = cfg.train
     pack = read_json(stage_dir(cfg, "pack") / "manifest.json", "Rebuild it with `knnd run pack --force`.")
-    model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
+    if conf.backbone == "discrete":
+        from pipeline.train_discrete import discrete_config
+        discrete_config(conf.model, pack, conf)
+    else:
+        model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
     if pack["items"] < conf.batch_size:
         raise UsageError(f"the pack holds {pack['items']} samples, fewer than train.batch_size {conf.batch_size}: "
                          f"lower train.batch_size or pack more images")
@@ -100,6 +104,9 @@ def run(stage: StageRun) -> dict:
     from model.trainer import train
     from pipeline.index_files import clip_identity
 
+    if stage.conf.backbone == "discrete":
+        from pipeline import train_discrete
+        return train_discrete.run(stage)
     conf, pack = stage.conf, stage.inputs["pack"]
     config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
     use_gpu = conf.use_gpu or stage.device() == "cuda"
