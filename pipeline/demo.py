@@ -202,6 +202,11 @@ def report(cfg, workdir: Path, start: float, swapped: Path) -> None:
     print(f"\ndemo: done in {(time.time() - start) / 60:.1f} minutes")
     evaluation = read_json(stage_dir(cfg, "evaluate") / "manifest.json")
     print(f"  evaluation:          {evaluation['summary']}")
+    tokens = read_json(stage_dir(cfg, "pack") / "manifest.json").get("tokens")
+    if tokens:  # --backbone discrete
+        q = tokens["quality"]
+        print(f"  VQ tokens:           {tokens['grid'][0]} x {tokens['grid'][1]} of {tokens['codes']} codes, PSNR {q['psnr']:.2f} dB, "
+              f"perplexity {q['perplexity']:.1f}, {q['dead']} dead codes, FD(reconstructions, originals) {q['fd_clip']}")
     print(f"  report:              {stage_dir(cfg, 'evaluate') / 'report.html'}  (metrics.json beside it)")
     print(f"  samples:             {stage_dir(cfg, 'sample') / 'grid.png'}")
     print(f"  swapped database:    {swapped}")
