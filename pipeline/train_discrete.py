@@ -20,7 +20,7 @@ def discrete_config(preset: str, pack: dict, conf):
     tokens = pack.get("tokens")
     if tokens is None:
         raise UsageError("train.backbone is discrete but the pack holds no VQ tokens: "
-                         "run `knnd run pack --set pack.tokens=true` first")
+                         "set pack.tokens=true and rebuild the pack (`knnd run pack --force --set pack.tokens=true`)")
     k = pack["k"]
     if conf.k is not None:
         if conf.k > k:
