@@ -76,7 +76,8 @@ def sample_discrete(model, emb: torch.Tensor, steps: int = 100, guidance: float 
     model.eval()
     emb = emb.to(device, torch.float32)
     for done, i in enumerate(indices):
-        log_x0 = guided_log_x0(model, x.to(device), int(taus[i]), emb, guidance, neighbour_mask)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            log_x0 = guided_log_x0(model, x.to(device), int(taus[i]), emb, guidance, neighbour_mask)
         x = _step(sched, log_x0, i, x, generator)
         if progress is not None:
             progress(done + 1, len(indices))
