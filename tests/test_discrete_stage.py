@@ -101,3 +101,24 @@ def test_discrete_train_without_tokens_is_a_usage_error(tmp_path, capsys):
                                       "train": {"model": "tiny", "backbone": "discrete", "steps": 2, "batch_size": 4}}))
     assert main(["run", "train", "-c", str(config)]) == 2
     assert "pack.tokens=true" in capsys.readouterr().err
+
+
+
+def test_evaluate_samples_a_discrete_checkpoint_unchanged(work, tmp_path):
+    """evaluate's sampling (batched, per-image seeds, slot masks) through a discrete checkpoint; the
+    metrics need nothing of the backbone (the whole stage ran in a tiny `knnd demo --backbone discrete`)."""
+    import dataclasses
+
+    from pipeline.evaluate import EvalSetup, generate
+    from pipeline.generation import Sampler
+
+    cfg = load_config(work["config"])
+    sampler = Sampler(work["a"] / "train" / work["train"]["checkpoint"], work["a"] / "index", "cpu")
+    setup = EvalSetup(checkpoint=sampler.checkpoint, index_dir=sampler.index_dir, out=tmp_path, k=2)
+    conf = dataclasses.replace(cfg.evaluate, steps=2, images_per_prompt=2, batch_size=3)
+    prompts = ["a item 1", "a item 2"]
+    first, again = generate(sampler, prompts, setup, conf), generate(sampler, prompts, setup, conf)
+    assert first["images"].shape == (4, 16, 16, 3) and first["prompt_of"].tolist() == [0, 0, 1, 1]
+    assert np.array_equal(first["images"], again["images"])
+    one_batch = generate(sampler, prompts, setup, dataclasses.replace(conf, batch_size=4))
+    assert np.array_equal(first["images"], one_batch["images"])  # the batching does not change an image
