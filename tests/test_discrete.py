@@ -2,6 +2,7 @@
 tables, the batched posterior against diffusers', the loss, guidance on logits, the transformer,
 the discrete trainer's exact resume, sampling determinism and the paper-size parameter count."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -245,3 +246,14 @@ def test_sampling_is_deterministic_per_seed_and_per_image(token_pack, tmp_path):
     one = torch.Generator().manual_seed(4)
     via = diffusion.sample(model, emb[:, :1], steps=3, guidance=1.0, generator=one)  # --no-knn, no guidance
     assert via.shape == (2, 8, 8, 3)
+
+
+@pytest.mark.skipif(not os.environ.get("KNND_RAY_TESTS"),
+                    reason="starts a local Ray (~45 s on 2 cores); set KNND_RAY_TESTS=1")
+def test_discrete_ray_train_two_cpu_workers_with_ddp(token_pack, tmp_path):
+    paths, tokens, vq = token_pack
+    result = train_discrete(tiny_params(steps=4, batch_size=2, num_workers=2), TINY, paths, tokens, vq, tmp_path / "train")
+    assert result["step"] == 4
+    state = torch.load(result["checkpoint"], weights_only=True)
+    assert state["step"] == 4 and state["backbone"] == "discrete"
+    assert state["data_position"] == [1, 4]  # 8 samples / 2 ranks / batch 2: 2 batches an epoch
