@@ -60,6 +60,8 @@ def train_vq(params: VQParams, config: VQConfig, images: np.ndarray, out_dir) ->
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         step = state["step"]
+    else:
+        init_codebook(vq, images, params.seed)
     stop = min(params.steps, params.stop_at_step or params.steps)
     deadline = None if params.max_seconds is None else time.monotonic() + params.max_seconds
     log = out_dir / "metrics.jsonl"
@@ -86,6 +88,20 @@ def train_vq(params: VQParams, config: VQConfig, images: np.ndarray, out_dir) ->
                 "step": step, "rng": rng_state(), "vq_params": dataclasses.asdict(params)})
     return {"step": step, "loss": None if loss is None else float(loss.detach()),
             "checkpoint": str(latest_checkpoint(out_dir / "checkpoints"))}
+
+
+@torch.no_grad()
+def init_codebook(vq, images: np.ndarray, seed: int, sample: int = 1024):
+    """Data-dependent start: the codebook vectors are encoder outputs at random positions of up to
+    `sample` random images (seeded), so every code starts where the data are (a random init leaves
+    most codes far from every latent, never chosen, never updated)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(images), generator=generator)[:sample].numpy()
+    latents = vq.encode(to_tensor(images[np.sort(rows)])).latents
+    vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    codes = vq.quantize.embedding.weight
+    pick = torch.randint(0, len(vectors), (codes.shape[0],), generator=generator)
+    codes.copy_(vectors[pick])
 
 
 def load_vq(path) -> tuple:
