@@ -257,3 +257,16 @@ def test_discrete_ray_train_two_cpu_workers_with_ddp(token_pack, tmp_path):
     state = torch.load(result["checkpoint"], weights_only=True)
     assert state["step"] == 4 and state["backbone"] == "discrete"
     assert state["data_position"] == [1, 4]  # 8 samples / 2 ranks / batch 2: 2 batches an epoch
+
+
+def test_codebook_starts_on_encoder_outputs():
+    from model.vq_train import init_codebook, to_tensor
+
+    torch.manual_seed(0)
+    vq = build_vq(VQConfig.from_dict(TINY.vq))
+    images = np.stack([s["image"] for s in make_samples(6, resolution=8)])
+    init_codebook(vq, images, seed=0)
+    with torch.no_grad():
+        latents = vq.encode(to_tensor(images)).latents.permute(0, 2, 3, 1).reshape(-1, 4)
+    codes = vq.quantize.embedding.weight.detach()
+    assert torch.cdist(codes, latents).min(dim=1).values.max() < 1e-5  # every code is some latent
