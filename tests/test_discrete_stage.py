@@ -122,3 +122,16 @@ def test_evaluate_samples_a_discrete_checkpoint_unchanged(work, tmp_path):
     assert np.array_equal(first["images"], again["images"])
     one_batch = generate(sampler, prompts, setup, dataclasses.replace(conf, batch_size=4))
     assert np.array_equal(first["images"], one_batch["images"])  # the batching does not change an image
+
+
+def test_vq_settings_that_do_not_fit_are_usage_errors(tmp_path):
+    from pipeline.runner import UsageError
+    from pipeline.tokens import check
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "pack.tokens=true", "pack.image_size=12", "pack.vq_downsample=8"])
+    with pytest.raises(UsageError, match="pack.image_size 12 is not divisible by pack.vq_downsample 8"):
+        check(cfg)
+    cfg = load_config(None, [f"workdir={tmp_path}", "pack.tokens=true", "pack.vq_channels=40"])
+    with pytest.raises(UsageError, match="pack.vq_channels 40 must be a multiple of 16"):
+        check(cfg)
+    check(load_config(None, [f"workdir={tmp_path}", "pack.vq_channels=40"]))  # no tokens: not checked
