@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from model.checkpoint import latest_checkpoint, load_checkpoint
 from model.data import PackDataset
 from model.discrete import DiscreteConfig, DiscreteDenoiser
 from model.discrete_diffusion import make_scheduler, q_sample, vq_diffusion_loss
-from model.trainer import (MetricsLog, TrainParams, ema_update, load_training_state, lr_factor, make_optimizer,
-                           out_of_time, seed_everything, summary, training_state, worker_context)
+from model.trainer import (MetricsLog, TrainParams, after_step, optimisation, run_workers, seed_everything, summary,
+                           worker_context)
 
 
 class TokenDataset(PackDataset):
@@ -54,14 +54,7 @@ def train_discrete(params: TrainParams, model_config: DiscreteConfig, shard_path
     config = {"params": dataclasses.asdict(params), "model": model_config.to_dict(), "clip": clip,
               "shard_paths": [str(p) for p in shard_paths], "tokens_path": str(tokens_path),
               "vq_checkpoint": str(vq_checkpoint), "aux_weight": aux_weight, "out_dir": str(Path(out_dir).resolve())}
-    if params.num_workers == 1 and not params.use_gpu:
-        return discrete_loop(config)
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    TorchTrainer(discrete_loop, train_loop_config={**config, "distributed": True},
-                 scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu),
-                 run_config=RunConfig(name="ray", storage_path=config["out_dir"])).fit()
-    return summary(out_dir)
+    return run_workers(discrete_loop, config, params)
 
 
 def discrete_loop(config: dict) -> dict:
@@ -82,16 +75,7 @@ def discrete_loop(config: dict) -> dict:
     else:
         model.vq.load_state_dict(load_checkpoint(config["vq_checkpoint"])["model"])
     model.to(device)
-    ema = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = make_optimizer(model, params)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, params.warmup_steps, params.steps, params.lr_schedule))
-    if checkpoint:
-        load_training_state(checkpoint, ema, optimizer, lr_schedule)
-    net = model
-    if distributed:
-        from ray.train.torch import prepare_model
-        net = prepare_model(model)
+    ema, optimizer, lr_schedule, net = optimisation(model, params, checkpoint, distributed)
     sched = make_scheduler(model_config.codes, model_config.num_train_timesteps)
 
     stop = min(params.steps, params.stop_at_step or params.steps)
@@ -114,14 +98,8 @@ def discrete_loop(config: dict) -> dict:
         optimizer.step()
         lr_schedule.step()
         step += 1
-        ema_update(model, ema, min(params.ema_decay, (1 + step) / (10 + step)))
-        if out_of_time(deadline, distributed, device):
-            stop = step
-        if metrics and (step % params.log_every == 0 or step == stop):
-            metrics.write(step, loss.item(), lr, samples_per_step=params.batch_size * world_size)
-        if rank == 0 and (step % params.checkpoint_every == 0 or step == stop):
-            state = training_state(model, ema, optimizer, lr_schedule, step, data, params, config.get("clip"))
-            save_checkpoint(out_dir / "checkpoints", {**state, "backbone": "discrete"})
+        stop = after_step(model, ema, optimizer, lr_schedule, data, params, config, step, stop, deadline,
+                          metrics, loss, lr, rank, world_size, device, extra={"backbone": "discrete"})
     return summary(out_dir) if rank == 0 else {}
 
 
