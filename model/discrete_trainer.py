@@ -19,8 +19,8 @@ from model.checkpoint import latest_checkpoint, load_checkpoint
 from model.data import PackDataset
 from model.discrete import DiscreteConfig, DiscreteDenoiser
 from model.discrete_diffusion import make_scheduler, q_sample, vq_diffusion_loss
-from model.trainer import (MetricsLog, TrainParams, after_step, optimisation, run_workers, seed_everything, summary,
-                           worker_context)
+from model.trainer import (MetricsLog, TrainParams, after_step, noisy_query, optimisation, run_workers, seed_everything,
+                           summary, worker_context)
 
 
 class TokenDataset(PackDataset):
@@ -86,6 +86,8 @@ def discrete_loop(config: dict) -> dict:
         x0, emb = next(batches)
         t, u_mask, u_code, drop, slots = step_randomness(params, rank, step, x0.shape,
                                                          model_config.num_train_timesteps, emb.shape[1])
+        if params.query_noise > 0:
+            emb = noisy_query(emb, params.query_noise, params, rank, step)
         lr = optimizer.param_groups[0]["lr"]
         x0, emb, t, drop = x0.to(device), emb.to(device), t.to(device), drop.to(device)
         x_t = q_sample(sched, x0, t, u_mask.to(device), u_code.to(device))

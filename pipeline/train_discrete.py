@@ -21,6 +21,12 @@ def discrete_config(preset: str, pack: dict, conf):
     if tokens is None:
         raise UsageError("train.backbone is discrete but the pack holds no VQ tokens: "
                          "set pack.tokens=true and rebuild the pack (`knnd run pack --force --set pack.tokens=true`)")
+    continuous_only = {"prediction_type": "epsilon", "beta_schedule": "squaredcos_cap_v2", "loss_weighting": "none",
+                       "attention_resolutions": None, "space_to_depth": 1}
+    changed = [key for key, default in continuous_only.items() if getattr(conf, key) != default]
+    if changed:
+        raise UsageError(f"train.{changed[0]} applies to the continuous backbone only: leave it at its default "
+                         f"({continuous_only[changed[0]]!r}) with train.backbone discrete")
     k = pack["k"]
     if conf.k is not None:
         if conf.k > k:

@@ -203,7 +203,7 @@ def token_pack(tmp_path):
 
 def tiny_params(**overrides):
     return TrainParams(**{**dict(steps=8, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=3, log_every=1,
-                                 seed=0, query_drop_prob=0.5), **overrides})
+                                 seed=0, query_drop_prob=0.5, query_noise=0.3), **overrides})
 
 
 def test_discrete_trainer_resumes_exactly_after_a_kill(token_pack, tmp_path):

@@ -135,3 +135,12 @@ def test_vq_settings_that_do_not_fit_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="pack.vq_channels 40 must be a multiple of 16"):
         check(cfg)
     check(load_config(None, [f"workdir={tmp_path}", "pack.vq_channels=40"]))  # no tokens: not checked
+
+
+def test_continuous_only_keys_are_refused_with_the_discrete_backbone(work):
+    from pipeline.runner import UsageError
+    from pipeline.train_discrete import discrete_config
+
+    cfg = load_config(work["config"], ["train.loss_weighting=min_snr"])
+    with pytest.raises(UsageError, match="train.loss_weighting applies to the continuous backbone only"):
+        discrete_config("tiny", work["pack"], cfg.train)
