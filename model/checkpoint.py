@@ -61,9 +61,14 @@ def checkpoint_clip(path) -> dict | None:
 
 
 def load_model(path, use_ema: bool = True, device="cpu") -> KnnDenoiser:
-    """Rebuild the denoiser from a checkpoint alone (its config is inside), in eval mode."""
+    """Rebuild the denoiser from a checkpoint alone (its config is inside), in eval mode: a
+    KnnDenoiser, or a DiscreteDenoiser for a checkpoint with "backbone": "discrete"."""
     checkpoint = load_checkpoint(path)
-    model = KnnDenoiser(ModelConfig.from_dict(checkpoint["model_config"]))
+    if checkpoint.get("backbone") == "discrete":
+        from model.discrete import DiscreteConfig, DiscreteDenoiser
+        model = DiscreteDenoiser(DiscreteConfig.from_dict(checkpoint["model_config"]))
+    else:
+        model = KnnDenoiser(ModelConfig.from_dict(checkpoint["model_config"]))
     model.load_state_dict(checkpoint["ema" if use_ema else "model"])
     return model.to(device).eval()
 

@@ -116,6 +116,7 @@ class PackDataset:
         shards = [shard for shard in map(read_pack_shard, shard_paths) if shard["keys"]]
         if not shards:
             raise ValueError("no pack samples in the given shards; run `knnd run pack` first")
+        self.keys = [key for s in shards for key in s["keys"]]
         self.manipulation = manipulation
         if manipulation:
             if not all("nbr_image" in s for s in shards):

@@ -63,7 +63,11 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     ConditionEncoder (e.g. --no-knn with a model trained with neighbours: pass emb[:, :1]).
     progress(done, total), if given, is called after each denoising step (`knnd serve` shows it).
     image_cond (uint8 [B, H, W, 3] or [H, W, 3]): a manipulation model's input image (knnd edit).
+    A discrete-backbone model samples through model.discrete_sampling (`scheduler` does not apply).
     """
+    if getattr(model, "backbone", "continuous") == "discrete":
+        from model.discrete_sampling import sample_discrete
+        return sample_discrete(model, emb, steps, guidance, generator, init_image, strength, neighbour_mask, progress)
     config = model.config
     device = next(model.parameters()).device
     sched = make_scheduler(config, scheduler)

@@ -64,17 +64,22 @@ def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir, 
     embeddings the pack holds) is recorded in every checkpoint."""
     config = {"params": dataclasses.asdict(params), "model": model_config.to_dict(), "clip": clip,
               "shard_paths": [str(p) for p in shard_paths], "out_dir": str(Path(out_dir).resolve())}
+    return run_workers(train_loop, config, params)
+
+
+def run_workers(loop, config: dict, params: TrainParams) -> dict:
+    """loop(config) in this process for one CPU worker, else on Ray Train workers (DDP)."""
     if params.num_workers == 1 and not params.use_gpu:
-        return train_loop(config)
+        return loop(config)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     trainer = TorchTrainer(
-        train_loop, train_loop_config={**config, "distributed": True},
+        loop, train_loop_config={**config, "distributed": True},
         scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu),
         # checkpoints are ours (out_dir must be on storage every worker sees, as Ray's is)
         run_config=RunConfig(name="ray", storage_path=config["out_dir"]))
     trainer.fit()
-    return summary(out_dir)
+    return summary(config["out_dir"])
 
 
 def train_loop(config: dict) -> dict:
@@ -101,16 +106,7 @@ def train_loop(config: dict) -> dict:
     elif params.init_from:  # e.g. a text-to-image model fine-tuned for local manipulation
         init_from_checkpoint(model, params.init_from)
     model.to(device)
-    ema = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = make_optimizer(model, params)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, params.warmup_steps, params.steps, params.lr_schedule))
-    if checkpoint:
-        load_training_state(checkpoint, ema, optimizer, lr_schedule)
-    net = model
-    if config.get("distributed"):
-        from ray.train.torch import prepare_model
-        net = prepare_model(model)  # DDP when world_size > 1; broadcasts rank 0's weights
+    ema, optimizer, lr_schedule, net = optimisation(model, params, checkpoint, config.get("distributed", False))
     noise_scheduler = make_scheduler(model_config, "ddpm")
 
     # the loop
@@ -131,15 +127,40 @@ def train_loop(config: dict) -> dict:
         loss = train_step(net, optimizer, lr_schedule, noise_scheduler, params, device,
                           image, emb, noise, t, drop, slots, image_cond)
         step += 1
-        ema_update(model, ema, min(params.ema_decay, (1 + step) / (10 + step)))
-        if out_of_time(deadline, config.get("distributed", False), device):
-            stop = step  # this step ends the run: logged and checkpointed like the last one
-        if metrics and (step % params.log_every == 0 or step == stop):
-            metrics.write(step, loss.item(), lr, samples_per_step=params.batch_size * world_size)
-        if rank == 0 and (step % params.checkpoint_every == 0 or step == stop):
-            save_checkpoint(out_dir / "checkpoints",
-                            training_state(model, ema, optimizer, lr_schedule, step, data, params, config.get("clip")))
+        stop = after_step(model, ema, optimizer, lr_schedule, data, params, config, step, stop, deadline,
+                          metrics, loss, lr, rank, world_size, device)
     return summary(out_dir) if rank == 0 else {}
+
+
+def optimisation(model, params: TrainParams, checkpoint: dict | None, distributed: bool):
+    """(ema, optimizer, lr_schedule, net): EMA weights, AdamW, the LR schedule (restored from the
+    checkpoint when resuming) and the network to call (DDP-wrapped under Ray Train)."""
+    ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = make_optimizer(model, params)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, params.warmup_steps, params.steps, params.lr_schedule))
+    if checkpoint:
+        load_training_state(checkpoint, ema, optimizer, lr_schedule)
+    net = model
+    if distributed:
+        from ray.train.torch import prepare_model
+        net = prepare_model(model)  # DDP when world_size > 1; broadcasts rank 0's weights
+    return ema, optimizer, lr_schedule, net
+
+
+def after_step(model, ema, optimizer, lr_schedule, data, params: TrainParams, config: dict, step: int, stop: int,
+               deadline, metrics, loss, lr: float, rank: int, world_size: int, device, extra: dict | None = None) -> int:
+    """The bookkeeping after optimizer step `step`: EMA, time budget, metrics line, checkpoint (with
+    `extra` keys). Returns the (possibly earlier) stop step."""
+    ema_update(model, ema, min(params.ema_decay, (1 + step) / (10 + step)))
+    if out_of_time(deadline, config.get("distributed", False), device):
+        stop = step  # this step ends the run: logged and checkpointed like the last one
+    if metrics and (step % params.log_every == 0 or step == stop):
+        metrics.write(step, loss.item(), lr, samples_per_step=params.batch_size * world_size)
+    if rank == 0 and (step % params.checkpoint_every == 0 or step == stop):
+        state = training_state(model, ema, optimizer, lr_schedule, step, data, params, config.get("clip"))
+        save_checkpoint(Path(config["out_dir"]) / "checkpoints", {**state, **(extra or {})})
+    return stop
 
 
 def out_of_time(deadline: float | None, distributed: bool, device) -> bool:

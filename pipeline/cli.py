@@ -60,8 +60,9 @@ def cmd_status(args) -> int:
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(Path(args.workdir), minutes=args.minutes, limit=args.limit, set_args=args.set or [],
-                    encoder_minutes=args.encoder_minutes, force=args.force)
+    workdir = args.workdir or ("work/demo" if args.backbone == "continuous" else f"work/demo-{args.backbone}")
+    return run_demo(Path(workdir), minutes=args.minutes, limit=args.limit, set_args=args.set or [],
+                    encoder_minutes=args.encoder_minutes, force=args.force, backbone=args.backbone)
 
 
 def cmd_search(args) -> int:
@@ -135,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="the whole pipeline on the offline OpenMoji demo data")
-    p.add_argument("--workdir", default="work/demo", help="where the demo writes (default: work/demo)")
+    p.add_argument("--workdir", default=None, help="where the demo writes (default: work/demo, "
+                   "work/demo-discrete with --backbone discrete)")
+    p.add_argument("--backbone", choices=["continuous", "discrete"], default="continuous",
+                   help="continuous: the U-Net over pixels; discrete: VQ tokens and the token transformer")
     p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
     p.add_argument("--limit", type=int, default=None, help="use only N stickers, spread over the set (quick runs)")
     p.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")

@@ -9,19 +9,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from pipeline.config_parse import ConfigError, build, parse_override, set_nested
 from pipeline.sizes import parse_bytes
 
-
-class ConfigError(ValueError):
-    """A bad key, type or value in the configuration (CLI exit code 2)."""
+__all__ = ["Config", "ConfigError", "load_config", "with_overrides", "check_config", "section", "output_fingerprint",
+           "fingerprint_hash", "to_dict", "opt"]
 
 
 def opt(default, help: str, *, choices=None, min=None, max=None, runtime: bool = False):
@@ -130,6 +127,16 @@ class PackConfig:
     boxes: int = opt(4, "boxes M per image (pack.manipulation): each training step uses one of them at random", min=1)
     box_min: float = opt(0.25, "smallest box side, as a fraction of the image side (pack.manipulation)", min=0.01, max=1.0)
     box_max: float = opt(0.5, "largest box side, as a fraction of the image side (pack.manipulation)", min=0.01, max=1.0)
+    tokens: bool = opt(False, "also train a VQ autoencoder on the pack images and store their token grids "
+                       "(pack/vq/), which train.backbone=discrete needs")
+    vq_downsample: int = opt(2, "VQ: image side / token grid side (16 px and 2: 8 x 8 tokens)", choices=[1, 2, 4, 8])
+    vq_codes: int = opt(256, "VQ: codebook size", min=2, max=32767)
+    vq_channels: int = opt(64, "VQ: channels of every encoder/decoder level (a multiple of 16)", min=16)
+    vq_embed_dim: int = opt(8, "VQ: codebook vector size", min=1)
+    vq_steps: int = opt(2000, "VQ: training steps", min=1)
+    vq_minutes: float | None = opt(None, "VQ: stop training after this many minutes (null: no limit)", min=0.0)
+    vq_batch_size: int = opt(64, "VQ: images per training step", min=1)
+    vq_lr: float = opt(1e-3, "VQ: learning rate (Adam)", min=0.0)
 
 
 @dataclass
@@ -139,6 +146,9 @@ class TrainConfig:
                                 "fine-tuned for train.mode=manipulate, as the paper does; null: random init)")
     mode: str = opt("generate", "generate (text-to-image) or manipulate (mask-free local manipulation, `knnd edit`; "
                     "needs pack.manipulation)", choices=["generate", "manipulate"])
+    backbone: str = opt("continuous", "continuous (U-Net over pixels) or discrete (transformer over the VQ tokens "
+                        "of pack.tokens, VQ-Diffusion loss)", choices=["continuous", "discrete"])
+    aux_weight: float = opt(1.0, "discrete backbone: xi, the weight of L_x0 beside L_vlb", min=0.0)
     steps: int = opt(2000, "optimizer steps", min=1)
     minutes: float | None = opt(None, "stop after this many minutes even before `steps` (null: no limit)", min=0.0)
     batch_size: int = opt(32, "samples per step, over all workers", min=1)
@@ -243,110 +253,11 @@ def with_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
 
 def _with_overrides(data: dict, overrides: list[str]) -> Config:
     for item in overrides:
-        key, value = _parse_override(item)
-        _set_nested(data, key.split("."), value, key)
-    cfg = _build(Config, data, "")
+        key, value = parse_override(item)
+        set_nested(data, key.split("."), value, key)
+    cfg = build(Config, data, "")
     check_config(cfg)
     return cfg
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. --set embed.batch_size=64")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _set_nested(data: dict, parts: list[str], value, full_key: str) -> None:
-    for part in parts[:-1]:
-        node = data.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {full_key}: {part} is not a section")
-        data = node
-    data[parts[-1]] = value
-
-
-def _build(cls, data: dict, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.')} must be a section (a mapping of keys), got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise ConfigError(_unknown_key_message(prefix + str(key), list(fields)))
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            continue
-        hint = typing.get_type_hints(cls)[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, data[name], f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(prefix + name, hint, data[name], f.metadata)
-    return cls(**kwargs)
-
-
-def _unknown_key_message(key: str, valid: list[str]) -> str:
-    import difflib
-
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, valid, n=1)
-    hint = f"did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else f"valid keys: {', '.join(valid)}"
-    return f"unknown config key {key}: {hint}"
-
-
-def _coerce(key: str, hint, value, meta) -> Any:
-    """Check `value` against the field's type hint and limits; return it (ints widened to float)."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ConfigError(f"{key} must not be null: give a {_type_name(allowed)}")
-    for t in allowed:
-        if t is type(None):
-            continue
-        ok, coerced = _matches(t, value)
-        if ok:
-            _check_limits(key, coerced, meta)
-            return coerced
-    raise ConfigError(f"{key} must be a {_type_name(allowed)}, got {value!r} ({type(value).__name__})")
-
-
-def _matches(t, value) -> tuple[bool, Any]:
-    if t is bool:
-        return isinstance(value, bool), value
-    if t is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if t is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if t is str:
-        return isinstance(value, str), value
-    if typing.get_origin(t) is list:
-        (item,) = typing.get_args(t)
-        if isinstance(value, str):  # --set sample.prompts="a cat" means a one-item list
-            value = [value]
-        ok = isinstance(value, list) and all(_matches(item, v)[0] for v in value)
-        return ok, value
-    raise TypeError(f"unsupported config type {t}")
-
-
-def _type_name(allowed) -> str:
-    names = {bool: "boolean (true/false)", int: "integer", float: "number", str: "string", list[int]: "list of integers"}
-    return " or ".join(names.get(t, "list of strings") for t in allowed if t is not type(None))
-
-
-def _check_limits(key: str, value, meta) -> None:
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if meta.get("min") is not None and value < meta["min"]:
-            raise ConfigError(f"{key} must be at least {meta['min']}, got {value!r}")
-        if meta.get("max") is not None and value > meta["max"]:
-            raise ConfigError(f"{key} must be at most {meta['max']}, got {value!r}")
 
 
 def check_config(cfg: Config) -> None:

@@ -22,6 +22,7 @@ from pipeline.runner import read_json, run_stage, stage_dir, stage_status
 ENCODER_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / "demo_clip.json"
 ENCODER_MINUTES = 4.0
 TRAIN_MINUTES = 6.0
+VQ_MINUTES = 2.0  # --backbone discrete: the VQ autoencoder's share of TRAIN_MINUTES
 PROMPTS = ["red heart", "smiling face", "green apple", "rocket"]
 MAIN_STAGES = ["dedup", "index", "neighbours", "pack", "train", "sample", "evaluate"]
 SWAP_STAGES = ["download", "embed", "dedup", "index"]
@@ -32,7 +33,8 @@ def in_swap_subset(record: dict) -> bool:
     return record["id"].split("-")[0][:3] in ("1F3", "1F4", "1F5")
 
 
-def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[str] = ()) -> Config:
+def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[str] = (),
+                backbone: str = "continuous") -> Config:
     """The demo's settings on top of the defaults, then the user's `--set` overrides (validated)."""
     cfg = Config(workdir=str(workdir))
     d = cfg.download
@@ -59,11 +61,23 @@ def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[st
     v = cfg.evaluate
     v.steps, v.guidance, v.images_per_prompt = 25, 3.0, 2
     v.compare_index = [str(workdir / "swap" / "index")]
+    if backbone == "discrete":
+        discrete_settings(cfg)
     return with_overrides(cfg, overrides)
 
 
+def discrete_settings(cfg: Config) -> None:
+    """--backbone discrete: the 16 px stickers as 8 x 8 tokens of 256 codes (a 2-level VQ of 32
+    channels, VQ_MINUTES of training), then the demo transformer (4 blocks of width 128, ~1.7 M
+    parameters) for the rest of TRAIN_MINUTES; N = 100 steps in training, 25 respaced ones in sampling."""
+    p = cfg.pack
+    p.tokens, p.vq_downsample, p.vq_codes, p.vq_channels, p.vq_embed_dim = True, 2, 256, 32, 8
+    p.vq_steps, p.vq_minutes, p.vq_batch_size, p.vq_lr = 100_000, VQ_MINUTES, 32, 1e-3
+    cfg.train.backbone, cfg.train.minutes = "discrete", TRAIN_MINUTES - VQ_MINUTES
+
+
 def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = None, set_args: list[str] = (),
-             encoder_minutes: float = ENCODER_MINUTES, force: bool = False) -> int:
+             encoder_minutes: float = ENCODER_MINUTES, force: bool = False, backbone: str = "continuous") -> int:
     start = time.time()
     workdir = workdir.resolve()
     print(f"demo: rendering OpenMoji stickers into {workdir / 'demo_source'}")
@@ -71,9 +85,9 @@ def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = No
     print(f"demo: {len(records)} stickers")
     url_list = workdir / "demo_source" / "urls.parquet"
     extra = list(set_args) + ([f"train.minutes={minutes}"] if minutes is not None else [])
-    cfg = demo_config(workdir, url_list, workdir / "encoder", extra)
+    cfg = demo_config(workdir, url_list, workdir / "encoder", extra, backbone)
     swap_list = workdir / "swap" / "demo_source" / "urls.parquet"
-    swap_cfg = demo_config(workdir / "swap", swap_list, workdir / "encoder", extra)
+    swap_cfg = demo_config(workdir / "swap", swap_list, workdir / "encoder", extra, backbone)
     swap_cfg.embed.model, swap_cfg.embed.pretrained = cfg.embed.model, cfg.embed.pretrained
     swap_cfg.dedup.holdout = 0.0  # the whole subset is the swapped database
     _write_config(cfg, workdir)
@@ -188,6 +202,11 @@ def report(cfg, workdir: Path, start: float, swapped: Path) -> None:
     print(f"\ndemo: done in {(time.time() - start) / 60:.1f} minutes")
     evaluation = read_json(stage_dir(cfg, "evaluate") / "manifest.json")
     print(f"  evaluation:          {evaluation['summary']}")
+    tokens = read_json(stage_dir(cfg, "pack") / "manifest.json").get("tokens")
+    if tokens:  # --backbone discrete
+        q = tokens["quality"]
+        print(f"  VQ tokens:           {tokens['grid'][0]} x {tokens['grid'][1]} of {tokens['codes']} codes, PSNR {q['psnr']:.2f} dB, "
+              f"perplexity {q['perplexity']:.1f}, {q['dead']} dead codes, FD(reconstructions, originals) {q['fd_clip']}")
     print(f"  report:              {stage_dir(cfg, 'evaluate') / 'report.html'}  (metrics.json beside it)")
     print(f"  samples:             {stage_dir(cfg, 'sample') / 'grid.png'}")
     print(f"  swapped database:    {swapped}")

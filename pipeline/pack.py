@@ -217,7 +217,11 @@ def run(stage: StageRun) -> dict:
                 raise
             stage.mark_done(shard, stats)  # after its tars were renamed into place
             progress.update(1, stats["samples"])
-    return manifest_body(stage.done_stats(), plans, conf, neighbours["k"], embed)
+    body = manifest_body(stage.done_stats(), plans, conf, neighbours["k"], embed)
+    if conf.tokens:  # the discrete backbone's VQ tokens (pipeline.tokens)
+        from pipeline.tokens import run_tokens
+        body["tokens"] = run_tokens(stage, body["shards"], embed)
+    return body
 
 
 def manifest_body(stats: dict[int, dict], plans: list[dict], conf, k: int, embed: dict) -> dict:

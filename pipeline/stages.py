@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import dedup, download, embed, evaluate, index, neighbours, pack, sample, train
+from pipeline import dedup, download, embed, evaluate, index, neighbours, pack, sample, tokens, train
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ TABLE: dict[str, Stage] = {
     "dedup": Stage(dedup.run, ("embed",), "images"),
     "index": Stage(index.run, ("embed", "dedup"), "vectors", index.check),
     "neighbours": Stage(neighbours.run, ("embed", "dedup", "index"), "images", neighbours.check),
-    "pack": Stage(pack.run, ("download", "embed", "neighbours"), "samples"),
+    "pack": Stage(pack.run, ("download", "embed", "neighbours"), "samples", tokens.check),
     "train": Stage(train.run, ("pack",), "steps", train.check, count_done=train.count_done_shards),
     "sample": Stage(sample.run, ("embed", "index", "train"), "images", sample.check),
     "evaluate": Stage(evaluate.run, ("embed", "dedup", "index", "pack", "train"), "images", evaluate.check,

@@ -82,9 +82,16 @@ def check(cfg) -> None:
     """Usage errors found before anything is written: preset vs pack, batch vs pack size, GPU."""
     conf = cfg.train
     pack = read_json(stage_dir(cfg, "pack") / "manifest.json", "Rebuild it with `knnd run pack --force`.")
-    config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
-    if conf.init_from:
-        check_init_from(Path(conf.init_from), config)
+    if conf.backbone == "discrete":
+        from pipeline.train_discrete import discrete_config
+        if conf.mode == "manipulate":
+            raise UsageError("train.mode=manipulate needs the continuous backbone: set train.backbone=continuous "
+                             "(local manipulation is a U-Net with extra input channels)")
+        discrete_config(conf.model, pack, conf)
+    else:
+        config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
+        if conf.init_from:
+            check_init_from(Path(conf.init_from), config)
     if conf.mode == "manipulate" and not pack.get("manipulation"):
         raise UsageError("train.mode is manipulate but the pack holds no aligned neighbour images and box embeddings: "
                          "re-run `knnd run pack --force --set pack.manipulation=true` first")
@@ -124,6 +131,9 @@ def run(stage: StageRun) -> dict:
     from model.trainer import train
     from pipeline.index_files import clip_identity
 
+    if stage.conf.backbone == "discrete":
+        from pipeline import train_discrete
+        return train_discrete.run(stage)
     conf, pack = stage.conf, stage.inputs["pack"]
     config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
     use_gpu = conf.use_gpu or work_device(stage.cfg, conf.num_workers) == "cuda"
