@@ -18,7 +18,7 @@ from model.discrete_trainer import train_discrete
 from model.trainer import TrainParams
 from model.vq import VQConfig, build_vq, codebook_usage, decode_tokens, encode_tokens, psnr
 from model.vq_train import VQParams, load_vq, quality, reconstruct, tokenize, train_vq
-from tests.test_trainer import make_samples
+from test_trainer import make_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
