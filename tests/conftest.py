@@ -217,3 +217,18 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records what model.diffusion.sample is called with, and calls it (test_sample, test_edit)."""
+    import model.diffusion
+
+    calls, real = [], model.diffusion.sample
+
+    def wrapper(denoiser, emb, **kwargs):
+        calls.append({"emb": emb.clone(), **kwargs})
+        return real(denoiser, emb, **kwargs)
+
+    monkeypatch.setattr(model.diffusion, "sample", wrapper)
+    return calls

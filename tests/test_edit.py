@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import model.diffusion
 from model.checkpoint import latest_checkpoint
 from model.clip import encode_images, encode_texts, load_clip_spec, preprocess_images
 from model.data import write_pack_shard
@@ -51,17 +50,6 @@ def knnd_edit(work, out, *args, checkpoint="manipulate") -> int:
     return main(["edit", str(work["image"]), "wearing a hat", "--checkpoint", work[checkpoint], "-k", "3",
                  "--steps", "2", "--seed", "3", "--images", "2", "--out", str(out), "-c", work["config"], *args])
 
-
-@pytest.fixture
-def spy(monkeypatch):
-    calls, real = [], model.diffusion.sample
-
-    def wrapper(denoiser, emb, **kwargs):
-        calls.append({"emb": emb.clone(), **kwargs})
-        return real(denoiser, emb, **kwargs)
-
-    monkeypatch.setattr(model.diffusion, "sample", wrapper)
-    return calls
 
 
 def test_same_seed_same_pngs_and_the_paper_condition(work, tmp_path, spy, capsys):

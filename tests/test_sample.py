@@ -77,18 +77,6 @@ def records(out) -> list[dict]:
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Records what model.diffusion.sample is called with, and calls it."""
-    calls, real = [], model.diffusion.sample
-
-    def wrapper(denoiser, emb, **kwargs):
-        calls.append({"emb": emb.clone(), **kwargs})
-        return real(denoiser, emb, **kwargs)
-
-    monkeypatch.setattr(model.diffusion, "sample", wrapper)
-    return calls
-
 
 def test_same_seed_gives_the_same_pngs_and_full_records(work, tmp_path, capsys):
     assert knnd_sample(work, tmp_path / "one") == 0
