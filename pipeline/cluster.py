@@ -8,6 +8,8 @@ evaluation) keeps `runner.resolve_device`.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from pipeline.files import UsageError
 from pipeline.runner import ensure_ray, resolve_device
 
@@ -53,3 +55,18 @@ def require_per_worker(cfg, workers: int, resource: str, setting: str) -> None:
     fix = f"lower train.num_workers to {have}" if have else ("set train.use_gpu=false" if resource == "GPU" else "")
     raise UsageError(f"{setting} needs {workers} {resource}s (one per worker), but {describe(cfg, resources)}: "
                      f"{fix + ' or ' if fix else ''}add nodes with {resource}s")
+
+
+def node_id() -> str:
+    """The id of the Ray node this code runs on (hex), or "" outside Ray. Stage tasks and actors return
+    it with their results so the stage's manifest can say where its work ran (`count_nodes`)."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    return ray.get_runtime_context().get_node_id()
+
+
+def count_nodes(ids) -> dict[str, int]:
+    """{node id: how many of a stage's work items ran there}: a manifest's `nodes` entry."""
+    return dict(sorted(Counter(i for i in ids if i).items()))
