@@ -221,7 +221,7 @@ def test_bootstrap_pair_ci_with_a_set_metric():
 
 
 def test_kid_from_cached_kernels_equals_kid_from_each_subset(monkeypatch):
-    """The kernels are computed once and indexed per subset; the same subsets computed from their
+    """The kernels are computed once and each subset summed through its indicator vector; the same subsets computed from their
     rows give the same figure."""
     import model.metrics as metrics
 
