@@ -111,7 +111,8 @@ def cmd_evaluate(args) -> int:
     from pipeline.evaluate import evaluate_command
 
     return evaluate_command(_config(args), args.checkpoint, args.index, args.out, k=args.k, no_knn=args.no_knn,
-                            neighbours_only=args.neighbours_only, allow_other_clip=args.allow_other_clip)
+                            neighbours_only=args.neighbours_only, allow_other_clip=args.allow_other_clip,
+                            where_filter=args.where)
 
 
 def cmd_serve(args) -> int:
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbours-only", action="store_true",
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")
     _add_allow_other_clip(p, "grade against an index")
+    p.add_argument("--where", help='neighbours only among images whose metadata satisfies this SQL filter (DuckDB)')
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -19,6 +19,7 @@ the loss curve), `grid.png` and one PNG per sample under `samples/`.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class EvalSetup:
     no_knn: bool = False
     neighbours_only: bool = False
     allow_other_clip: bool = False  # grade against an index of another CLIP (same dimension)
+    where: str | None = None  # neighbours only among images whose metadata satisfies this filter
     samples_from: Path | None = None  # an earlier evaluation's folder: grade its samples.npz, sample nothing
 
 
@@ -110,7 +112,8 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
 
     k = 0 if setup.no_knn else setup.k
     sampler.check_k(k)
-    emb, mask, rows, sims = sampler.conditions(prompts, k, neighbours_only=setup.neighbours_only and k > 0)
+    emb, mask, rows, sims = sampler.conditions(prompts, k, neighbours_only=setup.neighbours_only and k > 0,
+                                               where=setup.where if k > 0 else None)
     n = conf.images_per_prompt
     prompt_of = np.repeat(np.arange(len(prompts)), n)
     seeds = [noise_seed(conf.seed, p, j) for p in range(len(prompts)) for j in range(n)]
@@ -277,6 +280,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     result |= {"checkpoint": str(setup.checkpoint.resolve()), "step": checkpoint_step(setup.checkpoint),
                "index": str(setup.index_dir.resolve()), "k": 0 if setup.no_knn else setup.k, "no_knn": setup.no_knn,
                "neighbours_only": setup.neighbours_only and not setup.no_knn,
+               "where": None if setup.no_knn else setup.where,
                "steps": conf.steps, "guidance": conf.guidance, "seed": conf.seed,
                "images_per_prompt": conf.images_per_prompt, "encoder": encoder.name,
                "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
@@ -334,7 +338,8 @@ def run(stage: StageRun) -> dict:
 
 
 def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
-                     no_knn: bool = False, neighbours_only: bool = False, allow_other_clip: bool = False) -> int:
+                     no_knn: bool = False, neighbours_only: bool = False, allow_other_clip: bool = False,
+                     where_filter: str | None = None) -> int:
     """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts."""
     from pipeline.generation import resolve_checkpoint
 
@@ -349,10 +354,15 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     where = "-".join(index_dir.resolve().parts[-2:])  # e.g. demo-index, swap-index
     if no_knn and neighbours_only:
         raise UsageError("--no-knn and --neighbours-only exclude each other: the first drops the neighbours, the second the text")
+    if no_knn and where_filter:
+        raise UsageError("--no-knn and --where exclude each other: --where filters the neighbours, --no-knn has none")
     name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
+    if where_filter:  # one folder per filter: a short digest of its text
+        name += "-where-" + hashlib.blake2b(where_filter.encode(), digest_size=4).hexdigest()
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
     result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn,
-                                     neighbours_only=neighbours_only, allow_other_clip=allow_other_clip))
+                                     neighbours_only=neighbours_only, allow_other_clip=allow_other_clip,
+                                     where=where_filter))
     print_metrics(result)
     print(f"report: {folder / 'report.html'}")
     return 0

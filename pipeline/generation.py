@@ -140,18 +140,19 @@ class Sampler:
             slots.insert(1, reference)
         return np.concatenate(slots)[None], record
 
-    def conditions(self, prompts: list[str], k: int, neighbours_only: bool = False):
+    def conditions(self, prompts: list[str], k: int, neighbours_only: bool = False, where: str | None = None):
         """Many prompts at once, for evaluation: (emb float32 [P, 1 + k, d], slot mask bool [P, 1 + k]
         (False where the index returned fewer than k), retrieved rows int64 [P, k] (-1: none),
         similarities float32 [P, k]). k = 0 conditions on the text embeddings alone; neighbours_only
-        masks the text's slot, so the retrieved images alone condition the model (as RDM samples)."""
+        masks the text's slot, so the retrieved images alone condition the model (as RDM samples);
+        `where` keeps the neighbours to images whose metadata satisfies that filter."""
         from model.clip import encode_texts
 
         texts = encode_texts(self.clip, prompts)
         if k == 0:
             return texts[:, None, :], np.ones((len(prompts), 1), bool), np.zeros((len(prompts), 0), np.int64), \
                 np.zeros((len(prompts), 0), np.float32)
-        sims, rows = self.retriever.search(texts, k)
+        sims, rows = self.retriever.search(texts, k, where=where)
         found = rows >= 0
         any_row = self.retriever.index_rows()[0]  # a placeholder for missing neighbours (masked out)
         neighbours = self.retriever.embeddings[np.where(found, rows, any_row).ravel()].astype(np.float32)

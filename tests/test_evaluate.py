@@ -80,3 +80,13 @@ def test_evaluate_command_usage_errors(tmp_path, capsys):
     assert main(["evaluate", "--set", f"workdir={tmp_path}", "--checkpoint", str(tmp_path / "ck.pt"),
                  "--index", str(tmp_path / "nowhere")]) == 2
     assert "is not an index folder" in capsys.readouterr().err
+
+
+def test_evaluate_no_knn_with_where_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "ck.pt").write_bytes(b"")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index_infos.json").write_text("{}")
+    assert main(["evaluate", "--set", f"workdir={tmp_path}", "--set", "evaluate.compare_index=[]",
+                 "--checkpoint", str(tmp_path / "ck.pt"), "--index", str(tmp_path / "index"),
+                 "--no-knn", "--where", "score > 0.5"]) == 2
+    assert "--no-knn and --where exclude each other" in capsys.readouterr().err

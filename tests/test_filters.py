@@ -174,3 +174,24 @@ def test_extra_url_list_columns_reach_the_index_and_filter_search(image_server, 
     bad = ["--set", "download.extra_columns=[aesthetic, nsfw]"]
     assert main(["run", "download", *args, *bad, "--set", f"workdir={tmp_path / 'w2'}"]) == 2
     assert "column 'nsfw' is not in" in capsys.readouterr().err and not (tmp_path / "w2").exists()
+
+
+def test_evaluate_conditions_keep_only_neighbours_that_satisfy_where(work):
+    """`knnd evaluate --where` conditions every prompt on k neighbours that all satisfy the filter:
+    the same rows as `search --where` (Sampler.conditions is what evaluate samples from)."""
+    from types import SimpleNamespace
+
+    from pipeline.generation import Sampler, load_index_clip
+    from pipeline.retrieval import Retriever
+
+    root, _ = work
+    retriever = Retriever(root / "index", queries="text")
+    sampler = SimpleNamespace(retriever=retriever, clip=load_index_clip(retriever.infos, root / "index", "cpu"))
+    prompts = ["a red heart", "a green apple", "item 7"]
+    emb, mask, rows, sims = Sampler.conditions(sampler, prompts, 4, where="score >= 0.5")
+    meta = pq.read_table(root / "index" / "metadata.parquet").to_pandas().set_index("row")
+    assert mask.all() and rows.shape == (3, 4)
+    assert all(SCORE[int(meta.loc[r, "key"][1:])] >= 0.5 for r in rows.ravel())
+    _, _, plain, _ = Sampler.conditions(sampler, prompts, 4)
+    assert not np.array_equal(plain, rows)  # the filter changed the neighbours
+    assert np.allclose(emb[:, 1:], retriever.embeddings[rows].astype(np.float32))
