@@ -10,6 +10,7 @@ so a checkpoint alone decodes its samples.
 """
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from diffusers import Transformer2DModel
@@ -23,6 +24,7 @@ from model.vq import VQConfig, build_vq
 @dataclass
 class DiscreteConfig:
     """Everything needed to rebuild the discrete denoiser (saved in every checkpoint)."""
+    manipulation: ClassVar[bool] = False  # no local-manipulation mode on this backbone (not a saved field)
     vq: dict = dataclasses.field(default_factory=lambda: VQConfig().to_dict())  # the tokenizer
     layers: int = 4                # transformer blocks
     heads: int = 4

@@ -80,7 +80,7 @@ class Sampler:
         except ValueError as e:  # names the file: damaged, foreign or not weights-only
             raise StageError(str(e)) from None
         self.config = self.model.config
-        check_model_kind(self.checkpoint, getattr(self.config, "manipulation", False), manipulation)
+        check_model_kind(self.checkpoint, self.config.manipulation, manipulation)
         self.retriever = Retriever(self.index_dir, queries="text")
         if self.retriever.dim != self.config.clip_dim:
             raise UsageError(dimension_mismatch(self.checkpoint, self.config.clip_dim, self.index_dir, self.retriever.dim))
