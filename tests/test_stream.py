@@ -203,3 +203,12 @@ def test_pipeline_chooses_the_input_and_refuses_what_cannot_stream():
     with pytest.raises(UsageError, match="lower train.batch_size or set train.input=memory"):
         check_input(TrainConfig(input="stream", batch_size=2000), small)
     check_input(TrainConfig(input="stream", num_workers=2), small)
+
+
+def test_the_discrete_trainer_refuses_to_stream(tmp_path):
+    from model.discrete import DiscreteConfig
+    from model.discrete_trainer import train_discrete
+
+    with pytest.raises(ValueError, match="the discrete backbone reads its pack in memory only: set train.input=memory"):
+        train_discrete(tiny_params(input="stream"), DiscreteConfig.tiny(), [], tmp_path / "tokens.npz",
+                       tmp_path / "vq.pt", tmp_path / "train")
