@@ -69,10 +69,11 @@ def shuffled(samples, buffer_size: int, rng: np.random.Generator):
         yield buffer[slot]
 
 
-def decode(path, key: str, parts: dict, names) -> dict:
-    """{member: array} of one raw sample; a missing member or a bad array names the shard."""
-    if set(parts) != {f"{name}.npy" for name in names}:
-        raise ValueError(f"corrupt pack shard {path}: sample {key!r} lacks one of {names} or has others; "
+def decode(path, key: str, parts: dict, members, names) -> dict:
+    """{name: array} of one raw sample for the wanted names; a sample whose members are not the pack's
+    (`members`) or a bad array names the shard."""
+    if set(parts) != {f"{member}.npy" for member in members}:
+        raise ValueError(f"corrupt pack shard {path}: sample {key!r} lacks one of {members} or has others; "
                          f"delete it and rebuild it with `knnd run pack --force`")
     try:
         return {name: np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False) for name in names}
@@ -114,15 +115,15 @@ class StreamDataset:
         if self.manipulation and not has_manipulation:
             raise ValueError("the pack holds no aligned neighbour images and box embeddings (needed by "
                              "train.mode=manipulate): re-run `knnd run pack --set pack.manipulation=true`")
-        names = MEMBERS + (MANIPULATION_MEMBERS if has_manipulation else ())
-        first = decode(path, key, parts, names)
+        self.members = MEMBERS + (MANIPULATION_MEMBERS if has_manipulation else ())
+        first = decode(path, key, parts, self.members, self.members)
         packed_k = first["nbr"].shape[0]
         self.k = packed_k if k is None else k
         if not 0 <= self.k <= packed_k:
             raise ValueError(f"k={k} neighbours asked of a pack that holds {packed_k}; "
                              f"re-run `knnd run neighbours pack` with neighbours.k >= {k}")
         self._shapes = {"resolution": first["image"].shape[0], "k": self.k, "clip_dim": first["emb"].shape[0]}
-        return MEMBERS + (MANIPULATION_MEMBERS if self.manipulation else ())
+        return MEMBERS + (MANIPULATION_MEMBERS if self.manipulation else ())  # a plain model skips the others
 
     @property
     def position(self) -> tuple:
@@ -167,7 +168,7 @@ class StreamDataset:
                 for _ in itertools.islice(stream, self.index):  # resume: read past what was consumed
                     pass
                 while self.index + self.batch_size <= length:
-                    samples = [decode(path, key, parts, self.names)
+                    samples = [decode(path, key, parts, self.members, self.names)
                                for key, parts, path in itertools.islice(stream, self.batch_size)]
                     if len(samples) < self.batch_size:  # a tar cut at a member boundary reads as a shorter one
                         raise ValueError(f"the pack shards {[str(self.paths[i]) for i in self.shards_of(self.epoch)]} "

@@ -160,6 +160,8 @@ def test_stream_reads_manipulation_members_like_the_memory_path(tmp_path):
     got = next(iter(stream))
     want = memory.batch(np.array(order))
     assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, want))
+    plain_model = next(iter(StreamDataset(paths, 8, shuffle_buffer=1)))  # a text-to-image model on the same pack
+    assert len(plain_model) == 2 and all(torch.equal(a, b) for a, b in zip(plain_model, want[:2]))
     plain, _ = write_pack(tmp_path / "plain", [4])
     with pytest.raises(ValueError, match=r"no aligned neighbour images .* pack.manipulation=true"):
         StreamDataset(plain, 2, manipulation=True)
