@@ -110,7 +110,14 @@ class StreamDataset:
     def _member_names(self, k: int | None) -> tuple:
         """The members to decode, checked on the first sample: shapes, manipulation members, k."""
         path = self.paths[next(i for i, n in enumerate(self.sizes) if n)]
-        key, parts = next(iter_tar_samples(path))
+        samples = iter_tar_samples(path)
+        try:
+            key, parts = next(samples)
+        except (tarfile.TarError, OSError, EOFError, StopIteration) as error:
+            raise ValueError(f"corrupt pack shard {path}: {error!r}; delete it and rebuild it with "
+                             f"`knnd run pack --force`") from error
+        finally:
+            samples.close()  # the tar is closed now, not when the generator is collected
         has_manipulation = "nbr_image.npy" in parts
         if self.manipulation and not has_manipulation:
             raise ValueError("the pack holds no aligned neighbour images and box embeddings (needed by "
@@ -140,7 +147,7 @@ class StreamDataset:
         return smallest - smallest % self.batch_size
 
     def read(self, shards):
-        """(key, {member: bytes}) of the given shards, in order; one tar open at a time."""
+        """(key, {member: bytes}, shard path) of the given shards' samples, in order; one tar open at a time."""
         for i in shards:
             try:
                 for key, parts in iter_tar_samples(self.paths[i]):
