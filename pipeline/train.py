@@ -75,13 +75,30 @@ def pack_bytes(pack: dict) -> int:
     return pack["items"] * per_sample
 
 
-def resolve_input(conf, pack: dict) -> str:
-    """train.input as the trainer takes it: memory or stream (auto: stream past AUTO_STREAM_BYTES, when it can)."""
+def resolve_input(conf, pack: dict, out: Path | None = None) -> str:
+    """train.input as the trainer takes it: memory or stream (auto: stream past AUTO_STREAM_BYTES, when it can;
+    resuming, what the latest checkpoint in out/checkpoints read, so a run begun before auto streamed goes on)."""
     if conf.input != "auto":
         return conf.input
+    resumed = checkpoint_input(out) if out is not None else None
+    if resumed is not None:
+        return resumed
     if conf.backbone == "discrete" or sum(1 for s in pack["shards"] if s["samples"]) < conf.num_workers:
         return "memory"
     return "stream" if pack_bytes(pack) > AUTO_STREAM_BYTES else "memory"
+
+
+def checkpoint_input(out: Path) -> str | None:
+    """The input ("memory" or "stream") of the latest checkpoint under out (read lazily); None without one."""
+    import torch
+
+    from model.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(Path(out) / "checkpoints")
+    if latest is None:
+        return None
+    state = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+    return state.get("data_input", {"input": "memory"})["input"]
 
 
 def check_input(conf, pack: dict) -> None:
@@ -177,7 +194,7 @@ def run(stage: StageRun) -> dict:
     conf, pack = stage.conf, stage.inputs["pack"]
     config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
     use_gpu = conf.use_gpu or work_device(stage.cfg, conf.num_workers) == "cuda"
-    params = train_params(conf, use_gpu, resolve_input(conf, pack))
+    params = train_params(conf, use_gpu, resolve_input(conf, pack, stage.dir))
     # absolute: Ray Train moves every worker into a folder of its own
     shards = [s for s in pack["shards"] if s["samples"]]
     paths = [(stage.input_dirs["pack"] / s["tar"]).resolve() for s in shards]

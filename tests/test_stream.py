@@ -207,6 +207,18 @@ def test_pipeline_chooses_the_input_and_refuses_what_cannot_stream():
     check_input(TrainConfig(input="stream", num_workers=2), small)
 
 
+def test_auto_input_resumes_with_the_checkpoints_input(tmp_path):
+    """A run begun in memory goes on in memory under auto, even once its pack would stream."""
+    per_sample = 16 * 16 * 3 + 4 * 32 * 2
+    paths, _ = write_pack(tmp_path / "pack", [4, 4])
+    large = {**pack_manifest(AUTO_STREAM_BYTES // per_sample + 1, 2), "image_size": 16, "k": 3, "d": 32}
+    run = tmp_path / "train"
+    assert resolve_input(TrainConfig(), large, run) == "stream"  # no checkpoint yet
+    train(tiny_params(steps=2, batch_size=2), ModelConfig.tiny(), paths, run)
+    assert resolve_input(TrainConfig(), large, run) == "memory"
+    assert resolve_input(TrainConfig(input="stream"), large, run) == "stream"  # set explicitly: the trainer refuses
+
+
 def test_the_discrete_trainer_refuses_to_stream(tmp_path):
     from model.discrete import DiscreteConfig
     from model.discrete_trainer import train_discrete
