@@ -11,8 +11,8 @@ and, in a pack for local manipulation (model.manipulation), three more:
 
 PackDataset holds every shard in memory as one [N, k+1, d] float16 condition array and one
 [N, H, W, 3] uint8 image array (the demo: ~15 MB; 1 M samples at 64 px with d = 512: ~23 GB), so a
-batch is one fancy-index gather: no JPEG decoding, no CLIP, no FAISS. Streaming shards is the
-step to take when a pack outgrows RAM.
+batch is one fancy-index gather: no JPEG decoding, no CLIP, no FAISS. A pack that outgrows RAM is
+read by model.stream.StreamDataset instead (`train.input: stream`), with the same batches.
 """
 import io
 import tarfile
@@ -164,10 +164,17 @@ class PackDataset:
             self.epoch, self.index = self.epoch + 1, 0
 
     def batch(self, rows: np.ndarray):
-        image = torch.from_numpy(self.images[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        emb = torch.from_numpy(self.cond[rows].astype(np.float32))
-        if not self.manipulation:
-            return image, emb
-        nbr_image, boxes, box_emb = (array[rows] for array in self.extra)
-        return (image, emb, torch.from_numpy(nbr_image).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
-                torch.from_numpy(boxes.astype(np.int64)), torch.from_numpy(box_emb.astype(np.float32)))
+        extra = [array[rows] for array in self.extra] if self.manipulation else None
+        return make_batch(self.images[rows], self.cond[rows], extra)
+
+
+def make_batch(images: np.ndarray, cond: np.ndarray, extra: list | None = None):
+    """Training tensors of stacked samples: (image [B,3,H,W] in [-1,1], emb [B,k+1,d] float32), and with
+    extra = [nbr_image, boxes, box_emb] (manipulation) those three after them, as tensors."""
+    image = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    emb = torch.from_numpy(cond.astype(np.float32))
+    if extra is None:
+        return image, emb
+    nbr_image, boxes, box_emb = extra
+    return (image, emb, torch.from_numpy(nbr_image).permute(0, 3, 1, 2).float() / 127.5 - 1.0,
+            torch.from_numpy(boxes.astype(np.int64)), torch.from_numpy(box_emb.astype(np.float32)))

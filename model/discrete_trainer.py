@@ -61,6 +61,8 @@ def discrete_loop(config: dict) -> dict:
     """The per-worker loop (model.trainer.train_loop's shape)."""
     params, model_config = TrainParams(**config["params"]), DiscreteConfig.from_dict(config["model"])
     out_dir, distributed = Path(config["out_dir"]), config.get("distributed", False)
+    if params.input != "memory":  # the tokens file is one array of all samples: no streaming yet
+        raise ValueError("the discrete backbone reads its pack in memory only: set train.input=memory (or auto)")
     rank, world_size, device = worker_context(distributed, params.use_gpu)
     seed_everything(params.seed)
     checkpoint = resume(out_dir / "checkpoints", model_config)

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from model.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                               set_rng_state)
-from model.data import PackDataset
 from model.denoiser import KnnDenoiser, ModelConfig
 from model.diffusion import make_scheduler, training_example
 from model.manipulation import init_from_checkpoint, manipulation_batch
+from model.stream import check_resumed_input, input_identity, open_input
 from pipeline.files import write_text
 
 
@@ -56,14 +56,19 @@ class TrainParams:
     stop_at_step: int | None = None  # stop early (with a checkpoint), as if interrupted
     max_seconds: float | None = None  # wall-clock budget of this run: then checkpoint and stop
     init_from: str | None = None    # a fresh run starts from this checkpoint's EMA weights (fine-tuning)
+    input: str = "memory"           # "memory": every worker loads the pack (model.data); "stream": model.stream
+    shuffle_buffer: int = 5000      # samples in the stream input's shuffle buffer
 
 
-def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir, clip: dict | None = None) -> dict:
+def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir, clip: dict | None = None,
+          shard_sizes=None) -> dict:
     """Train on pack shards into out_dir/checkpoints/ and out_dir/metrics.jsonl; returns a
     summary {step, loss, lr, samples_per_s, checkpoint}. `clip` (the identity of the CLIP whose
-    embeddings the pack holds) is recorded in every checkpoint."""
+    embeddings the pack holds) is recorded in every checkpoint; shard_sizes (samples per shard, from
+    the pack manifest) spare the stream input counting them."""
     config = {"params": dataclasses.asdict(params), "model": model_config.to_dict(), "clip": clip,
-              "shard_paths": [str(p) for p in shard_paths], "out_dir": str(Path(out_dir).resolve())}
+              "shard_paths": [str(p) for p in shard_paths], "out_dir": str(Path(out_dir).resolve()),
+              "shard_sizes": None if shard_sizes is None else [int(n) for n in shard_sizes]}
     return run_workers(train_loop, config, params)
 
 
@@ -90,13 +95,12 @@ def train_loop(config: dict) -> dict:
     rank, world_size, device = worker_context(config.get("distributed", False), params.use_gpu)
     seed_everything(params.seed)
 
-    checkpoint = resume_checkpoint(out_dir / "checkpoints", model_config)  # None: fresh start
+    checkpoint = resume_checkpoint(out_dir / "checkpoints", model_config, params)  # None: fresh start
     step = checkpoint["step"] if checkpoint else 0
 
-    # data: in memory, this rank's slice, from the checkpoint's position
+    # data: in memory or streamed (train.input), this rank's share, from the checkpoint's position
     position = tuple(checkpoint["data_position"]) if checkpoint else (0, 0)
-    data = PackDataset(config["shard_paths"], params.batch_size, params.seed, rank, world_size,
-                       position, k=model_config.k, manipulation=model_config.manipulation)
+    data = open_input(params, config, rank, world_size, position, model_config.k, model_config.manipulation)
     check_data(data.shapes, model_config)
 
     # model, EMA, optimizer, LR schedule
@@ -177,12 +181,14 @@ def out_of_time(deadline: float | None, distributed: bool, device) -> bool:
     return spent
 
 
-def resume_checkpoint(directory: Path, model_config: ModelConfig) -> dict | None:
-    """The latest checkpoint in directory, checked against model_config; None if there is none."""
+def resume_checkpoint(directory: Path, model_config: ModelConfig, params: TrainParams) -> dict | None:
+    """The latest checkpoint in directory, checked against model_config and the data input; None if
+    there is none."""
     path = latest_checkpoint(directory)
     if path is None:
         return None
     checkpoint = load_checkpoint(path)
+    check_resumed_input(path, checkpoint, params)
     # A checkpoint written before a model key existed lacks it: compare with the key at its default.
     if ModelConfig.from_dict(checkpoint["model_config"]) != model_config:
         raise ValueError(f"{path} was trained with another model config; "
@@ -290,7 +296,8 @@ def training_state(model, ema, optimizer, lr_schedule, step, data, params, clip:
     return {"model_config": model.config.to_dict(), "train_params": dataclasses.asdict(params), "clip": clip,
             "model": model.state_dict(), "ema": ema_state_dict(model, ema),
             "optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict(),
-            "step": step, "data_position": list(data.position), "rng": rng_state()}
+            "step": step, "data_position": list(data.position), "data_input": input_identity(params),
+            "rng": rng_state()}
 
 
 def load_training_state(checkpoint: dict, ema: dict, optimizer, lr_schedule):

@@ -174,6 +174,11 @@ class TrainConfig:
                             choices=["self_attention", "cross_attention", "concat"])
     grad_clip: float = opt(1.0, "gradient norm clip", min=0.0)
     ema_decay: float = opt(0.999, "EMA decay of the weights used for sampling", min=0.0, max=1.0)
+    input: str = opt("auto", "how workers read the pack: memory (each loads all of it), stream (each reads its own shards "
+                     "through a shuffle buffer: memory flat in pack size) or auto (stream when the pack's arrays pass "
+                     "1 GiB, memory for the discrete backbone; a resumed run keeps its checkpoint's)",
+                     choices=["auto", "memory", "stream"])
+    shuffle_buffer: int = opt(5000, "samples held in the stream input's shuffle buffer (per worker)", min=1)
     checkpoint_every: int = opt(500, "save a checkpoint every N steps (and at the end)", min=1, runtime=True)
     num_workers: int = opt(1, "Ray Train workers (DDP)", min=1, runtime=True)
     use_gpu: bool = opt(False, "train on GPUs (one per worker)", runtime=True)

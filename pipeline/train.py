@@ -20,6 +20,7 @@ from pipeline.cluster import require_per_worker, work_device
 from pipeline.runner import StageError, StageRun, UsageError, ensure_ray, hms, read_json, stage_dir
 
 PRESETS = ("tiny", "demo", "paper")
+AUTO_STREAM_BYTES = 1 << 30  # train.input auto: a pack whose arrays pass this streams (model.stream)
 
 
 # --------------------------------------------------------------------------- configs
@@ -65,8 +66,62 @@ def model_config(preset: str, resolution: int, clip_dim: int, k: int, conf=None)
     return build(resolution=resolution, attention_resolutions=attend, clip_dim=clip_dim, k=k, **extra)
 
 
-def train_params(conf, use_gpu: bool):
-    """TrainParams from the `train:` section; batch_size there counts all workers, here one."""
+def pack_bytes(pack: dict) -> int:
+    """What PackDataset would hold per worker: images, conditions (and the manipulation members)."""
+    side, k, d = pack["image_size"], pack["k"], pack["d"]
+    per_sample = side * side * 3 + (k + 1) * d * 2
+    if pack.get("manipulation"):
+        per_sample += side * side * 3 + 2 * d * 2  # the aligned neighbour image; boxes and their embeddings (~2)
+    return pack["items"] * per_sample
+
+
+def resolve_input(conf, pack: dict, out: Path | None = None) -> str:
+    """train.input as the trainer takes it: memory or stream (auto: stream past AUTO_STREAM_BYTES, when it can;
+    resuming, what the latest checkpoint in out/checkpoints read, so a run begun before auto streamed goes on)."""
+    if conf.input != "auto":
+        return conf.input
+    resumed = checkpoint_input(out) if out is not None else None
+    if resumed is not None:
+        return resumed
+    if conf.backbone == "discrete" or sum(1 for s in pack["shards"] if s["samples"]) < conf.num_workers:
+        return "memory"
+    return "stream" if pack_bytes(pack) > AUTO_STREAM_BYTES else "memory"
+
+
+def checkpoint_input(out: Path) -> str | None:
+    """The input ("memory" or "stream") of the latest checkpoint under out (read lazily); None without one."""
+    import torch
+
+    from model.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(Path(out) / "checkpoints")
+    if latest is None:
+        return None
+    state = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+    return state.get("data_input", {"input": "memory"})["input"]
+
+
+def check_input(conf, pack: dict) -> None:
+    """train.input=stream needs a backbone that streams and a pack with enough shards for the workers."""
+    if resolve_input(conf, pack) != "stream":
+        return
+    if conf.backbone == "discrete":
+        raise UsageError("train.input=stream is not available for the discrete backbone (its VQ tokens are one array "
+                         "of the whole pack): set train.input=memory or auto")
+    sizes = sorted(s["samples"] for s in pack["shards"] if s["samples"])
+    workers = conf.num_workers
+    if len(sizes) < workers:
+        raise UsageError(f"train.input=stream deals pack shards to workers, but the pack has {len(sizes)} non-empty "
+                         f"shards for train.num_workers={workers}: set train.input=memory or re-run the pack with a "
+                         f"smaller pack.shard_size")
+    if sum(sizes[:len(sizes) // workers]) < conf.batch_size // workers:
+        raise UsageError(f"train.input=stream: a worker may be dealt fewer samples in an epoch than its share of "
+                         f"train.batch_size {conf.batch_size}: lower train.batch_size or set train.input=memory")
+
+
+def train_params(conf, use_gpu: bool, data_input: str = "memory"):
+    """TrainParams from the `train:` section; batch_size there counts all workers, here one. data_input:
+    train.input resolved (resolve_input)."""
     from model.trainer import TrainParams
 
     return TrainParams(steps=conf.steps, batch_size=conf.batch_size // conf.num_workers, lr=conf.lr,
@@ -75,7 +130,8 @@ def train_params(conf, use_gpu: bool):
                        query_noise=conf.query_noise,
                        loss_weighting=conf.loss_weighting, grad_clip=conf.grad_clip, ema_decay=conf.ema_decay,
                        checkpoint_every=conf.checkpoint_every, seed=conf.seed, num_workers=conf.num_workers,
-                       use_gpu=use_gpu, init_from=str(Path(conf.init_from).resolve()) if conf.init_from else None)
+                       use_gpu=use_gpu, init_from=str(Path(conf.init_from).resolve()) if conf.init_from else None,
+                       input=data_input, shuffle_buffer=conf.shuffle_buffer)
 
 
 def check(cfg) -> None:
@@ -95,6 +151,7 @@ def check(cfg) -> None:
     if conf.mode == "manipulate" and not pack.get("manipulation"):
         raise UsageError("train.mode is manipulate but the pack holds no aligned neighbour images and box embeddings: "
                          "re-run `knnd run pack --force --set pack.manipulation=true` first")
+    check_input(conf, pack)
     if pack["items"] < conf.batch_size:
         raise UsageError(f"the pack holds {pack['items']} samples, fewer than train.batch_size {conf.batch_size}: "
                          f"lower train.batch_size or pack more images")
@@ -137,21 +194,22 @@ def run(stage: StageRun) -> dict:
     conf, pack = stage.conf, stage.inputs["pack"]
     config = model_config(conf.model, pack["image_size"], pack["d"], pack["k"], conf)
     use_gpu = conf.use_gpu or work_device(stage.cfg, conf.num_workers) == "cuda"
-    params = train_params(conf, use_gpu)
+    params = train_params(conf, use_gpu, resolve_input(conf, pack, stage.dir))
     # absolute: Ray Train moves every worker into a folder of its own
-    paths = [(stage.input_dirs["pack"] / s["tar"]).resolve() for s in pack["shards"] if s["samples"]]
+    shards = [s for s in pack["shards"] if s["samples"]]
+    paths = [(stage.input_dirs["pack"] / s["tar"]).resolve() for s in shards]
     stage.plan(conf.steps)  # `knnd status` counts steps of the latest checkpoint (count_done_shards)
     if use_gpu or conf.num_workers > 1:
         ensure_ray(stage.cfg)  # Ray Train joins ray.address instead of starting a Ray of its own
     print(f"train: {conf.model} {'manipulation ' if config.manipulation else ''}model at {config.resolution} px, "
           f"k={config.k}, d={config.clip_dim}, "
-          f"{conf.steps} steps of {conf.batch_size} on {'GPU' if use_gpu else 'CPU'}"
+          f"{conf.steps} steps of {conf.batch_size} on {'GPU' if use_gpu else 'CPU'}, pack read by {params.input}"
           + (f", at most {conf.minutes:g} min" if conf.minutes is not None else ""), file=sys.stderr)
     try:
         budget = None if conf.minutes is None else conf.minutes * 60
         with MetricsTail(stage.dir / "metrics.jsonl", conf.steps, budget_seconds=budget):
             result = train(dataclasses.replace(params, max_seconds=budget), config, paths, stage.dir,
-                           clip=clip_identity(pack.get("clip")))
+                           clip=clip_identity(pack.get("clip")), shard_sizes=[s["samples"] for s in shards])
     except ValueError as e:  # the trainer's own messages: corrupt pack shard, foreign checkpoint
         raise StageError(str(e)) from None
     return manifest_body(stage.dir, result, config, conf, pack)

@@ -1,4 +1,5 @@
-"""tools/: make_synthetic_embeddings writes an embed output the pipeline reads; bench.py --help runs."""
+"""tools/: make_synthetic_embeddings writes an embed output the pipeline reads; bench.py --help runs;
+bench_stream's synthetic pack is one the trainer reads."""
 from __future__ import annotations
 
 import importlib.util
@@ -52,3 +53,18 @@ def test_synthetic_rows_do_not_depend_on_how_they_are_sliced():
 def test_bench_help_runs():
     out = subprocess.run([sys.executable, str(TOOLS / "bench.py"), "--help"], check=True, capture_output=True, text=True)
     assert "--quick" in out.stdout and "--only" in out.stdout
+
+
+def test_bench_stream_writes_a_synthetic_pack_the_trainer_reads(tmp_path, monkeypatch):
+    from model.data import read_pack_shard
+    from model.stream import StreamDataset
+    bench_stream = load_tool("bench_stream")
+    monkeypatch.setattr(bench_stream, "SHARD", 10)
+    assert bench_stream.write_pack(tmp_path / "pack", 25) == [10, 10, 5]
+    paths = sorted((tmp_path / "pack").glob("*.tar"))
+    shard = read_pack_shard(paths[2])
+    assert shard["keys"] == [f"{i:09d}" for i in range(20, 25)]
+    assert shard["image"].shape == (5, 32, 32, 3) and shard["nbr"].shape == (5, 10, 64)
+    data = StreamDataset(paths, 4, shuffle_buffer=3, shard_sizes=[10, 10, 5])
+    assert data.shapes == {"resolution": 32, "k": 10, "clip_dim": 64}
+    assert bench_stream.write_pack(tmp_path / "pack", 25) == [10, 10, 5]  # sizes.json: written once

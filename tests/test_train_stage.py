@@ -63,9 +63,11 @@ def test_tiny_model_trains_and_rerun_is_up_to_date(tmp_path):
     assert logs == ["train: up to date, nothing to do"]
 
 
-def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("data_input", ["auto", "stream"])
+def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, data_input):
     write_pack(tmp_path / "straight")
-    run_stage("train", train_config(tmp_path / "straight"))
+    extra = [f"train.input={data_input}", "train.shuffle_buffer=3"]
+    run_stage("train", train_config(tmp_path / "straight", *extra))
 
     write_pack(tmp_path / "killed")
     real_step, calls = model.trainer.train_step, []
@@ -78,20 +80,22 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path, monkeyp
 
     monkeypatch.setattr(model.trainer, "train_step", dies_in_step_5)
     with pytest.raises(KeyboardInterrupt):
-        run_stage("train", train_config(tmp_path / "killed"))
+        run_stage("train", train_config(tmp_path / "killed", *extra))
     monkeypatch.setattr(model.trainer, "train_step", real_step)
     killed = tmp_path / "killed" / "train"
     assert latest_checkpoint(killed / "checkpoints").name == "step_0000004.pt"
     assert not (killed / "manifest.json").exists()
 
     logs = []
-    manifest = run_stage("train", train_config(tmp_path / "killed"), log=logs.append)
+    manifest = run_stage("train", train_config(tmp_path / "killed", *extra), log=logs.append)
     assert logs == ["train: resuming"] and manifest["step"] == 6
     a, b = (torch.load(latest_checkpoint(d / "checkpoints"), weights_only=True)
             for d in (tmp_path / "straight" / "train", killed))
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][name], b[part][name]) for name in a[part])
     assert a["data_position"] == b["data_position"]
+    # auto: an 8-sample pack is read in memory; stream: the manifest's shard sizes, the buffer in the checkpoint
+    assert a["data_input"] == ({"input": "memory"} if data_input == "auto" else {"input": "stream", "shuffle_buffer": 3})
 
 
 def test_minutes_budget_stops_early_with_a_checkpoint(tmp_path):
@@ -149,8 +153,8 @@ def test_shard_paths_handed_to_the_trainer_are_absolute_with_a_relative_workdir(
 
     seen = {}
 
-    def capture(params, config, shard_paths, out_dir, clip=None):
-        seen["paths"] = [Path(p) for p in shard_paths]  # out_dir: model.trainer.train resolves it itself
+    def capture(params, config, shard_paths, out_dir, clip=None, shard_sizes=None):
+        seen["paths"], seen["sizes"] = [Path(p) for p in shard_paths], shard_sizes  # out_dir: model.trainer.train resolves it itself
         raise Captured
 
     monkeypatch.chdir(tmp_path)
@@ -158,6 +162,6 @@ def test_shard_paths_handed_to_the_trainer_are_absolute_with_a_relative_workdir(
     monkeypatch.setattr(model.trainer, "train", capture)
     with pytest.raises(Captured):
         run_stage("train", train_config("work/x"))
-    assert [p.name for p in seen["paths"]] == ["00000.tar", "00001.tar"]
+    assert [p.name for p in seen["paths"]] == ["00000.tar", "00001.tar"] and seen["sizes"] == [4, 4]
     assert all(p.is_absolute() and p.is_file() for p in seen["paths"]), seen["paths"]
     assert seen["paths"][0].parent == (tmp_path / "work" / "x" / "pack").resolve()

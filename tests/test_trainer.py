@@ -201,12 +201,16 @@ def test_a_model_with_fewer_neighbours_takes_the_nearest_k(pack, tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("KNND_RAY_TESTS"),
                     reason="starts a local Ray (~45 s on 2 cores); set KNND_RAY_TESTS=1")
-def test_ray_train_two_cpu_workers_with_ddp(pack, tmp_path):
+@pytest.mark.parametrize("data_input", ["memory", "stream"])
+def test_ray_train_two_cpu_workers_with_ddp(pack, tmp_path, data_input):
     paths, _ = pack
-    result = train(tiny_params(steps=4, batch_size=2, num_workers=2), ModelConfig.tiny(), paths,
+    result = train(tiny_params(steps=4, batch_size=2, num_workers=2, input=data_input), ModelConfig.tiny(), paths,
                    tmp_path / "train")
     assert result["step"] == 4
     assert [m["step"] for m in read_metrics(tmp_path / "train")] == [1, 2, 3, 4]
     state = torch.load(result["checkpoint"], weights_only=True)
     assert state["step"] == 4
-    assert state["data_position"] == [1, 4]  # 8 samples / 2 ranks / batch 2: 2 batches an epoch
+    if data_input == "memory":
+        assert state["data_position"] == [1, 4]  # 8 samples / 2 ranks / batch 2: 2 batches an epoch
+    else:  # one shard a rank (5 and 3 samples): every rank takes 2 samples, 1 batch an epoch
+        assert state["data_position"] == [3, 2]
