@@ -70,11 +70,11 @@ def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir, 
 
 def run_workers(loop, config: dict, params: TrainParams) -> dict:
     """loop(config) in this process for one CPU worker, else on Ray Train workers (DDP)."""
+    shutil.rmtree(Path(config["out_dir"]) / WORKERS, ignore_errors=True)  # an earlier run's (a resume's may differ)
     if params.num_workers == 1 and not params.use_gpu:
         return loop(config)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    shutil.rmtree(Path(config["out_dir"]) / WORKERS, ignore_errors=True)  # an earlier run's, maybe more ranks
     trainer = TorchTrainer(
         recording_node(loop), train_loop_config={**config, "distributed": True},
         scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu),

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.cluster import count_nodes, node_id
+from pipeline.files import write_text
 from pipeline.runner import StageError, StageRun, UsageError, ensure_ray
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
@@ -138,9 +139,8 @@ def run(stage: StageRun) -> dict:
 
 def _img2dataset(conf, fmt: str, out: Path) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import signal
-
     import importlib
+    import signal
 
     from img2dataset import download
     main = importlib.import_module("img2dataset.main")  # the module (the package's `main` is a function)
@@ -190,7 +190,6 @@ def ray_distributor(nodes_dir: Path):
     def distribute(processes_count, downloader, reader, subjob_size, max_shard_retry):
         import ray
 
-        nodes_dir.mkdir(parents=True, exist_ok=True)
         task, shared = ray.remote(download_shard), ray.put(downloader)
         ray.get([task.remote(shared, row, str(nodes_dir.resolve())) for row in reader])
     return distribute
@@ -199,7 +198,7 @@ def ray_distributor(nodes_dir: Path):
 def download_shard(downloader, row, nodes_dir: str):
     """One Ray task: the node first (a shard with `_stats.json` then always has one), then the shard."""
     shard_id = row[0]
-    (Path(nodes_dir) / f"{shard_id:05d}.txt").write_text(node_id())
+    write_text(Path(nodes_dir) / f"{shard_id:05d}.txt", node_id())
     return downloader(row)
 
 
