@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,17 +75,39 @@ def train(params: TrainParams, model_config: ModelConfig, shard_paths, out_dir, 
 
 def run_workers(loop, config: dict, params: TrainParams) -> dict:
     """loop(config) in this process for one CPU worker, else on Ray Train workers (DDP)."""
+    shutil.rmtree(Path(config["out_dir"]) / WORKERS, ignore_errors=True)  # an earlier run's (a resume's may differ)
     if params.num_workers == 1 and not params.use_gpu:
         return loop(config)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     trainer = TorchTrainer(
-        loop, train_loop_config={**config, "distributed": True},
+        recording_node(loop), train_loop_config={**config, "distributed": True},
         scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu),
         # checkpoints are ours (out_dir must be on storage every worker sees, as Ray's is)
         run_config=RunConfig(name="ray", storage_path=config["out_dir"]))
     trainer.fit()
     return summary(config["out_dir"])
+
+
+WORKERS = "_run/workers"  # rank_{r:03d}.txt: the Ray node of each Ray Train worker of the latest run
+
+
+def recording_node(loop):
+    """`loop` as Ray Train's per-worker function, which first writes its worker's node (`worker_nodes`)."""
+    def per_worker(config: dict):
+        import ray.train
+
+        from pipeline.cluster import node_id
+        rank = ray.train.get_context().get_world_rank()
+        write_text(Path(config["out_dir"]) / WORKERS / f"rank_{rank:03d}.txt", node_id())
+        return loop(config)
+    return per_worker
+
+
+def worker_nodes(out_dir) -> list[str]:
+    """The Ray node of each Ray Train worker of the latest run, by rank ([] for a run in this process)."""
+    folder = Path(out_dir) / WORKERS
+    return [p.read_text().strip() for p in sorted(folder.glob("rank_*.txt"))] if folder.exists() else []
 
 
 def train_loop(config: dict) -> dict:

@@ -4,7 +4,9 @@ img2dataset does the work (HTTP, resizing, encoding, shard writing, per-shard `_
 this module picks its arguments from `DownloadConfig`, runs it on Ray, follows its progress,
 and sums its per-shard stats into the stage manifest. img2dataset's incremental mode is the
 resume mechanism: a shard is done when its `_stats.json` exists, and an interrupted shard is
-downloaded again from scratch.
+downloaded again from scratch. Each shard is one Ray task (img2dataset's own Ray distributor, wrapped
+so that the task first writes `_run/nodes/{shard:05d}.txt`: the node it runs on, for the manifest's
+`nodes`; a top-level file would count as a finished shard to img2dataset).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+from pipeline.cluster import count_nodes, node_id
+from pipeline.files import write_text
 from pipeline.runner import StageError, StageRun, UsageError, ensure_ray
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
@@ -125,7 +129,7 @@ def run(stage: StageRun) -> dict:
     watcher = threading.Thread(target=_watch, args=(stage.dir, progress, stop), daemon=True)
     watcher.start()
     try:
-        _img2dataset(conf, fmt, stage.dir)
+        _img2dataset(conf, fmt, stage.dir)  # on Ray, one task per shard (ray_distributor below)
     finally:
         stop.set()
         watcher.join()
@@ -135,11 +139,15 @@ def run(stage: StageRun) -> dict:
 
 def _img2dataset(conf, fmt: str, out: Path) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import importlib
     import signal
 
     from img2dataset import download
+    main = importlib.import_module("img2dataset.main")  # the module (the package's `main` is a function)
 
     previous = signal.getsignal(signal.SIGINT)
+    original = main.ray_distributor  # the one download() picks for distributor="ray"
+    main.ray_distributor = ray_distributor(out / NODES)
     try:
         download(
             url_list=str(Path(conf.url_list).resolve()),
@@ -169,7 +177,29 @@ def _img2dataset(conf, fmt: str, out: Path) -> None:
     except SystemExit:  # img2dataset's SIGINT handler exits with status 0: make it an interruption
         raise KeyboardInterrupt from None
     finally:
+        main.ray_distributor = original
         signal.signal(signal.SIGINT, previous)
+
+
+NODES = "_run/nodes"  # {shard:05d}.txt: the Ray node that downloaded the shard (its latest attempt)
+
+
+def ray_distributor(nodes_dir: Path):
+    """img2dataset's Ray distributor (one task per shard, waited for together), whose tasks also
+    record their node in `nodes_dir` before downloading: `summarise` counts them into `nodes`."""
+    def distribute(processes_count, downloader, reader, subjob_size, max_shard_retry):
+        import ray
+
+        task, shared = ray.remote(download_shard), ray.put(downloader)
+        ray.get([task.remote(shared, row, str(nodes_dir.resolve())) for row in reader])
+    return distribute
+
+
+def download_shard(downloader, row, nodes_dir: str):
+    """One Ray task: the node first (a shard with `_stats.json` then always has one), then the shard."""
+    shard_id = row[0]
+    write_text(Path(nodes_dir) / f"{shard_id:05d}.txt", node_id())
+    return downloader(row)
 
 
 def _watch(out: Path, progress, stop: threading.Event) -> None:
@@ -191,7 +221,7 @@ def summarise(out: Path, n_shards: int) -> dict:
     """Sum img2dataset's per-shard stats; every planned shard must have finished."""
     shards, failures, messages = [], Counter(), Counter()
     totals = Counter()
-    missing = []
+    missing, nodes = [], []
     for shard in range(n_shards):
         stats_path = out / f"{shard:05d}_stats.json"
         if not stats_path.exists():
@@ -206,6 +236,8 @@ def summarise(out: Path, n_shards: int) -> dict:
                       failed_download=stats["failed_to_download"], failed_resize=stats["failed_to_resize"])
         shards.append({"shard": shard, "tar": f"{shard:05d}.tar", "parquet": f"{shard:05d}.parquet",
                        "count": stats["count"], "successes": stats["successes"]})
+        node_file = out / NODES / f"{shard:05d}.txt"
+        nodes.append(node_file.read_text().strip() if node_file.exists() else "")
     if missing:
         raise StageError(f"download: {len(missing)} of {n_shards} shards did not finish (first: {missing[0]:05d}); "
                          f"re-run `knnd run download` to retry them")
@@ -216,5 +248,6 @@ def summarise(out: Path, n_shards: int) -> dict:
         "failures": dict(sorted(failures.items())),
         "failure_messages": dict(messages.most_common(50)),
         "shards": shards,
+        "nodes": count_nodes(nodes),  # {Ray node id: shards it downloaded}
         "format": "webdataset",
     }

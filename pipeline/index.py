@@ -170,7 +170,8 @@ def run(stage: StageRun) -> dict:
     if not parallel:
         stage.mark_done(0, {"n": n})
     return {"items": n, "counts": {"vectors": n}, "index": "image.index", "infos": "index_infos.json", "rows": "rows.npy",
-            "factory": factory, "recall": recall}
+            "factory": factory, "recall": recall,
+            "nodes": parts["nodes"] if parts else {}}  # {Ray node: embed shards it added}; {}: built in this process
 
 
 def _rows_and_factory(stage: StageRun, emb: Embeddings) -> tuple[np.ndarray, str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cluster import count_nodes, node_id
 from pipeline.embeddings import Embeddings
 from pipeline.faiss_build import save_index
 from pipeline.faiss_ondisk import ivfdata_path, merge_partials, write_partial
@@ -29,13 +30,11 @@ def add_shard(trained_path: str, vectors_path: str, row_offset: int, rows: np.nd
               batch_size: int) -> dict:
     """One Ray task: the kept `rows` (global embed rows) of one embed shard's float16 file, added to a
     copy of the trained index and written to `out_path`. Returns {vectors, node}."""
-    import ray
-
     vectors = np.load(vectors_path, mmap_mode="r")
     batches = ((rows[i:i + batch_size], vectors[rows[i:i + batch_size] - row_offset])
                for i in range(0, len(rows), batch_size))
     added = write_partial(trained_path, batches, out_path)
-    return {"vectors": int(added), "node": ray.get_runtime_context().get_node_id()}
+    return {"vectors": int(added), "node": node_id()}
 
 
 def build_parallel(stage: StageRun, emb: Embeddings, kept_rows: np.ndarray, train: Callable) -> tuple[object, dict]:
@@ -72,7 +71,7 @@ def build_parallel(stage: StageRun, emb: Embeddings, kept_rows: np.ndarray, trai
     print(f"index: merging {len(shards)} partial indexes into {ivfdata_path(stage.dir / 'image.index').name}")
     index = merge_partials(trained_path, [_part(parts, s) for s in sorted(shards)], stage.dir / "image.index")
     return index, {"shards": len(shards), "reused": len(reused), "added": len(todo),
-                   "nodes": sorted({d.get("node") for d in stage.done_stats().values() if d.get("node")})}
+                   "nodes": count_nodes(d.get("node") for d in stage.done_stats().values())}  # {node: shards}
 
 
 def remove_parts(stage_dir: Path, keep_ivfdata: bool) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cluster import count_nodes, node_id
 from pipeline.runner import StageError, StageRun, ensure_ray
 from pipeline.shards import corrupt_message, image_bytes, iter_tar_samples, load_image
 
@@ -56,7 +57,7 @@ def pack_tar_name(pack_shard: int) -> str:
 
 def pack_shard(plan: dict, dirs: dict, download_tars: dict[int, str], image_size: int,
                manipulation: dict | None = None) -> dict:
-    """Write the pack tars of one embed shard; return its stats {samples, failed, tars, manipulation}.
+    """Write the pack tars of one embed shard; return its stats {samples, failed, tars, manipulation, node}.
 
     dirs: {"embed", "neighbours", "out"} folders; download_tars: download shard id -> tar path;
     manipulation: None, or {boxes, box_min, box_max, clip} (pack.manipulation, the embed CLIP's spec).
@@ -82,7 +83,7 @@ def pack_shard(plan: dict, dirs: dict, download_tars: dict[int, str], image_size
                     **extras.get(keys[i], {})}
                    for i in range(start, stop) if keys[i] in images and (manipulation is None or keys[i] in extras))
         counts.append(write_pack_shard(Path(dirs["out"]) / pack_tar_name(pack_id), samples))
-    return {"samples": sum(counts), "failed": dict(failed), "manipulation": dict(manipulated),
+    return {"samples": sum(counts), "failed": dict(failed), "manipulation": dict(manipulated), "node": node_id(),
             "tars": [{"shard": pack_id, "tar": pack_tar_name(pack_id), "samples": count}
                      for (pack_id, _, _), count in zip(plan["parts"], counts)]}
 
@@ -247,6 +248,7 @@ def manifest_body(stats: dict[int, dict], plans: list[dict], conf, k: int, embed
         "counts": {"samples": total, "failed": sum(failed.values()), "shards": len(shards)},
         "failures": dict(sorted(failed.items())),
         "shards": shards,
+        "nodes": count_nodes(stats[plan["shard"]].get("node") for plan in plans),  # {Ray node: embed shards it packed}
         "image_size": image_size, "k": k, "d": d,
         "dtypes": dtypes,
         "shapes": shapes,

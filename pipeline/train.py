@@ -219,6 +219,8 @@ def manifest_body(out_dir: Path, result: dict, config, conf, pack: dict) -> dict
     import statistics
 
     from model.checkpoint import latest_checkpoint
+    from model.trainer import worker_nodes
+    from pipeline.cluster import count_nodes
 
     checkpoint = latest_checkpoint(out_dir / "checkpoints")
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -235,6 +237,7 @@ def manifest_body(out_dir: Path, result: dict, config, conf, pack: dict) -> dict
         "checkpoints": "checkpoints/step_{step:07d}.pt",
         "metrics": "metrics.jsonl",
         "parameters": count_parameters(checkpoint) if checkpoint else None,
+        "nodes": count_nodes(worker_nodes(out_dir)),  # {Ray node: Ray Train workers}; {}: trained in this process
         "model_preset": conf.model,
         "model_config": config.to_dict(),
         "clip": pack.get("clip"),  # the CLIP the model was trained on: sampling needs its text tower

@@ -47,6 +47,7 @@ def test_good_images_kept_bad_ones_counted_by_reason(image_server, tmp_path, ray
 
     assert manifest["counts"] == {"urls": 19, "images": 12, "failed": 7, "shards": 4}
     assert manifest["failures"] == dict(Counter(BAD_KINDS.values()))
+    assert list(manifest["nodes"].values()) == [4]  # {the local Ray node: every shard}
     contents = shard_contents(tmp_path / "w" / "download")
     from PIL import Image
     import numpy as np

@@ -75,7 +75,10 @@ def test_merged_on_disk_index_equals_single_process_build(database, single_and_p
     single_dir, parallel_dir = single_and_parallel
     infos = json.loads((parallel_dir / "index_infos.json").read_text())
     assert infos["parallel_build"]["shards"] == N // SHARD and infos["parallel_build"]["added"] == N // SHARD
-    assert infos["parallel_build"]["nodes"] and infos["ivfdata"] == "image.ivfdata"
+    assert list(infos["parallel_build"]["nodes"].values()) == [N // SHARD]  # {the local Ray node: every shard}
+    assert json.loads((parallel_dir / "manifest.json").read_text())["nodes"] == infos["parallel_build"]["nodes"]
+    assert json.loads((single_dir / "manifest.json").read_text())["nodes"] == {}  # built in this process
+    assert infos["ivfdata"] == "image.ivfdata"
     assert (parallel_dir / "image.ivfdata").exists() and not (parallel_dir / "parts").exists()
     assert not (single_dir / "image.ivfdata").exists()
     single, parallel = Retriever(single_dir), Retriever(parallel_dir)

@@ -110,6 +110,7 @@ def test_every_packed_tensor_equals_its_source(tmp_path, upstream, ray_local):
     assert (manifest["image_size"], manifest["k"], manifest["d"]) == (SIZE, K, D)
     assert manifest["shapes"] == {"image": [SIZE, SIZE, 3], "emb": [D], "nbr": [K, D]}
     assert manifest["dtypes"] == {"image": "uint8", "emb": "float16", "nbr": "float16"}
+    assert list(manifest["nodes"].values()) == [2]  # {the local Ray node: both embed shards}
 
     keys, vectors, nbrs = upstream["keys"], upstream["vectors"], neighbour_rows(tmp_path)
     packed = [read_pack_shard(tmp_path / "pack" / s["tar"]) for s in manifest["shards"]]

@@ -49,6 +49,7 @@ def test_tiny_model_trains_and_rerun_is_up_to_date(tmp_path):
     manifest = run_stage("train", cfg)
     train = tmp_path / "train"
     assert manifest["step"] == 6 and manifest["stopped_by"] == "steps" and np.isfinite(manifest["loss"])
+    assert manifest["nodes"] == {}  # one CPU worker: trained in this process, not on Ray
     assert manifest["checkpoint"] == "checkpoints/step_0000006.pt" and manifest["samples_per_s"] > 0
     assert manifest["model_config"] == model_config("tiny", RESOLUTION, D, K).to_dict()
     assert sorted(p.name for p in (train / "checkpoints").iterdir()) == [
