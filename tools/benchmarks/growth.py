@@ -108,7 +108,8 @@ def section_growth(b: Bench) -> None:
                 factory = (f"{stage_manifest['partitions']} partitions, largest task peak RSS "
                            f"{stage_manifest['task_peak_rss_mb']:,.0f} MB")
             b.add(Row("growth", f"{name} N={n:,}", "s", r["seconds"],
-                      note=f"peak RSS {r['peak_rss'] / 1e6:,.0f} MB (+{stage_mb:,.0f} MB during the stage)"
+                      note=f"peak RSS {r['peak_rss'] / 1e6:,.0f} MB (+{stage_mb:,.0f} MB during the stage; "
+                           f"the knnd process alone {r['self_maxrss'] / 1e6:,.0f} MB)"
                            + (f"; {factory}" if factory else ""),
                       includes="run_stage in a fresh process (Ray start excluded); RSS summed over the process "
                                "and its descendants (Ray workers), sampled every 0.25 s",
