@@ -90,6 +90,8 @@ def query_pairs(index, members: np.ndarray, member_bits: np.ndarray, rows: np.nd
 
 def unique_pairs(a, b, sims, reasons):
     """Pairs as (min, max), sorted by (a, b, reason), one per (a, b, reason): the first found."""
+    if not len(a):
+        return a, b, sims, reasons
     a, b = np.minimum(a, b), np.maximum(a, b)
     order = np.lexsort((reasons, b, a))
     a, b, sims, reasons = a[order], b[order], sims[order], reasons[order]

@@ -140,3 +140,10 @@ def test_killed_run_resumes_per_partition_with_identical_output(boundary_work, t
     for name in ["keep.parquet", "centroids.npy"] + [f"pairs/pairs_{p:05d}.npy" for p in range(6)]:
         assert (out / name).read_bytes() == (tmp_path / "whole" / "dedup" / name).read_bytes(), name
     assert not (out / "parts").exists()  # assignments are deleted once keep.parquet is written
+
+
+def test_no_duplicates_removes_nothing(tmp_path):
+    x = unit(np.random.default_rng(0).standard_normal((60, 32))).astype(np.float32)  # cosines ~0 +- 0.2
+    write_embed_output(tmp_path, x, shard_size=25)
+    m = run_stage("dedup", settings(tmp_path))
+    assert m["counts"]["removed"] == 0 and m["duplicate_pairs"] == 0 and found_pairs(tmp_path) == set()
