@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cluster import node_id
-from pipeline.dedup_partitions import PartitionLists, peak_rss, save_array
+from pipeline.dedup_partitions import EmbedLayout, PartitionLists, peak_rss, read_embedding_rows, save_array
 from pipeline.duplicates import near_duplicates
-from pipeline.embeddings import Embeddings
 
 PAIR = np.dtype([("a", np.int64), ("b", np.int64), ("similarity", np.float32), ("reason", np.int8)])
 EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8))
@@ -35,18 +34,18 @@ def partition_pairs(embed_dir: str, manifest: dict, parts_dir: str, pairs_dir: s
     {cosine, manhattan}. Returns {members, queries, pairs, node, peak_rss}."""
     import faiss
 
-    emb = Embeddings(embed_dir, manifest)
+    emb = EmbedLayout(embed_dir, manifest)
     lists = PartitionLists(parts_dir, emb)
     members, guests = lists.entries(part)
     queries = np.concatenate([members, guests])
     found = [EMPTY]
     if len(members) and (len(members) > 1 or len(guests)):
         index = faiss.IndexFlatIP(emb.dim)
-        index.add(emb[members].astype(np.float32))
+        index.add(read_embedding_rows(emb, members).astype(np.float32))
         member_bits = lists.phash(members)
         for start in range(0, len(queries), batch_size):
             rows = queries[start:start + batch_size]
-            found.append(query_pairs(index, members, member_bits, rows, emb[rows].astype(np.float32),
+            found.append(query_pairs(index, members, member_bits, rows, read_embedding_rows(emb, rows).astype(np.float32),
                                      lists.phash(rows), thresholds, candidates))
     a, b, sims, reasons = (np.concatenate(column) for column in zip(*found))
     a, b, sims, reasons = unique_pairs(a, b, sims, reasons)

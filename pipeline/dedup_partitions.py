@@ -13,7 +13,8 @@ partitions of its `nprobe` nearest other centroids: a duplicate just across a bo
 
 The entries file is renamed into place last: it marks the shard assigned (a resume skips it). The
 per-partition member lists are the concatenation, over shards, of each file's slice for that
-partition (`partition_entries`); a task maps those slices, so it holds only its partition.
+partition (`PartitionLists.entries`). A task reads those slices, its rows' vectors and pHashes with
+plain file reads (`read_npy_rows`), not memory maps: it holds only its partition, whatever n.
 """
 from __future__ import annotations
 
@@ -103,10 +104,71 @@ def assign_shard(parts_dir: str, centroids_path: str, vectors_path: str, metadat
     return {"rows": len(rows), "node": node_id()}
 
 
+def npy_layout(path) -> tuple[int, tuple, np.dtype]:
+    """(byte offset of the data, shape, dtype) of a C-order .npy file, from its header."""
+    from numpy.lib import format as npy
+
+    with open(path, "rb") as f:
+        version = npy.read_magic(f)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran:
+            raise ValueError(f"{path} is Fortran-ordered")
+        return f.tell(), shape, dtype
+
+
+def read_npy_rows(path, rows: np.ndarray) -> np.ndarray:
+    """Rows (first-axis indices, any order, repeats allowed) of a .npy file by reading those bytes
+    (one pread per run of consecutive rows): unlike a memory map, which the kernel reads ahead
+    around every touched row and counts in the process's RSS, this holds only the rows asked for."""
+    import os
+
+    offset, shape, dtype = npy_layout(path)
+    rows = np.asarray(rows, np.int64)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    out = np.empty((len(rows), *shape[1:]), dtype)
+    if not len(rows) or not row_bytes:
+        return out
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    breaks = np.nonzero(np.diff(ordered) != 1)[0] + 1
+    with open(path, "rb", buffering=0) as f:
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(ordered)]):
+            data = os.pread(f.fileno(), int(hi - lo) * row_bytes, offset + int(ordered[lo]) * row_bytes)
+            out[order[lo:hi]] = np.frombuffer(data, dtype).reshape(int(hi - lo), *shape[1:])
+    return out
+
+
+class EmbedLayout:
+    """Where the embed shards are (dir, shards, offsets, dim) from the manifest, opening no file:
+    what a task needs to read rows with `read_embedding_rows` (an `Embeddings` works as well)."""
+
+    def __init__(self, embed_dir, manifest: dict):
+        self.dir, self.shards, self.dim = Path(embed_dir), manifest["shards"], int(manifest["dim"])
+        self.offsets = np.array([s["row_offset"] for s in self.shards] + [manifest["rows"]], dtype=np.int64)
+
+
+def read_embedding_rows(emb: Embeddings | EmbedLayout, rows: np.ndarray) -> np.ndarray:
+    """emb[rows] (float16), read from the shard files instead of their memory maps (read_npy_rows)."""
+    return gather(emb, rows, lambda s, local: read_npy_rows(emb.dir / emb.shards[s]["img_emb"], local),
+                  (emb.dim,), np.float16)
+
+
+def gather(emb: Embeddings | EmbedLayout, rows: np.ndarray, read, tail: tuple, dtype) -> np.ndarray:
+    """Rows of a per-shard array: read(shard, local rows) for each embed shard the rows fall in."""
+    rows = np.asarray(rows, np.int64)
+    out = np.zeros((len(rows), *tail), dtype)
+    shard_of = np.searchsorted(emb.offsets, rows, side="right") - 1
+    for s in np.unique(shard_of):
+        sel = np.nonzero(shard_of == s)[0]
+        out[sel] = read(int(s), rows[sel] - emb.offsets[s])
+    return out
+
+
 class PartitionLists:
     """Read-side of the assignment: a partition's members and guests, and pHashes by row."""
 
-    def __init__(self, parts_dir, emb: Embeddings):
+    def __init__(self, parts_dir, emb: Embeddings | EmbedLayout):
         self.dir, self.emb = Path(parts_dir), emb
         self.shards = range(len(emb.shards))
 
@@ -114,24 +176,17 @@ class PartitionLists:
         """(members, guests) of partition `part`: sorted int64 rows."""
         chunks = []
         for s in self.shards:
-            offsets = np.load(shard_file(self.dir, "offsets", s), mmap_mode="r")
-            lo, hi = int(offsets[part]), int(offsets[part + 1])
+            lo, hi = read_npy_rows(shard_file(self.dir, "offsets", s), np.array([part, part + 1]))
             if hi > lo:
-                chunks.append(np.array(np.load(shard_file(self.dir, "entries", s), mmap_mode="r")[lo:hi]))
+                chunks.append(read_npy_rows(shard_file(self.dir, "entries", s), np.arange(lo, hi)))
         entries = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
         return entries[entries >= 0], ~entries[entries < 0]
 
     def phash(self, rows: np.ndarray) -> np.ndarray:
         """Packed pHashes (uint8 [len(rows), bytes]) of any rows."""
-        shard_of = np.searchsorted(self.emb.offsets, rows, side="right") - 1
-        out = None
-        for s in np.unique(shard_of):
-            bits = np.load(shard_file(self.dir, "phash", s), mmap_mode="r")
-            if out is None:
-                out = np.zeros((len(rows), bits.shape[1]), np.uint8)
-            sel = np.nonzero(shard_of == s)[0]
-            out[sel] = bits[rows[sel] - self.emb.offsets[s]]
-        return out if out is not None else np.zeros((0, 8), np.uint8)
+        width = npy_layout(shard_file(self.dir, "phash", 0))[1][1] if len(self.shards) else 0
+        return gather(self.emb, rows, lambda s, local: read_npy_rows(shard_file(self.dir, "phash", s), local),
+                      (width,), np.uint8)
 
 
 def peak_rss() -> int:

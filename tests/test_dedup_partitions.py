@@ -147,3 +147,15 @@ def test_no_duplicates_removes_nothing(tmp_path):
     write_embed_output(tmp_path, x, shard_size=25)
     m = run_stage("dedup", settings(tmp_path))
     assert m["counts"]["removed"] == 0 and m["duplicate_pairs"] == 0 and found_pairs(tmp_path) == set()
+
+
+def test_read_npy_rows_equals_indexing(tmp_path):
+    from pipeline.dedup_partitions import read_npy_rows, save_array
+
+    rng = np.random.default_rng(1)
+    for name, array in {"f16": rng.standard_normal((50, 7)).astype(np.float16), "i64": rng.integers(0, 99, 40),
+                        "u8": rng.integers(0, 255, (30, 8), dtype=np.uint8)}.items():
+        save_array(tmp_path / f"{name}.npy", array)
+        rows = np.r_[rng.integers(0, len(array), 25), 3, 4, 5, 5, len(array) - 1]  # any order, runs, repeats
+        np.testing.assert_array_equal(read_npy_rows(tmp_path / f"{name}.npy", rows), array[rows])
+        assert read_npy_rows(tmp_path / f"{name}.npy", np.zeros(0, int)).shape == (0, *array.shape[1:])
