@@ -100,6 +100,34 @@ def measure(workdir: Path, queries: int | None, seed: int, overrides: list[str])
             "nodes": len(manifest["nodes"]), "removed": manifest["counts"]["removed"]}
 
 
+def task_rss(workdir: Path, tasks: int, overrides: list[str]) -> dict:
+    """Peak RSS of `tasks` partition tasks, each alone in a fresh process (no Ray), on the partitions
+    of the last dedup run (its centroids.npy), re-assigned into <workdir>/dedup_task_rss/."""
+    from pipeline.config import load_config
+    from pipeline.dedup_partitions import assign_shard, partition_count
+    from pipeline.embeddings import Embeddings
+
+    conf = load_config(None, [f"workdir={workdir}", *overrides]).dedup
+    emb = Embeddings(workdir / "embed")
+    parts = partition_count(len(emb), conf.partition_size)
+    out = workdir / "dedup_task_rss"
+    centroids = workdir / "dedup" / "centroids.npy"
+    for s, shard in enumerate(emb.shards):
+        assign_shard(str(out / "parts"), str(centroids), str(emb.dir / shard["img_emb"]), str(emb.dir / shard["metadata"]),
+                     int(emb.offsets[s]), s, parts, conf.nprobe)
+    code = ("import json, sys; from pipeline.dedup_pairs import partition_pairs; a = json.loads(sys.argv[1]); "
+            "print('TASK ' + json.dumps(partition_pairs(*a)))")
+    results = []
+    for part in range(min(tasks, parts)):
+        args = [str(emb.dir), emb.manifest, str(out / "parts"), str(out / "pairs"), part,
+                {"cosine": conf.cosine_threshold, "manhattan": conf.manhattan_threshold}, conf.candidates, conf.batch_size]
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], check=True, capture_output=True, text=True,
+                              cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        results.append(json.loads(proc.stdout.split("TASK ", 1)[1]))
+    return {"n": len(emb), "partitions": parts, "tasks": [{k: r[k] for k in ("partition", "members", "queries")}
+                                                           | {"peak_rss_mb": round(r["peak_rss"] / 1e6, 1)} for r in results]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -109,7 +137,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override, repeatable, e.g. --set dedup.nprobe=1")
+    p.add_argument("--task-rss", type=int, default=0, metavar="K",
+                   help="instead: the peak RSS of K partition tasks, each alone in a fresh process (needs a "
+                        "finished dedup run in the workdir)")
     args = p.parse_args(argv)
+    if args.task_rss:
+        print(json.dumps(task_rss(args.workdir, args.task_rss, args.overrides)), flush=True)
+        return 0
     if not (args.workdir / "embed" / "manifest.json").exists():
         subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_embeddings.py"), "--n", str(args.n),
                         "--workdir", str(args.workdir)], check=True)
