@@ -11,7 +11,8 @@ float32 from the stored float16, as the stage reads them). With --queries Q, onl
 rows are checked (every pair with an endpoint among them, against all rows): an unbiased estimate of
 the fraction found, at Q/n of the brute-force cost (the exact pairs are cached in the workdir, so
 other settings, `--set dedup.nprobe=1`, are compared against the same answer). Prints one JSON line: recall (found / exact
-cosine pairs), extra (pairs found that brute force does not have), the partition count and sizes,
+cosine pairs), extra (pairs found that brute force does not have), coverage_by_nprobe (the recall
+other nprobe values would give on the same partitions), the partition count and sizes,
 each partition task's peak RSS (the largest) and the driver's.
 """
 from __future__ import annotations
@@ -74,6 +75,17 @@ def compare(found: np.ndarray, exact: np.ndarray, queries: np.ndarray | None) ->
             "recall": hit / len(exact) if len(exact) else 1.0, "extra": len(found) - hit}
 
 
+def coverage_by_nprobe(emb, centroids: np.ndarray, exact: np.ndarray, probes=(0, 1, 2, 3, 4, 6, 8)) -> dict:
+    """The fraction of the exact pairs the stage would find at each nprobe: a task is exact within what it
+    searches, so a pair is found when one image's nearest centroid is among the other's 1 + nprobe nearest."""
+    if not len(exact):
+        return {}
+    a = np.argsort(-(emb[exact[:, 0]].astype(np.float32) @ centroids.T), axis=1)
+    b = np.argsort(-(emb[exact[:, 1]].astype(np.float32) @ centroids.T), axis=1)
+    return {p: round(float(((b[:, :1] == a[:, :1 + p]).any(1) | (a[:, :1] == b[:, :1 + p]).any(1)).mean()), 4)
+            for p in probes}
+
+
 def measure(workdir: Path, queries: int | None, seed: int, overrides: list[str]) -> dict:
     from pipeline.config import load_config
     from pipeline.embeddings import Embeddings
@@ -97,7 +109,9 @@ def measure(workdir: Path, queries: int | None, seed: int, overrides: list[str])
             "partitions": manifest["partitions"], "partition_members": manifest["partition_members"],
             "nprobe": cfg.dedup.nprobe, "partition_size": cfg.dedup.partition_size,
             "task_peak_rss_mb": manifest["task_peak_rss_mb"], "driver_peak_rss_mb": round(driver_rss / 1e6, 1),
-            "nodes": len(manifest["nodes"]), "removed": manifest["counts"]["removed"]}
+            "nodes": len(manifest["nodes"]), "removed": manifest["counts"]["removed"],
+            "coverage_by_nprobe": coverage_by_nprobe(emb, np.load(workdir / "dedup" / "centroids.npy"), exact)
+            if manifest["partitions"] > 1 else None}
 
 
 def task_rss(workdir: Path, tasks: int, overrides: list[str]) -> dict:
