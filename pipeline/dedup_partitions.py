@@ -46,7 +46,7 @@ def train_centroids(emb: Embeddings, parts: int, seed: int = 0) -> np.ndarray:
     rows = np.sort(rng.choice(n, size=min(n, parts * SAMPLE_PER_PARTITION), replace=False))
     kmeans = faiss.Kmeans(d, parts, niter=KMEANS_ITERATIONS, seed=seed + 1, spherical=True,
                           max_points_per_centroid=SAMPLE_PER_PARTITION, min_points_per_centroid=1, verbose=False)
-    kmeans.train(emb[rows].astype(np.float32))
+    kmeans.train(read_embedding_rows(emb, rows).astype(np.float32))  # not emb[rows]: see read_npy_rows
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
