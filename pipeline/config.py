@@ -79,6 +79,10 @@ class DedupConfig:
     manhattan_threshold: int = opt(2, "duplicates: pHash bits differing at most this (among CLIP candidates only; see README)", min=0)
     candidates: int = opt(16, "nearest neighbours examined per item for duplicates", min=1)
     batch_size: int = opt(16384, "queries per search batch", min=1, runtime=True)
+    partition_size: int = opt(10_000, "images per partition (a coarse k-means cuts n images into n / partition_size); "
+                              "one Ray task finds a partition's duplicates, holding only it", min=100)
+    nprobe: int = opt(4, "each image is also compared with the partitions of its nprobe next-nearest centroids, "
+                      "so duplicates across a partition boundary are found", min=0)
     holdout: float = opt(0.01, "fraction of the kept images held out of the index and training (`knnd evaluate`'s prompts)",
                          min=0.0, max=0.5)
     holdout_max: int = opt(5000, "at most this many held-out images", min=0)

@@ -3,67 +3,96 @@
 Two items are duplicates when their CLIP cosine similarity is above `cosine_threshold`, or,
 among CLIP candidate pairs only, when their perceptual hashes differ in at most
 `manhattan_threshold` bits (pHash alone cannot be applied to all pairs: unrelated 64 px emoji
-often sit within 8 bits of each other). Candidates are each item's `candidates` nearest
-neighbours from a faiss index (IVF beyond small N), so cost grows about linearly with N.
-Then the paper's per-item rule, in row order: an item not yet removed is kept and removes every
-later item it is a duplicate of, so each removed item names a kept item it is itself similar to
-(no chains: A ~ B ~ C keeps C when A and C are not duplicates).
+often sit within 8 bits of each other).
+
+Distributed and bounded: a coarse k-means cuts the embeddings into about n / `partition_size`
+partitions; Ray tasks over the embed shards assign every vector to its partition and to those of
+its `nprobe` next-nearest centroids (pipeline.dedup_partitions); one Ray task per partition finds
+the duplicate pairs among the vectors assigned to it, holding only that partition
+(pipeline.dedup_pairs), and writes them to its own file, so a re-run resumes per partition. With
+one partition (up to `partition_size` images) and no Ray running or configured, both steps run in
+this process. The pairs (few) are then grouped here by the paper's per-item rule, in row order: an
+item not yet removed is kept and removes every later item it is a duplicate of, so each removed
+item names a kept item it is itself similar to (no chains: A ~ B ~ C keeps C when A and C are not
+duplicates).
 
 Then `holdout` of the kept images (at most `holdout_max`), chosen by a hash of their key, are held
 out of the database and of training (`keep` false, `holdout` true, reason "holdout"): their captions
 are `knnd evaluate`'s prompts and their pictures its real images. Their duplicates were already
 removed, so no near-copy of a held-out image reaches training.
+
+    dedup/keep.parquet               the stage's output
+    dedup/pairs/pairs_{part:05d}.npy each partition's duplicate pairs (kept: they say why an item went)
+    dedup/centroids.npy              the partitions' k-means centroids (none with one partition)
+    dedup/parts/                     the assignments to partitions, deleted once keep.parquet is written
 """
 from __future__ import annotations
 
+import shutil
+import sys
+
 import numpy as np
 
-from pipeline.duplicates import candidate_pairs, near_duplicates, phash_bits_from_hex, remove_in_row_order
+from pipeline.cluster import count_nodes
+from pipeline.dedup_pairs import pairs_path, partition_pairs, read_pairs
+from pipeline.dedup_partitions import assign_shard, partition_count, save_array, shard_assigned, train_centroids
+from pipeline.duplicates import remove_in_row_order
 from pipeline.embeddings import Embeddings, read_metadata
-from pipeline.faiss_build import add_batches, ivf_nlist, train_index, training_sample_size
-from pipeline.faiss_search import index_for_search, search, set_nprobe
-from pipeline.runner import Progress, StageRun, atomic_path
-
-EXACT_UP_TO = 50_000  # below this, an exact flat index is both fastest and simplest
-SEARCH_NPROBE = 16  # duplicates sit very close: a few IVF cells find them
+from pipeline.runner import Progress, StageError, StageRun, atomic_path, ensure_ray
 
 
-def candidate_index(emb: Embeddings, seed: int = 0):
-    """A faiss index over every row, for finding near neighbours (not the retrieval index)."""
-    n, d = emb.shape
-    factory = "Flat" if n <= EXACT_UP_TO else f"IVF{ivf_nlist(n)},Flat"
-    sample = None
-    if factory != "Flat":
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n, size=training_sample_size(factory, n), replace=False))
-        sample = emb[rows].astype(np.float32)
-    index = train_index(factory, d, sample)
-    add_batches(index, emb.blocks())
-    if factory != "Flat":
-        set_nprobe(index, SEARCH_NPROBE)
-    return index_for_search(index), factory
+def run_tasks(stage: StageRun, distributed: bool, fn, calls: dict, what: str):
+    """Yield (key, fn(*args)) for {key: args}: as Ray tasks (one CPU each) when `distributed`, else
+    here, one after another. A failed task stops the stage with a StageError naming it."""
+    if not distributed:
+        for key, args in calls.items():
+            yield key, fn(*args)
+        return
+    import ray
+
+    ensure_ray(stage.cfg)
+    task = ray.remote(fn).options(num_cpus=1, max_retries=0)
+    running = {task.remote(*args): key for key, args in calls.items()}
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        key = running.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as e:
+            raise StageError(f"dedup: {what} {key} failed ({str(e.cause)[:300]}); re-run `knnd run dedup` to "
+                             f"resume (finished {what}s are kept)") from None
+        yield key, result
 
 
-def find_duplicate_edges(emb: Embeddings, index, phash_bits: np.ndarray, conf, progress=None):
-    """Candidate pairs that are duplicates: (pairs [m, 2], similarity [m], reason codes [m]: 0 cosine, 1 phash)."""
-    k = min(conf.candidates + 1, len(emb))
-    pairs, sims, reasons = [], [], []
-    for rows, vectors in emb.blocks():
-        for start in range(0, len(rows), conf.batch_size):
-            q_rows = rows[start:start + conf.batch_size]
-            s, ids = search(index, vectors[start:start + conf.batch_size], k)
-            p, ps = candidate_pairs(q_rows, s, ids)
-            by_cosine, by_phash = near_duplicates(ps, phash_bits[p[:, 0]], phash_bits[p[:, 1]],
-                                                  conf.cosine_threshold, conf.manhattan_threshold)
-            dup = by_cosine | by_phash
-            pairs.append(p[dup])
-            sims.append(ps[dup])
-            reasons.append(np.where(by_cosine[dup], 0, 1).astype(np.int8))
-        if progress:
-            progress.update(1, len(rows))
-    if not pairs:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8)
-    return np.concatenate(pairs), np.concatenate(sims), np.concatenate(reasons)
+def ray_wanted(stage: StageRun, parts: int) -> bool:
+    """Ray tasks for more than one partition, on a configured cluster, or when Ray already runs here."""
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    return parts > 1 or bool(stage.cfg.ray.address) or running
+
+
+def assign(stage: StageRun, emb: Embeddings, parts: int, distributed: bool) -> None:
+    """Centroids (trained once) and every shard's assignment, skipping shards an earlier run assigned."""
+    conf, parts_dir, centroids = stage.conf, (stage.dir / "parts").resolve(), (stage.dir / "centroids.npy").resolve()
+    if parts > 1 and not centroids.exists():
+        print(f"dedup: training {parts} partition centroids (k-means on a sample)")
+        save_array(centroids, train_centroids(emb, parts))
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    calls = {s: (str(parts_dir), str(centroids), str((emb.dir / shard["img_emb"]).resolve()), str((emb.dir / shard["metadata"]).resolve()),
+                 int(emb.offsets[s]), s, parts, conf.nprobe)
+             for s, shard in enumerate(emb.shards) if not shard_assigned(parts_dir, s)}
+    for _ in run_tasks(stage, distributed, assign_shard, calls, "assigning embed shard"):
+        pass
+
+
+def find_pairs(stage: StageRun, emb: Embeddings, parts: int, todo: list[int], distributed: bool) -> None:
+    conf = stage.conf
+    progress = Progress("dedup", parts, done=parts - len(todo), unit="images")
+    thresholds = {"cosine": conf.cosine_threshold, "manhattan": conf.manhattan_threshold}
+    calls = {p: (str(emb.dir.resolve()), emb.manifest, str((stage.dir / "parts").resolve()),
+                 str((stage.dir / "pairs").resolve()), p, thresholds, conf.candidates, conf.batch_size) for p in todo}
+    for part, stats in run_tasks(stage, distributed, partition_pairs, calls, "partition"):
+        stage.mark_done(part, stats)  # after its pairs file was renamed into place
+        progress.update(1, stats["members"])
 
 
 def run(stage: StageRun) -> dict:
@@ -74,21 +103,23 @@ def run(stage: StageRun) -> dict:
     embed_dir = stage.input_dirs["embed"]
     emb = Embeddings(embed_dir, stage.inputs["embed"])
     n = len(emb)
-    meta = read_metadata(embed_dir, stage.inputs["embed"], ["key", "row", "phash"])
-    phash_bits = phash_bits_from_hex(meta["phash"])
-    stage.plan(1)  # one output file; progress below counts the input shards searched
-    progress = Progress("dedup", len(emb.shards), unit="images")
-
-    index, factory = candidate_index(emb)
-    pairs, sims, reasons = find_duplicate_edges(emb, index, phash_bits, conf, progress)
+    parts = partition_count(n, conf.partition_size)
+    stage.plan(parts)
+    todo = [p for p in range(parts) if not (stage.shard_done(p) and pairs_path(stage.dir / "pairs", p).exists())]
+    distributed = ray_wanted(stage, parts)
+    if todo:
+        assign(stage, emb, parts, distributed)
+        find_pairs(stage, emb, parts, todo, distributed)
+    pairs, sims, reasons = read_pairs(stage.dir / "pairs", parts)
     removed, duplicate_of, similarity, edge_reason = remove_in_row_order(n, pairs, sims, reasons)
     representative = ~removed
-    holdout = holdout_mask(meta["key"], representative, conf.holdout, conf.holdout_max)
+    keys = read_metadata(embed_dir, stage.inputs["embed"], ["key"])["key"]
+    holdout = holdout_mask(keys, representative, conf.holdout, conf.holdout_max)
     keep = representative & ~holdout
     names = np.array(["cosine", "phash"])
     reason = np.where(removed, names[np.maximum(edge_reason, 0)], np.where(holdout, "holdout", ""))
     table = pa.table({
-        "key": pa.array(meta["key"], pa.string()),
+        "key": pa.array(keys, pa.string()),
         "row": pa.array(np.arange(n, dtype=np.int64)),
         "keep": pa.array(keep),
         "duplicate_of": pa.array(duplicate_of, mask=representative),
@@ -98,18 +129,27 @@ def run(stage: StageRun) -> dict:
     })
     with atomic_path(stage.dir / "keep.parquet") as tmp:
         pq.write_table(table, tmp)
+    shutil.rmtree(stage.dir / "parts", ignore_errors=True)
     if conf.holdout > 0 and holdout.sum() < 2:
         print(f"dedup: only {int(holdout.sum())} image(s) held out for evaluation (dedup.holdout {conf.holdout}): "
               f"`knnd run evaluate` needs at least 2; raise dedup.holdout or set evaluate.prompts")
     by_reason = {name: int((removed & (edge_reason == i)).sum()) for i, name in enumerate(names)}
-    stage.mark_done(0, {"kept": int(keep.sum())})
+    tasks = [stage.done_stats()[p] for p in range(parts)]
     return {
         "items": n,
         "counts": {"images": n, "kept": int(keep.sum()), "removed": int(removed.sum()), "holdout": int(holdout.sum()),
                    "groups": int(len(np.unique(duplicate_of[removed]))), **{f"removed_{k}": v for k, v in by_reason.items()}},
         "removed_by_reason": by_reason,
         "kept": int(keep.sum()),
-        "candidate_index": factory,
+        "partitions": parts,
+        "partition_members": {"max": max(t["members"] for t in tasks), "min": min(t["members"] for t in tasks)},
+        "queries": sum(t["queries"] for t in tasks),
+        "duplicate_pairs": int(len(np.unique(pairs.min(axis=1) * n + pairs.max(axis=1)))),
+        "resumed_partitions": parts - len(todo),
+        "nodes": count_nodes(t.get("node") for t in tasks),
+        "task_peak_rss_mb": round(max(t["peak_rss"] for t in tasks) / 1e6, 1),
+        "search": f"exact inner product (faiss Flat) within each partition; each image also in its {conf.nprobe} "
+                  f"next-nearest partitions",
         "thresholds": {"cosine": conf.cosine_threshold, "manhattan": conf.manhattan_threshold},
         "output": "keep.parquet",
     }

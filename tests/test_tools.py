@@ -68,3 +68,24 @@ def test_bench_stream_writes_a_synthetic_pack_the_trainer_reads(tmp_path, monkey
     data = StreamDataset(paths, 4, shuffle_buffer=3, shard_sizes=[10, 10, 5])
     assert data.shapes == {"resolution": 32, "k": 10, "clip_dim": 64}
     assert bench_stream.write_pack(tmp_path / "pack", 25) == [10, 10, 5]  # sizes.json: written once
+
+
+def test_measure_dedup_recall_exact_pairs_and_recall(tmp_path):
+    from pipeline.synthetic import clustered_unit_vectors, write_embed_output
+
+    tool = load_tool("measure_dedup_recall")
+    x = clustered_unit_vectors(300, 8, n_clusters=30, spread=0.3, seed=0)
+    write_embed_output(tmp_path, x, shard_size=70)
+    emb = Embeddings(tmp_path / "embed")
+    x32 = emb[np.arange(300)].astype(np.float32)
+    sims = x32 @ x32.T
+    truth = np.argwhere(np.triu(sims > 0.95, k=1))
+    assert len(truth) > 100
+    np.testing.assert_array_equal(tool.exact_pairs(emb, 0.95, np.arange(300), block=64), truth)
+    queries = np.arange(0, 300, 7)
+    touching = truth[np.isin(truth, queries).any(axis=1)]
+    np.testing.assert_array_equal(tool.exact_pairs(emb, 0.95, queries), touching)
+    found = np.concatenate([truth[::2], [[0, 299]]])  # half the pairs and one that is no pair
+    r = tool.compare(found, touching, queries)
+    expected = int(np.isin(truth[::2], queries).any(axis=1).sum())
+    assert (r["found_of_exact"], r["exact_pairs"], r["extra"]) == (expected, len(touching), 1)

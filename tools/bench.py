@@ -58,7 +58,7 @@ RUNNERS = {"download": section_download, "embed": section_embed, "dedup": sectio
            "neighbours": section_neighbours, "quality": section_quality, "train_input": section_train_input,
            "sampling": section_sampling, "train_step": section_train_step, "growth": section_growth}
 SECTIONS = list(RUNNERS)  # in the order they run
-RAY_SECTIONS = {"download", "embed", "index_parallel", "neighbours", "train_input", "sampling"}  # sections whose stages use Ray
+RAY_SECTIONS = {"download", "embed", "dedup", "index_parallel", "neighbours", "train_input", "sampling"}  # sections whose stages use Ray
 DEMO_CLIP = ROOT / "model" / "configs" / "demo_clip.json"
 
 

@@ -1,7 +1,7 @@
 """Synthetic embed-stage output, so dedup, index and neighbours run at 100k-1M rows without images.
 
     python tools/make_synthetic_embeddings.py --n 1000000 --workdir work/bench1m [--d 512]
-        [--clusters C] [--shard-size S] [--text] [--duplicates 0.02] [--seed 0]
+        [--clusters C] [--shard-size S] [--text] [--duplicates 0.02] [--duplicate-noise 0.1] [--seed 0]
     knnd run dedup index neighbours --set workdir=work/bench1m
 
 Writes <workdir>/embed/ exactly as the embed stage lays it out (pipeline.synthetic.write_embed_output):
@@ -48,13 +48,14 @@ class SyntheticEmbeddings:
     """
 
     def __init__(self, n: int, d: int = 512, clusters: int | None = None, intrinsic_dim: int = 64,
-                 spread: float = 0.5, duplicates: float = 0.02, seed: int = 0, block_rows: int = 10000):
+                 spread: float = 0.5, duplicates: float = 0.02, seed: int = 0, block_rows: int = 10000,
+                 duplicate_noise: float = DUPLICATE_NOISE):
         if n < 1 or d < 2 or block_rows < 1:
             raise ValueError(f"need n >= 1, d >= 2 and block_rows >= 1, got n={n}, d={d}, block_rows={block_rows}")
         self.n, self.d, self.block_rows, self.seed = n, d, block_rows, seed
         self.clusters = clusters or max(1, n // CLUSTER_SIZE)
         self.intrinsic_dim = min(intrinsic_dim, d)
-        self.spread, self.duplicates = spread, duplicates
+        self.spread, self.duplicates, self.duplicate_noise = spread, duplicates, duplicate_noise
         rng = np.random.default_rng([seed, 1])
         # A random orthonormal d x r basis: the low-dimensional structure, rotated into d dimensions.
         self.basis = np.linalg.qr(rng.standard_normal((d, self.intrinsic_dim)))[0].astype(np.float32)
@@ -105,7 +106,7 @@ class SyntheticEmbeddings:
             copies = rng.choice(np.arange(1, rows), size=n_dup, replace=False)
             originals = (rng.integers(0, rows - 1, size=n_dup) + copies + 1) % rows  # any other row
             originals = np.where(np.isin(originals, copies), 0, originals)  # copy a row that is no copy
-            noise = rng.standard_normal((n_dup, self.d), dtype=np.float32) * (DUPLICATE_NOISE / np.sqrt(self.d))
+            noise = rng.standard_normal((n_dup, self.d), dtype=np.float32) * (self.duplicate_noise / np.sqrt(self.d))
             x[copies] = _unit(x[originals]) + noise
         x = _unit(x).astype(np.float32)
         self._cache = (b, x)
@@ -133,9 +134,11 @@ class _TextView:
 
 def make_synthetic_embeddings(workdir: Path, n: int, d: int = 512, clusters: int | None = None,
                               shard_size: int = 10000, text: bool = False, duplicates: float = 0.02,
-                              intrinsic_dim: int = 64, spread: float = 0.5, seed: int = 0) -> dict:
+                              intrinsic_dim: int = 64, spread: float = 0.5, seed: int = 0,
+                              duplicate_noise: float = DUPLICATE_NOISE) -> dict:
     """Write <workdir>/embed/ for n synthetic rows; returns the embed manifest."""
-    vectors = SyntheticEmbeddings(n, d, clusters, intrinsic_dim, spread, duplicates, seed, block_rows=shard_size)
+    vectors = SyntheticEmbeddings(n, d, clusters, intrinsic_dim, spread, duplicates, seed, block_rows=shard_size,
+                                  duplicate_noise=duplicate_noise)
     return write_embed_output(Path(workdir), vectors, shard_size, text=vectors.text if text else None)
 
 
@@ -151,6 +154,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duplicates", type=float, default=0.02, help="fraction of rows that are near-copies of another")
     p.add_argument("--intrinsic-dim", type=int, default=64, help="dimension of the structure before rotation into d")
     p.add_argument("--spread", type=float, default=0.5, help="within-cluster noise relative to the centre")
+    p.add_argument("--duplicate-noise", type=float, default=DUPLICATE_NOISE,
+                   help="noise of a near-copy: cosine ~1 / sqrt(1 + noise^2) to its original (0.45: ~0.91, near "
+                        "dedup's 0.9 threshold)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.n < 1 or args.d < 2 or args.shard_size < 1 or not 0 <= args.duplicates < 1:
@@ -165,7 +171,8 @@ def main(argv=None) -> int:
         return 2
     start = time.time()
     manifest = make_synthetic_embeddings(args.workdir, args.n, args.d, args.clusters, args.shard_size, args.text,
-                                         args.duplicates, args.intrinsic_dim, args.spread, args.seed)
+                                         args.duplicates, args.intrinsic_dim, args.spread, args.seed,
+                                         args.duplicate_noise)
     print(f"wrote {manifest['rows']} x {manifest['dim']} embeddings in {len(manifest['shards'])} shards "
           f"to {args.workdir / 'embed'} in {time.time() - start:.1f} s")
     return 0

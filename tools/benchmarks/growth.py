@@ -13,7 +13,7 @@ from pathlib import Path
 from .common import ROOT, Bench, Row, clock, config
 from .synthetic import synthetic
 
-RAY_STAGES = {"download", "embed", "neighbours", "pack"}
+RAY_STAGES = {"download", "embed", "dedup", "neighbours", "pack"}
 SCRIPT = ROOT / "tools" / "bench.py"  # its --run-stage flag runs child_stage
 
 
@@ -102,9 +102,14 @@ def section_growth(b: Bench) -> None:
             r = run_child(b, name, wd)
             results.setdefault(name, {})[n] = r
             stage_mb = (r["peak_rss"] - r["baseline_rss"]) / 1e6
-            factory = json.loads((wd / name / "manifest.json").read_text()).get("factory") if name == "index" else None
+            stage_manifest = json.loads((wd / name / "manifest.json").read_text())
+            factory = stage_manifest.get("factory") if name == "index" else None
+            if name == "dedup":  # the largest process of a partitioned dedup is one partition task
+                factory = (f"{stage_manifest['partitions']} partitions, largest task peak RSS "
+                           f"{stage_manifest['task_peak_rss_mb']:,.0f} MB")
             b.add(Row("growth", f"{name} N={n:,}", "s", r["seconds"],
-                      note=f"peak RSS {r['peak_rss'] / 1e6:,.0f} MB (+{stage_mb:,.0f} MB during the stage)"
+                      note=f"peak RSS {r['peak_rss'] / 1e6:,.0f} MB (+{stage_mb:,.0f} MB during the stage; "
+                           f"the knnd process alone {r['self_maxrss'] / 1e6:,.0f} MB)"
                            + (f"; {factory}" if factory else ""),
                       includes="run_stage in a fresh process (Ray start excluded); RSS summed over the process "
                                "and its descendants (Ray workers), sampled every 0.25 s",
