@@ -322,4 +322,4 @@ def ensure_ray(cfg: Config) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)

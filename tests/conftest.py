@@ -107,7 +107,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     yield
 
 
