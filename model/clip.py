@@ -94,7 +94,11 @@ def clip_preprocess(model: str, pretrained: str | None) -> tuple[Callable, int, 
         cfg = open_clip.get_pretrained_cfg(name, tag) or {}
         force = {f"image_{k}": cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k) is not None}
     with _quiet_random_init_warning(True):
-        net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="meta", **force)
+        try:
+            with torch.device("meta"):  # tensors are created on meta: no random init at all
+                net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="meta", **force)
+        except (RuntimeError, NotImplementedError):  # a model whose construction reads a tensor's values
+            net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="meta", **force)
     size = net.visual.image_size
     return (preprocess, int(open_clip.get_model_config(name)["embed_dim"]), name,
             size[0] if isinstance(size, (tuple, list)) else int(size))

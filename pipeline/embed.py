@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,7 @@ def run(stage: StageRun) -> dict:
     shards = list(download["shards"])
     stage.plan(len(shards))
     ensure_ray(stage.cfg)
-    clock = RunClock()
+    clock, started = RunClock(), time.time()
     device = work_device(stage.cfg)  # on a cluster: its GPUs, not this machine's (pipeline.cluster)
     n_encoders = encoder_count(conf.encoders, device)
     todo = collections.deque(s for s in shards if not stage.shard_done(s["shard"]))
@@ -207,8 +208,9 @@ def run(stage: StageRun) -> dict:
             clock.items += rows
             progress.update(1, rows)
     clock.ready(wall=min(_get(loaded), default=None))  # the first encoder's weights were ready
-    timing = clock.report("encoder") | {"decode_workers": workers, "encoders": n_encoders,
-                                           "chunks_per_encoder": deal.dealt}
+    timing = clock.report("encoder") | {"encoder_config_s": round(info["at"] - started, 3),  # decoding could start
+                                        "decode_workers": workers, "encoders": n_encoders,
+                                        "chunks_per_encoder": deal.dealt}
     return finalize(stage, [s["shard"] for s in shards], info) | {"timing": timing}
 
 

@@ -40,7 +40,7 @@ class ClipEncoder:
         from model.clip import clip_preprocess
 
         preprocess, dim, name, size = clip_preprocess(self.model, self.pretrained)
-        self.described = _info(preprocess, dim, name, size)
+        self.described = _info(preprocess, dim, name, size) | {"at": time.time()}  # decoding can start now
         return self.described
 
     def load(self, expected: list | None = None) -> float:

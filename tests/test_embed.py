@@ -232,3 +232,38 @@ def test_auto_encoders_one_per_gpu_and_one_on_cpu(monkeypatch):
         encoder_count(5, "cuda")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0, "GPU": 8.0})
     assert encoder_count("auto", "cuda") == 2  # a CPU is left for decoding
+
+
+def test_config_transform_equals_the_loaded_models(tmp_path):
+    """Decoding starts with the transform read from the model's config (meta device, no weights); it must
+    be the loaded model's, for a random init, a checkpoint file, and a tag's own mean/std."""
+    from open_clip import OPENAI_DATASET_MEAN, get_pretrained_cfg
+
+    from model.clip import clip_preprocess
+
+    torch.manual_seed(0)
+    bundle = load_clip(TINY, None)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(bundle.model.state_dict(), ckpt)
+    for pretrained in (None, str(ckpt)):
+        preprocess, dim, name, size = clip_preprocess(TINY, pretrained)
+        assert (repr(preprocess), dim, name, size) == (repr(bundle.preprocess), bundle.embed_dim, bundle.name, bundle.image_size)
+    siglip = get_pretrained_cfg("ViT-B-16-SigLIP", "webli")  # a tag whose mean differs from the default's
+    preprocess = clip_preprocess("ViT-B-16-SigLIP", "webli")[0]
+    assert tuple(preprocess.transforms[-1].mean) == tuple(siglip["mean"]) != tuple(OPENAI_DATASET_MEAN)
+
+
+def test_an_encoder_whose_model_differs_from_the_decoders_transform_refuses_to_encode():
+    from pipeline.embed_encoder import ClipEncoder
+
+    enc = ClipEncoder(TINY, None, "cpu", 4, load=False)
+    decoders = enc.describe()
+    enc.described = decoders | {"pil_transform": "another transform"}
+    with pytest.raises(StageError, match=r"differs from the one read from its config 'another transform'.*which the decode workers used"):
+        enc.load()
+    with pytest.raises(StageError, match=r"the encoder did not load embed\.model=.*differs"):
+        enc.encode({"pixels": np.zeros((1, 32, 32, 3), np.uint8), "failed": {}, "key": ["a"]})
+    enc = ClipEncoder(TINY, None, "cpu", 4, load=False)
+    enc.described = decoders
+    assert enc.load() > 0 and enc.encode({"pixels": np.zeros((1, 32, 32, 3), np.uint8), "failed": {}, "key": ["a"],
+                                          "node": "n1"})["meta"] == {"key": ["a"]}
