@@ -64,9 +64,24 @@ def test_embeddings_equal_direct_open_clip_encode(tmp_path, ray_local):
     np.testing.assert_allclose(text.astype(np.float32), encode_texts(bundle, list(meta["caption"])), atol=2e-3)
 
 
-def test_undecodable_sample_counted_and_skipped(tmp_path, ray_local):
+def test_undecodable_sample_counted_and_skipped(tmp_path, ray_local, monkeypatch):
+    import ray
+
+    fetched, real_get = [], ray.get
+
+    def get(refs, *args, **kwargs):  # everything the driver fetches
+        out = real_get(refs, *args, **kwargs)
+        fetched.extend(out if isinstance(out, list) else [out])
+        return out
+
+    monkeypatch.setattr(ray, "get", get)
     write_fake_download(tmp_path, [samples(0, 6, bad={2, 4}), samples(1, 3)])
     m = run_stage("embed", load_config(None, embed_args(tmp_path)))
+    monkeypatch.undo()
+    # the driver got the encoders' results (embeddings + metadata), never a chunk of pixels
+    assert sum(isinstance(v, dict) and "img" in v for v in fetched) == 2  # one chunk a shard (4 and 3 decoded)
+    assert not any(isinstance(v, dict) and "pixels" in v for v in fetched)
+    assert not any(isinstance(x, np.ndarray) and x.dtype == np.uint8 for v in fetched if isinstance(v, dict) for x in v.values())
     emb, meta = read_embed(tmp_path)
     assert m["failures"] == {"undecodable": 2} and m["counts"]["images"] == 7
     assert len(emb) == len(meta) == 7
