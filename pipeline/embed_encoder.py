@@ -139,13 +139,10 @@ def encoder_count(setting: str | int, device: str) -> int:
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-    if setting == "auto":
-        n = max(1, min(gpus, cpus - 1)) if device == "cuda" else 1
-    else:
-        n = int(setting)
-        if device == "cuda" and n > gpus:
-            raise UsageError(f"embed.encoders={n} needs {n} GPUs (one per encoder), but Ray offers {gpus}: "
-                             f"lower embed.encoders or set it to auto")
+    n = (max(1, min(gpus, cpus - 1)) if device == "cuda" else 1) if setting == "auto" else int(setting)
+    if device == "cuda" and n > gpus:  # an actor asking for a GPU Ray does not have would wait forever
+        raise UsageError(f"embed.encoders={setting} needs {n} GPU{'s' if n != 1 else ''} on cuda (one per encoder), "
+                         f"but Ray offers {gpus}: lower embed.encoders, or set device=cpu")
     if n + 1 > cpus:
         raise UsageError(f"embed.encoders={n} takes {n} of Ray's {cpus} CPU{'s' if cpus != 1 else ''} (one per encoder) "
                          f"and leaves none for decoding: lower embed.encoders or give Ray more CPUs (ray.num_cpus)")

@@ -243,10 +243,14 @@ def test_auto_encoders_one_per_gpu_and_one_on_cpu(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})
     assert encoder_count("auto", "cuda") == 4 and encoder_count("auto", "cpu") == 1
     assert encoder_count(2, "cuda") == 2 and encoder_count(3, "cpu") == 3
-    with pytest.raises(UsageError, match=r"embed\.encoders=5 needs 5 GPUs \(one per encoder\), but Ray offers 4"):
+    with pytest.raises(UsageError, match=r"embed\.encoders=5 needs 5 GPUs on cuda \(one per encoder\), but Ray offers 4: "
+                                         r"lower embed\.encoders, or set device=cpu"):
         encoder_count(5, "cuda")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0, "GPU": 8.0})
     assert encoder_count("auto", "cuda") == 2  # a CPU is left for decoding
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})  # torch sees a GPU, Ray does not
+    with pytest.raises(UsageError, match=r"embed\.encoders=auto needs 1 GPU on cuda \(one per encoder\), but Ray offers 0"):
+        encoder_count("auto", "cuda")
 
 
 def test_config_transform_equals_the_loaded_models(tmp_path):
