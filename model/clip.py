@@ -82,6 +82,28 @@ def load_clip(model: str, pretrained: str | None, device: str = "cpu") -> ClipBu
     )
 
 
+def clip_preprocess(model: str, pretrained: str | None) -> tuple[Callable, int, str, int]:
+    """(val transform, embed_dim, name, image_size) of the CLIP `load_clip` would build, without its
+    weights: the model is built on torch's "meta" device (no memory, no init, no checkpoint read), and an
+    open_clip tag's preprocessing (mean, std, interpolation, resize mode) is applied as load_clip's
+    would be. The embed stage starts decoding with it while the real model loads, and checks the two agree."""
+    name = _resolve_model_name(model)
+    tag, _ = _resolve_pretrained(name, pretrained)
+    force = {}
+    if tag is not None:
+        cfg = open_clip.get_pretrained_cfg(name, tag) or {}
+        force = {f"image_{k}": cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k) is not None}
+    with _quiet_random_init_warning(True):
+        try:
+            with torch.device("meta"):  # tensors are created on meta: no random init at all
+                net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="meta", **force)
+        except (RuntimeError, NotImplementedError):  # a model whose construction reads a tensor's values
+            net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, device="meta", **force)
+    size = net.visual.image_size
+    return (preprocess, int(open_clip.get_model_config(name)["embed_dim"]), name,
+            size[0] if isinstance(size, (tuple, list)) else int(size))
+
+
 def load_clip_spec(spec: dict, device: str = "cpu") -> ClipBundle:
     """The CLIP an embed manifest names ({"model", "pretrained", ...}); a random-init one (pretrained
     null: tests) is rebuilt from seed 0, as the embed stage built it, without touching the global RNG."""

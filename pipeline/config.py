@@ -71,6 +71,8 @@ class EmbedConfig:
     text: bool = opt(False, "also embed captions into embed/text_emb/ (text-like queries for index recall)")
     decode_workers: str | int = opt("auto", '"auto" (every CPU but the encoder\'s) or a number of CPU tasks decoding '
                                     "shards ahead of the model", runtime=True)
+    encoders: str | int = opt("auto", '"auto" (one encoder actor per GPU Ray offers, one on CPU) or a number of '
+                              "encoder actors; each takes a CPU (and a GPU on cuda)", runtime=True)
 
 
 @dataclass
@@ -282,7 +284,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f'index.nprobe must be "auto" or a positive integer, got {cfg.index.nprobe!r}')
     if isinstance(cfg.index.nprobe, int) and cfg.index.nprobe < 1:
         raise ConfigError(f"index.nprobe must be at least 1, got {cfg.index.nprobe}")
-    for key, value in (("embed.decode_workers", cfg.embed.decode_workers), ("neighbours.actors", cfg.neighbours.actors)):
+    for key, value in (("embed.decode_workers", cfg.embed.decode_workers), ("embed.encoders", cfg.embed.encoders),
+                       ("neighbours.actors", cfg.neighbours.actors)):
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f'{key} must be "auto" or a positive integer, got {value!r}')
         if isinstance(value, int) and value < 1:

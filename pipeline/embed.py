@@ -5,7 +5,12 @@ Per shard: `embed/img_emb/img_emb_{shard:05d}.npy` (float16, L2-normalised, [n, 
 caption, width, height, phash); with `embed.text: true` also `embed/text_emb/` caption embeddings.
 
 Decoding runs in Ray tasks on CPU workers (the model's own PIL transforms, perceptual hash),
-streaming uint8 chunks to one encoder actor, so the model never waits on JPEG decoding. The
+streaming uint8 chunks to the encoder actors (`embed.encoders`: one per GPU, or one on CPU), each
+chunk to the encoder with the fewest unfinished ones, so the model never waits on JPEG decoding.
+Pixels go from the decode tasks to the encoders as object refs; the driver fetches only the
+encoders' results (embeddings and metadata). Decoding starts once an encoder has read the model's
+config (its transform), while the weights still load. The manifest's `nodes` counts, per Ray node,
+the shards decoded and the chunks encoded there. The
 rows are global positions in shard order, known only once every shard's size is: a shard
 first writes its embeddings and a row-less metadata file under `_run/`, and the final pass
 numbers the rows (idempotent, so a kill during it is harmless).
@@ -15,11 +20,14 @@ from __future__ import annotations
 import collections
 import json
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.cluster import work_device
+from pipeline.cluster import count_nodes, node_id, work_device
+from pipeline.embed_encoder import ClipEncoder, split_transform  # noqa: F401 - re-exported (tests, tools)
+from pipeline.embed_encoder import META_COLUMNS, LeastLoaded, encoder_count, start_encoders
 from pipeline.embeddings import shard_files
 from pipeline.runner import RunClock, StageError, StageRun, atomic_path, auto_count, ensure_ray
 from pipeline.shards import corrupt_message, image_bytes, iter_tar_samples, open_image
@@ -96,79 +104,6 @@ def _finish_chunk(chunk: dict) -> dict:
     return chunk
 
 
-# --------------------------------------------------------------------------- the model
-
-
-class ClipEncoder:
-    """The GPU/CPU work: loaded once in __init__, then `__call__(chunk) -> embeddings`.
-
-    Runs the same in a plain loop or as a Ray actor. Takes uint8 pixels that already went
-    through the model's PIL transforms; applies the tensor part (ToTensor + Normalize) here.
-    """
-
-    def __init__(self, model: str, pretrained: str | None, device: str, batch_size: int, text: bool = False):
-        import torch
-
-        from model.clip import load_clip
-
-        torch.set_grad_enabled(False)
-        if pretrained is None:
-            torch.manual_seed(0)  # random init (tests) must be the same model in every process and run
-        self.bundle = load_clip(model, pretrained, device)
-        self.batch_size, self.text = batch_size, text
-        self.pil_stage, mean, std = split_transform(self.bundle.preprocess)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-
-    def info(self) -> dict:
-        from model.imageops import PilTransform
-
-        # a torch-free copy when it can replay the steps, so decode workers need not import torch
-        pil = PilTransform.from_torchvision(self.pil_stage) or self.pil_stage
-        return {"dim": self.bundle.embed_dim, "name": self.bundle.name, "pil_transform": pil,
-                "image_size": self.bundle.image_size}
-
-    def encode(self, chunk: dict) -> dict:  # Ray actors expose named methods, not __call__
-        return self(chunk)
-
-    def __call__(self, chunk: dict) -> dict:
-        import torch
-
-        from model.clip import encode_images, encode_texts
-
-        pixels = torch.from_numpy(np.array(chunk["pixels"]))  # Ray hands over a read-only buffer
-        out = []
-        for start in range(0, len(pixels), self.batch_size):
-            x = pixels[start:start + self.batch_size].permute(0, 3, 1, 2).float().div_(255)
-            out.append(encode_images(self.bundle, (x - self.mean) / self.std))
-        result = {"img": _stack(out, self.bundle.embed_dim)}
-        if self.text:
-            captions = [c or "" for c in chunk["caption"]]
-            texts = [encode_texts(self.bundle, captions[s:s + self.batch_size]) for s in range(0, len(captions), self.batch_size)]
-            result["text"] = _stack(texts, self.bundle.embed_dim)
-        return result
-
-
-def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
-    return (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)).astype(np.float16)
-
-
-def split_transform(preprocess):
-    """Split an open_clip val transform into its PIL part and the (mean, std) of its tensor part.
-
-    open_clip's transform is [PIL resizes/crops/mode, (Maybe)ToTensor, Normalize]; the PIL part
-    runs in the decode workers, the rest (a divide and a normalise) on the model's side.
-    """
-    from torchvision import transforms as T
-
-    steps = list(preprocess.transforms)
-    names = [type(t).__name__ for t in steps]
-    if len(steps) < 2 or not names[-2].endswith("ToTensor") or not isinstance(steps[-1], T.Normalize):
-        raise ValueError(f"unexpected preprocess layout {names}: expected PIL transforms, ToTensor, Normalize")
-    normalize = steps[-1]
-    return T.Compose(steps[:-2]), list(normalize.mean), list(normalize.std)
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -189,83 +124,123 @@ def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
-def decode_worker_count(decode_workers: str | int, shard_bytes: int) -> int:
-    """`embed.decode_workers`: a number, or "auto" = every CPU Ray sees but the encoder's, as many as
+def decode_worker_count(decode_workers: str | int, shard_bytes: int, encoders: int = 1) -> int:
+    """`embed.decode_workers`: a number, or "auto" = every CPU Ray sees but the encoders', as many as
     half of Ray's object store holds: each in-flight shard sits there decoded (`shard_bytes`), and
     one more shard than there are workers is in flight."""
     import ray
 
     if decode_workers != "auto":
         return int(decode_workers)
-    return auto_count(decode_workers, int(ray.cluster_resources().get("CPU", 2)) - 1,
+    return auto_count(decode_workers, int(ray.cluster_resources().get("CPU", 2)) - encoders,
                       ray.available_resources().get("object_store_memory", 0) / 2, shard_bytes, extra_in_flight=1)
+
+
+def decode_task(tar_path: str, info: dict, phash_size: int, chunk_size: int, expected: int | None = None,
+                extra: tuple = ()):
+    """The Ray task: `decode_chunks` with the model's transform from `info` (an encoder's describe()),
+    each chunk stamped with the node that decoded it."""
+    node = node_id()
+    for chunk in decode_chunks(tar_path, info["pil_transform"], phash_size, chunk_size, expected, extra):
+        chunk["node"] = node
+        yield chunk
+
+
+class InFlight:
+    """A shard being decoded: its chunk generator and, in chunk order, the refs of its encoded chunks."""
+
+    def __init__(self, shard: int, gen):
+        self.shard, self.gen, self.encoded, self.decoded = shard, gen, [], False
+
+    def take(self, deal: LeastLoaded) -> None:
+        """The generator's next chunk (ready: no wait) to an encoder, or note that it is exhausted."""
+        try:
+            self.encoded.append(deal.submit(next(self.gen)))
+        except StopIteration:
+            self.decoded = True
+
+    def done(self) -> bool:
+        import ray
+
+        return self.decoded and len(ray.wait(self.encoded, num_returns=len(self.encoded), timeout=0,
+                                             fetch_local=False)[0]) == len(self.encoded)
 
 
 def run(stage: StageRun) -> dict:
     import ray
 
-    conf = stage.conf
-    download = stage.inputs["download"]
-    shards = [s for s in download["shards"]]
+    conf, download = stage.conf, stage.inputs["download"]
+    shards = list(download["shards"])
     stage.plan(len(shards))
     ensure_ray(stage.cfg)
-    clock = RunClock()
+    clock, started = RunClock(), time.time()
     device = work_device(stage.cfg)  # on a cluster: its GPUs, not this machine's (pipeline.cluster)
-    encoder = ray.remote(ClipEncoder).options(num_gpus=1 if device == "cuda" else 0, num_cpus=1).remote(
-        _abs(conf.model), _abs(conf.pretrained), device, conf.batch_size, conf.text)
-    info = ray.get(encoder.info.remote())
-    clock.ready()
-    decode = ray.remote(decode_chunks).options(num_cpus=1, max_retries=0)
+    n_encoders = encoder_count(conf.encoders, device)
+    todo = collections.deque(s for s in shards if not stage.shard_done(s["shard"]))
+    encoders, info_ref, loaded = start_encoders(conf, _abs(conf.model), _abs(conf.pretrained), device, n_encoders,
+                                                load=bool(todo))
+    decode = ray.remote(decode_task).options(num_cpus=1, max_retries=0)
     extra = tuple(download.get("extra_columns", ()))
     progress = stage.progress(len(shards), unit="images")
-    todo = [s for s in shards if not stage.shard_done(s["shard"])]
-    transform_ref = ray.put(info["pil_transform"])
-    chunk_size = conf.batch_size  # one model batch per chunk: small enough to keep the encoder fed early
-    running = collections.deque()
     largest = max((s["successes"] for s in todo), default=0)
-    workers = decode_worker_count(conf.decode_workers, largest * info["image_size"] ** 2 * 3)
+    running: collections.deque[InFlight] = collections.deque()
 
-    def finish_oldest():
-        rows = _finish_shard(stage, encoder, *running.popleft(), info["dim"], extra)
-        clock.items += rows
-        progress.update(1, rows)
-
-    for shard in todo:
+    def start_next():  # decoding starts once the model's config is read (info_ref), not after its weights
+        shard = todo.popleft()
         tar = str((stage.input_dirs["download"] / shard["tar"]).resolve())  # Ray workers: absolute
-        chunks = decode.remote(tar, transform_ref, conf.phash_size, chunk_size, shard["successes"], extra)
-        running.append((shard["shard"], tar, chunks))
-        while len(running) > workers:
-            finish_oldest()
-    while running:
-        finish_oldest()
-    timing = clock.report("encoder") | {"decode_workers": workers}
+        running.append(InFlight(shard["shard"], decode.remote(tar, info_ref, conf.phash_size, conf.batch_size,
+                                                              shard["successes"], extra)))
+
+    if todo:
+        start_next()
+    info = _get(info_ref)
+    workers = decode_worker_count(conf.decode_workers, largest * info["image_size"] ** 2 * 3, n_encoders)
+    deal = LeastLoaded(encoders)
+    while running or todo:
+        while todo and len(running) <= workers:  # one shard more than decode workers, as before
+            start_next()
+        waiting = [s.gen for s in running if not s.decoded] + (running[0].encoded if running[0].decoded else [])
+        ready = set(ray.wait(waiting, num_returns=1, fetch_local=False)[0])
+        for s in [s for s in running if not s.decoded and s.gen in ready]:
+            s.take(deal)
+        while running and running[0].done():
+            rows = _finish_shard(stage, running.popleft(), info["dim"], extra)
+            clock.items += rows
+            progress.update(1, rows)
+    clock.ready(wall=min(_get(loaded), default=None))  # the first encoder's weights were ready
+    timing = clock.report("encoder") | {"encoder_config_s": round(info["at"] - started, 3),  # decoding could start
+                                        "decode_workers": workers, "encoders": n_encoders,
+                                        "chunks_per_encoder": deal.dealt}
     return finalize(stage, [s["shard"] for s in shards], info) | {"timing": timing}
 
 
-def _finish_shard(stage: StageRun, encoder, shard: int, tar: str, chunks, dim: int, extra: tuple = ()) -> int:
-    """Encode a shard's decoded chunks, write its embeddings and row-less metadata, mark it done."""
+def _get(refs):
+    """ray.get, a stage error (corrupt shard, unloadable model) re-raised as itself."""
     import ray
 
-    pending, failed = [], collections.Counter()
     try:
-        for chunk_ref in chunks:
-            pending.append((chunk_ref, encoder.encode.remote(chunk_ref)))
-        results = [(ray.get(c), ray.get(e)) for c, e in pending]
+        return ray.get(refs)
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, StageError):
             raise StageError(str(e.cause)) from None
         raise
-    meta = {c: [v for chunk, _ in results for v in chunk[c]]
-            for c in ("key", "url", "caption", "width", "height", "phash", *extra)}
-    for chunk, _ in results:
-        failed.update(chunk["failed"])
-    img = np.concatenate([e["img"] for _, e in results]) if results else np.zeros((0, dim), np.float16)
-    files = shard_files(shard, stage.conf.text)
+
+
+def _finish_shard(stage: StageRun, shard: InFlight, dim: int, extra: tuple = ()) -> int:
+    """Write a shard's embeddings and row-less metadata from its encoded chunks, mark it done."""
+    results = _get(shard.encoded)
+    failed = collections.Counter()
+    meta = {c: [v for r in results for v in r["meta"][c]] for c in (*META_COLUMNS, *extra)}
+    for r in results:
+        failed.update(r["failed"])
+    img = np.concatenate([r["img"] for r in results]) if results else np.zeros((0, dim), np.float16)
+    files = shard_files(shard.shard, stage.conf.text)
     _save_npy(stage.dir / files["img_emb"], img)
     if stage.conf.text:
-        _save_npy(stage.dir / files["text_emb"], np.concatenate([e["text"] for _, e in results]))
-    _write_metadata(stage.dir / "_run" / "meta" / f"{shard:05d}.parquet", meta, shard, row_offset=None)
-    stage.mark_done(shard, {"rows": len(img), "failed": dict(failed)})
+        _save_npy(stage.dir / files["text_emb"], np.concatenate([r["text"] for r in results]))
+    _write_metadata(stage.dir / "_run" / "meta" / f"{shard.shard:05d}.parquet", meta, shard.shard, row_offset=None)
+    nodes = [results[0]["decode_node"], *(r["encode_node"] for r in results)] if results else []
+    stage.mark_done(shard.shard, {"rows": len(img), "failed": dict(failed), "nodes": nodes})
     return len(img)
 
 
@@ -301,10 +276,11 @@ def finalize(stage: StageRun, shard_ids: list[int], info: dict) -> dict:
     import pyarrow.parquet as pq
 
     stats = stage.done_stats()
-    offset, out_shards, failed = 0, [], collections.Counter()
+    offset, out_shards, failed, nodes = 0, [], collections.Counter(), []
     for shard in shard_ids:
         rows = stats[shard]["rows"]
         failed.update(stats[shard]["failed"])
+        nodes += stats[shard].get("nodes", [])  # the shard's decode task, then each chunk's encoder
         meta = pq.read_table(stage.dir / "_run" / "meta" / f"{shard:05d}.parquet").to_pydict()
         files = shard_files(shard, stage.conf.text)
         _write_metadata(stage.dir / files["metadata"], meta, shard, row_offset=offset)
@@ -316,6 +292,7 @@ def finalize(stage: StageRun, shard_ids: list[int], info: dict) -> dict:
         "counts": {"images": offset, "failed": sum(failed.values()), "shards": len(shard_ids)},
         "encoder_metrics": json.loads(encoder_report.read_text()) if stage.conf.pretrained and encoder_report.exists() else None,
         "failures": dict(sorted(failed.items())),
+        "nodes": count_nodes(nodes),  # {Ray node: shards decoded + chunks encoded there}
         "model": {"model": _abs(stage.conf.model), "pretrained": _abs(stage.conf.pretrained), "name": info["name"], "dim": info["dim"]},
         "dim": info["dim"],
         "rows": offset,

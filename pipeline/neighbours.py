@@ -7,7 +7,9 @@ dedup.manhattan_threshold bits) are dropped; extra candidates are fetched until 
 thresholds are those the dedup stage that wrote keep.parquet used (its manifest's "thresholds"),
 not the current config's, so a re-run after editing dedup.* never mixes two rules.
 Ray actors (one per CPU by default, each with one faiss thread) hold the index, memory-mapped so
-they share its pages, and take embed shards one at a time.
+they share its pages, and take embed shards one at a time. Their start-up (process, imports, index
+mmap, metadata) is not waited for: shards are queued on them at once, and the driver reads what it
+needs (the neighbours.where rows) meanwhile. The manifest's `nodes` counts the shards each Ray node did.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ class NeighbourWorker:
                  cosine_threshold: float, manhattan_threshold: int, batch_size: int, allowed=None):
         from pathlib import Path
 
+        from pipeline.cluster import node_id
+
         import faiss
         import pyarrow as pa
 
@@ -69,6 +73,7 @@ class NeighbourWorker:
         self.thresholds = (cosine_threshold, manhattan_threshold)
         self.allowed = allowed  # bool by embed row (neighbours.where), or None
         self.n_kept = int(self.keep.sum())
+        self.node = node_id()
 
     def neighbours(self, queries: np.ndarray, q_rows: np.ndarray):
         sims = np.zeros((len(q_rows), self.k), np.float32)
@@ -116,11 +121,17 @@ class NeighbourWorker:
             pq.write_table(table, tmp)
         return shard["shard"], len(q_rows)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> float:
+        """When this actor was ready (wall clock): the stage's start-up figure."""
+        import time
 
-    def process(self, shard: dict, embed_dir: str) -> tuple[int, int]:  # the Ray actor method
-        return self(shard, embed_dir)
+        return time.time()
+
+    def process(self, shard: dict, embed_dir: str, allowed=None) -> tuple[int, int, str]:  # the Ray actor method
+        """Write one shard's lists; (shard, rows, this actor's Ray node). `allowed`: neighbours.where's mask,
+        sent with the work because the driver computes it while the actors start."""
+        self.allowed = allowed
+        return (*self(shard, embed_dir), self.node)
 
 
 ACTOR_BASE_BYTES = 400 << 20  # an actor's Python, numpy, faiss and pyarrow, before any rows
@@ -171,6 +182,8 @@ def run(stage: StageRun) -> dict:
     import ray
     from ray.util import ActorPool
 
+    from pipeline.cluster import count_nodes
+
     conf, cfg = stage.conf, stage.cfg
     shards = stage.inputs["embed"]["shards"]
     cosine, manhattan = dedup_thresholds(stage)
@@ -179,7 +192,7 @@ def run(stage: StageRun) -> dict:
     # absolute: Ray workers need not share the driver's working directory
     args = (str(stage.input_dirs["index"].resolve()), str(stage.input_dirs["embed"].resolve()),
             str(stage.input_dirs["dedup"].resolve()), str(stage.dir.resolve()),
-            conf.k, conf.candidates, cosine, manhattan, conf.batch_size, allowed_rows(stage))
+            conf.k, conf.candidates, cosine, manhattan, conf.batch_size)
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")
     timing = {"actors": 0, "images_this_run": 0}
@@ -187,14 +200,15 @@ def run(stage: StageRun) -> dict:
         clock = RunClock()
         n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"]), len(todo))
         actors = [ray.remote(NeighbourWorker).options(num_cpus=1).remote(*args) for _ in range(n_actors)]
-        ray.get([a.ready.remote() for a in actors])  # process start, imports, index mmap, metadata
-        clock.ready()
+        ready = [a.ready.remote() for a in actors]  # read at the end: the shards queue behind start-up
+        allowed = allowed_rows(stage)  # while the actors start (process, imports, index mmap, metadata)
         pool = ActorPool(actors)
         embed_dir = str(stage.input_dirs["embed"].resolve())
-        for shard, count in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir), todo):
-            stage.mark_done(shard, {"rows": count})
+        for shard, count, node in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir, allowed), todo):
+            stage.mark_done(shard, {"rows": count, "node": node})
             progress.update(1, count)
             clock.items += count
+        clock.ready(wall=min(ray.get(ready)))  # the first actor's start-up
         timing = clock.report("actor") | {"actors": n_actors}
     stats = stage.done_stats()
     total = sum(stats[s["shard"]]["rows"] for s in shards)
@@ -202,6 +216,7 @@ def run(stage: StageRun) -> dict:
         "items": total,
         "counts": {"images": total, "shards": len(shards)},
         "k": conf.k,
+        "nodes": count_nodes(stats[s["shard"]].get("node", "") for s in shards),  # {Ray node: shards done there}
         "shards": [{"shard": s["shard"], "rows": stats[s["shard"]]["rows"],
                     "neighbours": f"neighbours_{s['shard']:05d}.parquet"} for s in shards],
         "timing": timing,

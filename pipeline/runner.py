@@ -60,8 +60,10 @@ class RunClock:
     def __init__(self):
         self.started, self.ready_at, self.items = time.perf_counter(), None, 0
 
-    def ready(self) -> None:
-        self.ready_at = time.perf_counter()
+    def ready(self, wall: float | None = None) -> None:
+        """Now, or when the workers reported ready (`wall`: their `time.time()`; they start while work is queued)."""
+        now = time.perf_counter()
+        self.ready_at = now if wall is None else now - max(0.0, time.time() - wall)
 
     def report(self, workers: str) -> dict:
         after = time.perf_counter() - self.ready_at

@@ -42,6 +42,8 @@ def test_int_accepted_where_float_expected():
     (["neighbours.actors=many"], r'neighbours\.actors must be "auto" or a positive integer'),
     (["neighbours.actors=0"], r"neighbours\.actors must be at least 1, got 0"),
     (["embed.decode_workers=lots"], r'embed\.decode_workers must be "auto" or a positive integer'),
+    (["embed.encoders=many"], r'embed\.encoders must be "auto" or a positive integer'),
+    (["embed.encoders=0"], r"embed\.encoders must be at least 1, got 0"),
     (["neighbours.k=10", "neighbours.candidates=5"], r"neighbours\.candidates \(5\) must exceed neighbours\.k \(10\)"),
     (["embed.model=null"], r"embed\.model must not be null"),
     (["embed.batch_size"], r"expected key\.sub=value"),

@@ -64,9 +64,24 @@ def test_embeddings_equal_direct_open_clip_encode(tmp_path, ray_local):
     np.testing.assert_allclose(text.astype(np.float32), encode_texts(bundle, list(meta["caption"])), atol=2e-3)
 
 
-def test_undecodable_sample_counted_and_skipped(tmp_path, ray_local):
+def test_undecodable_sample_counted_and_skipped(tmp_path, ray_local, monkeypatch):
+    import ray
+
+    fetched, real_get = [], ray.get
+
+    def get(refs, *args, **kwargs):  # everything the driver fetches
+        out = real_get(refs, *args, **kwargs)
+        fetched.extend(out if isinstance(out, list) else [out])
+        return out
+
+    monkeypatch.setattr(ray, "get", get)
     write_fake_download(tmp_path, [samples(0, 6, bad={2, 4}), samples(1, 3)])
     m = run_stage("embed", load_config(None, embed_args(tmp_path)))
+    monkeypatch.undo()
+    # the driver got the encoders' results (embeddings + metadata), never a chunk of pixels
+    assert sum(isinstance(v, dict) and "img" in v for v in fetched) == 2  # one chunk a shard (4 and 3 decoded)
+    assert not any(isinstance(v, dict) and "pixels" in v for v in fetched)
+    assert not any(isinstance(x, np.ndarray) and x.dtype == np.uint8 for v in fetched if isinstance(v, dict) for x in v.values())
     emb, meta = read_embed(tmp_path)
     assert m["failures"] == {"undecodable": 2} and m["counts"]["images"] == 7
     assert len(emb) == len(meta) == 7
@@ -178,3 +193,96 @@ def test_auto_decode_workers_leave_the_encoder_a_cpu_and_fit_the_object_store(mo
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 15.0, "object_store_memory": shard})
     assert decode_worker_count("auto", shard) == 1
     assert decode_worker_count(3, shard) == 3
+
+
+def test_two_encoders_write_the_same_files_as_one(tmp_path, ray_local):
+    """embed.encoders=2: chunks are dealt to two CPU encoder actors (in a Ray with 3 CPUs, in a
+    subprocess); every embedding and metadata file equals the one-encoder run's, bit for bit."""
+    import json
+    import subprocess
+    import sys
+
+    shards = [samples(s, 12) for s in range(4)]  # 3 chunks of <= 5 each
+    for w in ("one", "two"):
+        write_fake_download(tmp_path / w, shards)
+    one = run_stage("embed", load_config(None, embed_args(tmp_path / "one", "embed.text=true")))
+    args = embed_args(tmp_path / "two", "embed.text=true", "ray.num_cpus=3", "embed.encoders=2")
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "embed", *[a for s in args for a in ("--set", s)]],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    two = json.loads((tmp_path / "two" / "embed" / "manifest.json").read_text())
+    assert one["timing"]["encoders"] == 1 and one["timing"]["chunks_per_encoder"] == [12]
+    assert two["timing"]["encoders"] == 2 and sum(two["timing"]["chunks_per_encoder"]) == 12
+    assert min(two["timing"]["chunks_per_encoder"]) > 0, two["timing"]  # both encoders did work
+    # one node here: every shard's decode task and every chunk's encoder ran on it
+    assert list(one["nodes"].values()) == [4 + 12] and list(two["nodes"].values()) == [4 + 12]
+    a, b = tmp_path / "one" / "embed", tmp_path / "two" / "embed"
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and "_run" not in p.parts and p.name != "manifest.json")
+    assert len(files) == 12 and files == sorted(p.relative_to(b) for p in b.rglob("*")
+                                                  if p.is_file() and "_run" not in p.parts and p.name != "manifest.json")
+    for f in files:
+        if f.suffix == ".parquet":
+            assert pq.read_table(a / f).equals(pq.read_table(b / f)), f
+        else:
+            assert np.array_equal(np.load(a / f), np.load(b / f)), f
+
+
+def test_encoders_that_leave_no_cpu_for_decoding_are_refused(tmp_path, ray_local, capsys):
+    write_fake_download(tmp_path, [samples(0, 3)])
+    assert main(["run", "embed"] + [a for s in embed_args(tmp_path, "embed.encoders=2") for a in ("--set", s)]) == 2
+    assert ("embed.encoders=2 takes 2 of Ray's 2 CPUs (one per encoder) and leaves none for decoding: "
+            "lower embed.encoders or give Ray more CPUs (ray.num_cpus)") in capsys.readouterr().err
+
+
+def test_auto_encoders_one_per_gpu_and_one_on_cpu(monkeypatch):
+    import ray
+
+    from pipeline.embed_encoder import encoder_count
+    from pipeline.runner import UsageError
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})
+    assert encoder_count("auto", "cuda") == 4 and encoder_count("auto", "cpu") == 1
+    assert encoder_count(2, "cuda") == 2 and encoder_count(3, "cpu") == 3
+    with pytest.raises(UsageError, match=r"embed\.encoders=5 needs 5 GPUs on cuda \(one per encoder\), but Ray offers 4: "
+                                         r"lower embed\.encoders, or set device=cpu"):
+        encoder_count(5, "cuda")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0, "GPU": 8.0})
+    assert encoder_count("auto", "cuda") == 2  # a CPU is left for decoding
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})  # torch sees a GPU, Ray does not
+    with pytest.raises(UsageError, match=r"embed\.encoders=auto needs 1 GPU on cuda \(one per encoder\), but Ray offers 0"):
+        encoder_count("auto", "cuda")
+
+
+def test_config_transform_equals_the_loaded_models(tmp_path):
+    """Decoding starts with the transform read from the model's config (meta device, no weights); it must
+    be the loaded model's, for a random init, a checkpoint file, and a tag's own mean/std."""
+    from open_clip import OPENAI_DATASET_MEAN, get_pretrained_cfg
+
+    from model.clip import clip_preprocess
+
+    torch.manual_seed(0)
+    bundle = load_clip(TINY, None)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(bundle.model.state_dict(), ckpt)
+    for pretrained in (None, str(ckpt)):
+        preprocess, dim, name, size = clip_preprocess(TINY, pretrained)
+        assert (repr(preprocess), dim, name, size) == (repr(bundle.preprocess), bundle.embed_dim, bundle.name, bundle.image_size)
+    siglip = get_pretrained_cfg("ViT-B-16-SigLIP", "webli")  # a tag whose mean differs from the default's
+    preprocess = clip_preprocess("ViT-B-16-SigLIP", "webli")[0]
+    assert tuple(preprocess.transforms[-1].mean) == tuple(siglip["mean"]) != tuple(OPENAI_DATASET_MEAN)
+
+
+def test_an_encoder_whose_model_differs_from_the_decoders_transform_refuses_to_encode():
+    from pipeline.embed_encoder import ClipEncoder
+
+    enc = ClipEncoder(TINY, None, "cpu", 4, load=False)
+    decoders = enc.describe()
+    enc.described = decoders | {"pil_transform": "another transform"}
+    with pytest.raises(StageError, match=r"differs from the one read from its config 'another transform'.*which the decode workers used"):
+        enc.load()
+    with pytest.raises(StageError, match=r"the encoder did not load embed\.model=.*differs"):
+        enc.encode({"pixels": np.zeros((1, 32, 32, 3), np.uint8), "failed": {}, "key": ["a"]})
+    enc = ClipEncoder(TINY, None, "cpu", 4, load=False)
+    enc.described = decoders
+    assert enc.load() > 0 and enc.encode({"pixels": np.zeros((1, 32, 32, 3), np.uint8), "failed": {}, "key": ["a"],
+                                          "node": "n1"})["meta"] == {"key": ["a"]}

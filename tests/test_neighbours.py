@@ -59,7 +59,10 @@ def test_identical_to_brute_force_on_exact_index(source, tmp_path):
     cfg = load_config(None, stage_args(work, "dedup.cosine_threshold=0.99", "neighbours.k=5", "neighbours.candidates=8",
                                        "index.factory=Flat"))
     run_stage("index", cfg)
-    run_stage("neighbours", cfg)
+    m = run_stage("neighbours", cfg)
+    import ray
+
+    assert m["nodes"] == {ray.get_runtime_context().get_node_id(): 6}  # the one node did the 6 shards
     got = read_all(work)
     x = np.concatenate([np.load(work / "embed" / "img_emb" / f"img_emb_{s:05d}.npy") for s in range(6)]).astype(np.float32)
     bits = phash_bits_from_hex(pq.read_table(sorted((work / "embed" / "metadata").glob("*.parquet"))).column("phash").to_pylist())

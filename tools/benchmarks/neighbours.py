@@ -40,7 +40,8 @@ def section_neighbours(b: Bench) -> None:
 
     res = interleave(b.args.reps, {"stage": stage, "same": bare(workers["faiss"]), "all": bare(default_threads)})
     param = f"{infos.get('search_param')} {infos.get('nprobe')}" if infos.get("search_param") else "exact"
-    includes = ("ours: run_stage('neighbours') = actor start, index load (mmap), metadata, search of every kept row "
+    includes = ("ours: run_stage('neighbours') = actor start, index load (mmap), metadata (shards queued on the "
+                "actors at once, each starts when it is ready), search of every kept row "
                 "with k=candidates, self/duplicate filtering, parquet writes; reference: index.search over the "
                 "same queries, same k and batch size, index and queries already in RAM")
     b.add(measured("neighbours", f"images/s vs faiss search, same threads ({workers['faiss']})", "img/s", res["stage"],
