@@ -28,7 +28,7 @@ def cluster():
     ray.shutdown()
     head.shutdown()
     if was_running:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
 
 
 def workdir(tmp_path, address):

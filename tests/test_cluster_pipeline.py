@@ -88,7 +88,7 @@ def runs(tmp_path_factory):
             ray.shutdown()
             cluster.shutdown()
         # one node with the CPUs the 2 training workers need (fewer CPUs: fewer worker processes to start)
-        ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, logging_level="warning")
+        ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, logging_level="warning")
         manifests = run_pipeline(root / "single", sets, STAGES[:-1])
         # training on the cluster's pack, whose sample order (so batches) the single run's pack need not share
         shutil.copytree(root / "cluster" / "pack", root / "train_single" / "pack")
@@ -98,7 +98,7 @@ def runs(tmp_path_factory):
         ray.shutdown()
         server.close()
         if was_running:
-            ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     return out
 
 
