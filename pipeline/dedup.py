@@ -11,8 +11,9 @@ its `nprobe` next-nearest centroids (pipeline.dedup_partitions); one Ray task pe
 the duplicate pairs among the vectors assigned to it, holding only that partition
 (pipeline.dedup_pairs), and writes them to its own file, so a re-run resumes per partition. With
 one partition (up to `partition_size` images) and no Ray running or configured, both steps run in
-this process. The pairs (few) are then grouped here by the paper's per-item rule, in row order: an
-item not yet removed is kept and removes every later item it is a duplicate of, so each removed
+this process. The pairs (few) are then grouped here by the paper's per-item rule, in key order (not
+row order, which img2dataset's threads do not fix): an item not yet removed is kept and removes
+every later item it is a duplicate of, so each removed
 item names a kept item it is itself similar to (no chains: A ~ B ~ C keeps C when A and C are not
 duplicates).
 
@@ -95,6 +96,20 @@ def find_pairs(stage: StageRun, emb: Embeddings, parts: int, todo: list[int], di
         progress.update(1, stats["members"])
 
 
+def remove_in_key_order(keys, pairs: np.ndarray, sims: np.ndarray, reasons: np.ndarray):
+    """remove_in_row_order with the items ranked by key instead of row: which of two duplicates is kept
+    then depends on the images, not on the order img2dataset's threads wrote a shard in, so two
+    downloads of one URL list (or a cluster and a single machine) dedup alike. Same return values,
+    indexed by row."""
+    n = len(keys)
+    by_key = np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")  # rows in key order
+    rank = np.empty(n, np.int64)
+    rank[by_key] = np.arange(n)
+    removed, dup_rank, similarity, reason = remove_in_row_order(n, rank[pairs], sims, reasons)
+    duplicate_of = np.where(dup_rank[rank] >= 0, by_key[np.maximum(dup_rank[rank], 0)], -1)
+    return removed[rank], duplicate_of, similarity[rank], reason[rank]
+
+
 def run(stage: StageRun) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -111,9 +126,9 @@ def run(stage: StageRun) -> dict:
         assign(stage, emb, parts, distributed)
         find_pairs(stage, emb, parts, todo, distributed)
     pairs, sims, reasons = read_pairs(stage.dir / "pairs", parts)
-    removed, duplicate_of, similarity, edge_reason = remove_in_row_order(n, pairs, sims, reasons)
-    representative = ~removed
     keys = read_metadata(embed_dir, stage.inputs["embed"], ["key"])["key"]
+    removed, duplicate_of, similarity, edge_reason = remove_in_key_order(keys, pairs, sims, reasons)
+    representative = ~removed
     holdout = holdout_mask(keys, representative, conf.holdout, conf.holdout_max)
     keep = representative & ~holdout
     names = np.array(["cosine", "phash"])

@@ -5,6 +5,7 @@ import io
 
 import imagehash
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image, ImageEnhance
 
@@ -133,3 +134,27 @@ def test_dedup_is_stale_when_embed_changes(tmp_path):
     assert stage_status(cfg, "dedup")[0] == "done"
     write_embed_output(tmp_path, clustered_unit_vectors(200, 16, 10, seed=1), shard_size=50)
     assert stage_status(cfg, "dedup")[0] == "stale"
+
+
+def test_duplicates_are_resolved_in_key_order_not_row_order():
+    """Rows 0..3 hold keys d, c, b, a; pairs (0,1) and (1,2) and (2,3) chain. In key order a (row 3)
+    is kept and removes b (row 2); c (row 1) is then kept (its only kept neighbour b is gone) and
+    removes d (row 0). The same rows in any order give the same keep set by key."""
+    from pipeline.dedup import remove_in_key_order
+
+    pairs = np.array([[0, 1], [1, 2], [2, 3]])
+    sims, reasons = np.array([0.96, 0.97, 0.98], np.float32), np.zeros(3, np.int8)
+    removed, duplicate_of, similarity, reason = remove_in_key_order(["d", "c", "b", "a"], pairs, sims, reasons)
+    assert removed.tolist() == [True, False, True, False]
+    assert duplicate_of.tolist() == [1, -1, 3, -1]
+    assert similarity[[0, 2]].tolist() == pytest.approx([0.96, 0.98]) and np.isnan(similarity[[1, 3]]).all()
+    assert reason.tolist() == [0, -1, 0, -1]
+    # shuffled rows: the same keys are removed, each naming the same key
+    perm = np.array([2, 0, 3, 1])  # new row r holds old row perm[r]
+    inverse = np.argsort(perm)
+    keys = np.array(["d", "c", "b", "a"])[perm]
+    r2, d2, _, _ = remove_in_key_order(list(keys), inverse[pairs], sims, reasons)
+    assert sorted(keys[r2]) == ["b", "d"]
+    assert {keys[i]: keys[d2[i]] for i in np.flatnonzero(r2)} == {"b": "a", "d": "c"}
+    empty = remove_in_key_order(["x", "y"], np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8))
+    assert not empty[0].any() and (empty[1] == -1).all()
