@@ -52,10 +52,12 @@ class ClipEncoder:
         from model.clip import load_clip
 
         try:
-            torch.set_grad_enabled(False)
-            if self.pretrained is None:
-                torch.manual_seed(0)  # random init (tests) must be the same model in every process and run
-            self.bundle = load_clip(self.model, self.pretrained, self.device)
+            # no global state changed (grad mode, RNG): a test may run an encoder in its own process;
+            # encode_images runs under inference_mode
+            with torch.random.fork_rng(devices=[]):
+                if self.pretrained is None:
+                    torch.manual_seed(0)  # random init (tests) must be the same model in every process and run
+                self.bundle = load_clip(self.model, self.pretrained, self.device)
             self.pil_stage, mean, std = split_transform(self.bundle.preprocess)
             self.mean = torch.tensor(mean).view(1, 3, 1, 1)
             self.std = torch.tensor(std).view(1, 3, 1, 1)

@@ -286,3 +286,19 @@ def test_an_encoder_whose_model_differs_from_the_decoders_transform_refuses_to_e
     enc.described = decoders
     assert enc.load() > 0 and enc.encode({"pixels": np.zeros((1, 32, 32, 3), np.uint8), "failed": {}, "key": ["a"],
                                           "node": "n1"})["meta"] == {"key": ["a"]}
+
+
+def test_loading_an_encoder_in_process_leaves_grad_mode_and_the_rng_alone():
+    """An encoder loaded in the test process once switched autograd off for every later test (training
+    then failed with "does not require grad") and reseeded torch's global generator."""
+    import torch
+
+    from pipeline.embed_encoder import ClipEncoder
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    enc = ClipEncoder(TINY, None, "cpu", 4, load=False)
+    enc.described = enc.describe()
+    enc.load()
+    assert torch.is_grad_enabled()
+    assert torch.equal(torch.random.get_rng_state(), before)
