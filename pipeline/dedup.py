@@ -52,7 +52,7 @@ def run_tasks(stage: StageRun, distributed: bool, fn, calls: dict, what: str):
     import ray
 
     ensure_ray(stage.cfg)
-    task = ray.remote(fn).options(num_cpus=1, max_retries=0)
+    task = ray.remote(fn).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
     running = {task.remote(*args): key for key, args in calls.items()}
     while running:
         ready, _ = ray.wait(list(running), num_returns=1)

@@ -179,7 +179,7 @@ def run(stage: StageRun) -> dict:
     todo = collections.deque(s for s in shards if not stage.shard_done(s["shard"]))
     encoders, info_ref, loaded = start_encoders(conf, _abs(conf.model), _abs(conf.pretrained), device, n_encoders,
                                                 load=bool(todo))
-    decode = ray.remote(decode_task).options(num_cpus=1, max_retries=0)
+    decode = ray.remote(decode_task).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
     extra = tuple(download.get("extra_columns", ()))
     progress = stage.progress(len(shards), unit="images")
     largest = max((s["successes"] for s in todo), default=0)

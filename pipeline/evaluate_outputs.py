@@ -60,10 +60,10 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, sampler
         entries.append({"prompt": prompts[p], "samples": list(generated["images"][generated["prompt_of"] == p]),
                         "real": real_by_prompt.get(p), "neighbours": neighbours})
     summary = [("checkpoint", f"{result['checkpoint']} (step {result['step']})"), ("index", result["index"]),
-               ("condition", "text embedding alone (--no-knn)" if result["no_knn"] else
-                f"{result['k']} neighbours alone (--neighbours-only)" if result.get("neighbours_only") else
-                f"text embedding + {result['k']} neighbours") + (f", neighbours only where {result['where']}"
-                                                                 if result.get("where") else ""),
+               ("condition", ("text embedding alone (--no-knn)" if result["no_knn"] else
+                              f"{result['k']} neighbours alone (--neighbours-only)" if result.get("neighbours_only") else
+                              f"text embedding + {result['k']} neighbours")
+                + (f", neighbours only where {result['where']}" if result.get("where") else "")),
                ("sampling", f"{result['steps']} DDIM steps, guidance {result['guidance']}, seed {result['seed']}, "
                             f"{result['images_per_prompt']} image(s) per prompt, {result['sampling_seconds']} s"),
                ("evaluation encoder", result["encoder"]), ("prompts", f"{result['prompts']} (showing {shown})")]

@@ -54,7 +54,7 @@ def build_parallel(stage: StageRun, emb: Embeddings, kept_rows: np.ndarray, trai
     progress = stage.progress(len(shards), unit="vectors")
     if todo:
         ensure_ray(stage.cfg)
-        task = ray.remote(add_shard).options(num_cpus=1, max_retries=0)
+        task = ray.remote(add_shard).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
         running = {task.remote(str(trained_path), str((emb.dir / emb.shards[s]["img_emb"]).resolve()),
                                int(emb.offsets[s]), shards[s], str(_part(parts, s)), stage.conf.add_batch_size): s
                    for s in todo}

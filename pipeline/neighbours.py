@@ -199,7 +199,8 @@ def run(stage: StageRun) -> dict:
     if todo:
         clock = RunClock()
         n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"]), len(todo))
-        actors = [ray.remote(NeighbourWorker).options(num_cpus=1).remote(*args) for _ in range(n_actors)]
+        worker = ray.remote(NeighbourWorker).options(num_cpus=1, scheduling_strategy="SPREAD")
+        actors = [worker.remote(*args) for _ in range(n_actors)]
         ready = [a.ready.remote() for a in actors]  # read at the end: the shards queue behind start-up
         allowed = allowed_rows(stage)  # while the actors start (process, imports, index mmap, metadata)
         pool = ActorPool(actors)

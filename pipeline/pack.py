@@ -202,7 +202,7 @@ def run(stage: StageRun) -> dict:
     progress = stage.progress(len(plans), unit="samples")
     if todo:
         ensure_ray(stage.cfg)
-        task = ray.remote(pack_shard).options(num_cpus=1, max_retries=0)
+        task = ray.remote(pack_shard).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
         manipulation = None
         if conf.manipulation:
             manipulation = {"boxes": conf.boxes, "box_min": conf.box_min, "box_max": conf.box_max, "clip": embed.get("model")}
