@@ -70,3 +70,13 @@ def node_id() -> str:
 def count_nodes(ids) -> dict[str, int]:
     """{node id: how many of a stage's work items ran there}: a manifest's `nodes` entry."""
     return dict(sorted(Counter(i for i in ids if i).items()))
+
+
+def release(actors) -> None:
+    """Kill a stage's actors now that its work is done, so their CPUs (and GPUs) are free for the next
+    stage at once: a handle going out of scope frees them only later, and a stage that starts meanwhile
+    would find those nodes busy and crowd onto the others."""
+    import ray
+
+    for actor in actors:
+        ray.kill(actor)

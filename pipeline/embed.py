@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cluster import count_nodes, node_id, work_device
+from pipeline.cluster import count_nodes, node_id, release, work_device
 from pipeline.embed_encoder import ClipEncoder, split_transform  # noqa: F401 - re-exported (tests, tools)
 from pipeline.embed_encoder import META_COLUMNS, LeastLoaded, encoder_count, start_encoders
 from pipeline.embeddings import shard_files
@@ -208,6 +208,7 @@ def run(stage: StageRun) -> dict:
             clock.items += rows
             progress.update(1, rows)
     clock.ready(wall=min(_get(loaded), default=None))  # the first encoder's weights were ready
+    release(encoders)
     timing = clock.report("encoder") | {"encoder_config_s": round(info["at"] - started, 3),  # decoding could start
                                         "decode_workers": workers, "encoders": n_encoders,
                                         "chunks_per_encoder": deal.dealt}

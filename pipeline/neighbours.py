@@ -182,7 +182,7 @@ def run(stage: StageRun) -> dict:
     import ray
     from ray.util import ActorPool
 
-    from pipeline.cluster import count_nodes
+    from pipeline.cluster import count_nodes, release
 
     conf, cfg = stage.conf, stage.cfg
     shards = stage.inputs["embed"]["shards"]
@@ -210,6 +210,7 @@ def run(stage: StageRun) -> dict:
             progress.update(1, count)
             clock.items += count
         clock.ready(wall=min(ray.get(ready)))  # the first actor's start-up
+        release(actors)
         timing = clock.report("actor") | {"actors": n_actors}
     stats = stage.done_stats()
     total = sum(stats[s["shard"]]["rows"] for s in shards)
