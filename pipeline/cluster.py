@@ -80,3 +80,26 @@ def release(actors) -> None:
 
     for actor in actors:
         ray.kill(actor)
+
+
+def ray_tasks(cfg, fn, calls: dict, on_error):
+    """Run fn(*args) for every {key: args} as one-CPU Ray tasks spread over the nodes, and yield (key,
+    result) as each finishes: the loop dedup's partitions, index's shards and pack's shards share.
+    A failed task raises on_error(key, cause) (a StageError naming it and the fix), or the task's own
+    error when on_error returns None."""
+    import ray
+
+    ensure_ray(cfg)
+    task = ray.remote(fn).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
+    running = {task.remote(*args): key for key, args in calls.items()}
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        key = running.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as e:
+            error = on_error(key, e.cause)
+            if error is None:
+                raise
+            raise error from None
+        yield key, result

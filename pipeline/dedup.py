@@ -34,12 +34,12 @@ import sys
 
 import numpy as np
 
-from pipeline.cluster import count_nodes
+from pipeline.cluster import count_nodes, ray_tasks
 from pipeline.dedup_pairs import pairs_path, partition_pairs, read_pairs
 from pipeline.dedup_partitions import assign_shard, partition_count, save_array, shard_assigned, train_centroids
 from pipeline.duplicates import remove_in_row_order
 from pipeline.embeddings import Embeddings, read_metadata
-from pipeline.runner import Progress, StageError, StageRun, atomic_path, ensure_ray
+from pipeline.runner import Progress, StageError, StageRun, atomic_path
 
 
 def run_tasks(stage: StageRun, distributed: bool, fn, calls: dict, what: str):
@@ -49,20 +49,8 @@ def run_tasks(stage: StageRun, distributed: bool, fn, calls: dict, what: str):
         for key, args in calls.items():
             yield key, fn(*args)
         return
-    import ray
-
-    ensure_ray(stage.cfg)
-    task = ray.remote(fn).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
-    running = {task.remote(*args): key for key, args in calls.items()}
-    while running:
-        ready, _ = ray.wait(list(running), num_returns=1)
-        key = running.pop(ready[0])
-        try:
-            result = ray.get(ready[0])
-        except ray.exceptions.RayTaskError as e:
-            raise StageError(f"dedup: {what} {key} failed ({str(e.cause)[:300]}); re-run `knnd run dedup` to "
-                             f"resume (finished {what}s are kept)") from None
-        yield key, result
+    yield from ray_tasks(stage.cfg, fn, calls, lambda key, cause: StageError(
+        f"dedup: {what} {key} failed ({str(cause)[:300]}); re-run `knnd run dedup` to resume (finished {what}s are kept)"))
 
 
 def ray_wanted(stage: StageRun, parts: int) -> bool:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cluster import count_nodes, node_id
+from pipeline.cluster import count_nodes, node_id, ray_tasks
 from pipeline.embeddings import Embeddings
 from pipeline.faiss_build import save_index
 from pipeline.faiss_ondisk import ivfdata_path, merge_partials, write_partial
-from pipeline.runner import StageError, StageRun, ensure_ray
+from pipeline.runner import StageError, StageRun
 
 PARTS = "parts"
 
@@ -41,7 +41,6 @@ def build_parallel(stage: StageRun, emb: Embeddings, kept_rows: np.ndarray, trai
     """(the merged index, its lists on disk; {shards, reused, added}): `train()` gives the trained,
     empty index (called only when no earlier run wrote it); shards whose part an earlier run
     finished are reused, not redone."""
-    import ray
 
     parts = (stage.dir / PARTS).resolve()
     trained_path = parts / "trained.index"
@@ -53,19 +52,12 @@ def build_parallel(stage: StageRun, emb: Embeddings, kept_rows: np.ndarray, trai
     todo = [s for s in shards if s not in reused]
     progress = stage.progress(len(shards), unit="vectors")
     if todo:
-        ensure_ray(stage.cfg)
-        task = ray.remote(add_shard).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
-        running = {task.remote(str(trained_path), str((emb.dir / emb.shards[s]["img_emb"]).resolve()),
-                               int(emb.offsets[s]), shards[s], str(_part(parts, s)), stage.conf.add_batch_size): s
-                   for s in todo}
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(ready[0])
-            try:
-                stats = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as e:
-                raise StageError(f"index: adding embed shard {shard} failed ({str(e.cause)[:300]}); "
-                                 f"re-run `knnd run index` to resume (finished shards are kept)") from None
+        calls = {s: (str(trained_path), str((emb.dir / emb.shards[s]["img_emb"]).resolve()), int(emb.offsets[s]),
+                     shards[s], str(_part(parts, s)), stage.conf.add_batch_size) for s in todo}
+        failed = lambda shard, cause: StageError(  # noqa: E731
+            f"index: adding embed shard {shard} failed ({str(cause)[:300]}); "
+            f"re-run `knnd run index` to resume (finished shards are kept)")
+        for shard, stats in ray_tasks(stage.cfg, add_shard, calls, failed):
             stage.mark_done(shard, stats)  # after its part was renamed into place
             progress.update(1, stats["vectors"])
     print(f"index: merging {len(shards)} partial indexes into {ivfdata_path(stage.dir / 'image.index').name}")

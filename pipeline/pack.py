@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cluster import count_nodes, node_id
-from pipeline.runner import StageError, StageRun, ensure_ray
+from pipeline.cluster import count_nodes, node_id, ray_tasks
+from pipeline.runner import StageError, StageRun
 from pipeline.shards import corrupt_message, image_bytes, iter_tar_samples, load_image
 
 # --------------------------------------------------------------------------- planning
@@ -188,7 +188,6 @@ def _decode_images(keys: list[str], shards: np.ndarray, download_tars: dict[int,
 
 
 def run(stage: StageRun) -> dict:
-    import ray
 
     conf = stage.conf
     embed, neighbours = stage.inputs["embed"], stage.inputs["neighbours"]
@@ -201,21 +200,12 @@ def run(stage: StageRun) -> dict:
     todo = [p for p in plans if not stage.shard_done(p["shard"])]
     progress = stage.progress(len(plans), unit="samples")
     if todo:
-        ensure_ray(stage.cfg)
-        task = ray.remote(pack_shard).options(num_cpus=1, max_retries=0, scheduling_strategy="SPREAD")
         manipulation = None
         if conf.manipulation:
             manipulation = {"boxes": conf.boxes, "box_min": conf.box_min, "box_max": conf.box_max, "clip": embed.get("model")}
-        running = {task.remote(p, dirs, download_tars, conf.image_size, manipulation): p["shard"] for p in todo}
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(ready[0])
-            try:
-                stats = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, StageError):
-                    raise StageError(str(e.cause)) from None
-                raise
+        calls = {p["shard"]: (p, dirs, download_tars, conf.image_size, manipulation) for p in todo}
+        failed = lambda shard, cause: StageError(str(cause)) if isinstance(cause, StageError) else None  # noqa: E731
+        for shard, stats in ray_tasks(stage.cfg, pack_shard, calls, failed):
             stage.mark_done(shard, stats)  # after its tars were renamed into place
             progress.update(1, stats["samples"])
     body = manifest_body(stage.done_stats(), plans, conf, neighbours["k"], embed)
