@@ -99,8 +99,8 @@ class IndexConfig:
                             '"punsafe < 0.1 and aesthetic >= q(0.9)" (DuckDB; q(p): the column\'s p-quantile)')
     factory: str = opt("auto", '"auto" or a faiss index factory string such as "OPQ256_512,IVF65536,PQ256"')
     memory_budget: str = opt("4GB", "the index must fit in this much memory (auto factory)")
-    cell_size: int = opt(1024, "auto factory: vectors per IVF cell (nlist = n / cell_size), constant as n grows so a "
-                         "query scans the same number of vectors at any n", min=39)
+    cell_size: int = opt(128, "auto factory: vectors per IVF cell (nlist = n / cell_size), the same at any n; at hundreds "
+                         "of millions raise it (the centroids and the training sample grow as n / cell_size)", min=39)
     hnsw_quantizer_above: int = opt(300_000, "auto factory: above this many vectors the IVF coarse quantizer is an HNSW "
                                     "graph over the centroids (IVF{nlist}_HNSW32)", min=0)
     nprobe: str | int = opt("auto", '"auto" (tuned to target_recall) or a fixed number of IVF cells to search')

@@ -7,8 +7,7 @@ Conventions shared with ``faiss_search``:
 - Indexes return *rows* (int64 positions in the concatenated embedding files, SPEC "Keys"), never
   positions inside the index: vectors are always added with explicit ids. IVF indexes keep ids in
   their inverted lists; other types (Flat, HNSW, PQ) cannot, so ``make_index`` wraps them in an
-  ``IndexIDMap`` (8 bytes/vector). Not ``IndexIDMap2``: its extra id->position hash map (~40 B/vector)
-  only serves ``reconstruct(row)``, and the float16 embeddings already hold every vector by row.
+  ``IndexIDMap`` (8 bytes/vector; not ``IndexIDMap2``, whose ~40 B/vector only serve ``reconstruct``).
 - GPU: when faiss sees a GPU, k-means (IVF training) and the coarse assignment of added vectors run
   there for any index (``faiss_search`` decides where an index is searched).
 - Data bigger than memory arrives as blocks: ``add_batches`` takes an iterator of (rows, vectors).
@@ -23,27 +22,26 @@ from collections.abc import Iterable
 
 import faiss
 import numpy as np
+from faiss.contrib.clustering import two_level_clustering
 from faiss.contrib.ivf_tools import add_preassigned
 
 from pipeline.files import atomic_path
 from pipeline.sizes import format_bytes, parse_bytes
 
 METRIC = faiss.METRIC_INNER_PRODUCT
-
 # choose_factory regimes (see its docstring for why).
 EXACT_MAX_N = 20_000
 HNSW_MAX_N = 500_000
 HNSW_M = 32
-CELL_SIZE = 1024  # vectors per IVF cell of the auto factory: constant in N, so a query scans the same count
+CELL_SIZE = 128  # vectors per IVF cell of the auto factory, at any N
 HNSW_QUANTIZER_ABOVE = 300_000  # above this many vectors the coarse quantizer is an HNSW graph of the centroids
 PQ_BYTES = (256, 128, 64, 32, 16)  # bytes/vector tried for OPQ+IVF+PQ, best first
 ID_BYTES = 8  # one int64 row id per vector
-
 # Training sample: faiss k-means warns under 39 points per centroid and subsamples above 256.
 KMEANS_MIN_POINTS_PER_CENTROID = 39
 TRAIN_POINTS_PER_CELL = 64
+TWO_LEVEL_ABOVE = 1024  # IVF cells: above this the coarse k-means runs in two levels (sqrt(nlist) groups)
 PQ_TRAIN_POINTS = 256 * 64  # 256 centroids per sub-quantizer
-
 
 # ---------------------------------------------------------------------------------------------
 # Helpers faiss_search shares: input vectors, wrapper walking, the GPU choice
@@ -114,10 +112,9 @@ def ivf_nlist(n: int) -> int:
 def ivf_coarse(n: int, cell_size: int = CELL_SIZE, hnsw_above: int = HNSW_QUANTIZER_ABOVE) -> str:
     """The coarse level of the auto factory for ``n`` vectors: ``IVF{nlist}`` or ``IVF{nlist}_HNSW32``.
 
-    nlist = n / cell_size (rounded, >= 1): cells hold ``cell_size`` vectors at any n, so a search of
-    nprobe cells scans the same number of vectors at 100k and 400M. Finding the nprobe nearest
-    centroids is then the part that grows with n: a flat scan of nlist centroids is cheap up to a few
-    hundred thousand vectors, above ``hnsw_above`` an HNSW graph over the centroids does it in ~log(nlist).
+    nlist = n / cell_size (rounded, >= 1): a probed cell costs the same at any n (128 vectors: faiss's
+    guideline of 65k-262k lists for 1M-100M). Above ``hnsw_above`` an HNSW graph finds the nearest
+    centroids in ~log(nlist). The nprobe that reaches a recall target still grows with n (README).
     """
     if cell_size < KMEANS_MIN_POINTS_PER_CENTROID:
         raise ValueError(f"cell_size {cell_size} is below faiss k-means' minimum of "
@@ -272,12 +269,37 @@ def train_index(
     if len(x) < needed:
         raise ValueError(f"factory {factory!r} needs at least {needed} training vectors, got {len(x)}")
     ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or not resolve_gpu(use_gpu):
+    gpu = resolve_gpu(use_gpu)
+    if ivf is not None and ivf.nlist > TWO_LEVEL_ABOVE:
+        _train_two_level(index, x, gpu)
+    elif ivf is None or not gpu:
         index.train(x)
     else:
         gpu_flat = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
         _train_with_kmeans_index(index, x, gpu_flat)
     return index
+
+
+def _train_two_level(index: faiss.Index, x: np.ndarray, gpu: bool) -> None:
+    """Train ``index`` with IVF centroids from faiss's two-level k-means (sqrt(nlist) groups, then each
+    split by size): cost sample x 2 sqrt(nlist), where a flat k-means costs sample x nlist, quadratic in n
+    (~20 min on 2 cores at 3M). OPQ in front is trained first, as contrib's train_ivf_index_with_2level
+    does (which takes L2 indexes only; ours are inner product, hence the spherical k-means)."""
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexPreTransform):
+        for i in range(outer.chain.size()):
+            transform = outer.chain.at(i)
+            transform.train(x)
+            x = transform.apply(x)
+        _train_two_level(outer.index, x, gpu)
+        outer.is_trained = True
+        return
+    ivf = faiss.extract_index_ivf(outer)
+    centroids, _ = two_level_clustering(x, int(math.sqrt(ivf.nlist)), ivf.nlist, clustering_niter=10, seed=1234,
+                                        spherical=ivf.metric_type == METRIC, gpu=gpu)
+    ivf.quantizer.train(centroids)
+    ivf.quantizer.add(centroids)
+    outer.train(x)  # the quantizer holds nlist centroids now: faiss trains only what remains (PQ codebooks)
 
 
 def _train_with_kmeans_index(index: faiss.Index, x: np.ndarray, kmeans_index: faiss.Index) -> None:

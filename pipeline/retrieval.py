@@ -58,13 +58,15 @@ class Retriever:
             raise UsageError(f"{what} gives {dim}-dimensional embeddings but the index {self.dir} holds "
                              f"{self.dim}-dimensional ones: use an index built with the same CLIP model")
 
-    def search(self, queries: np.ndarray, k: int, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, where: str | None = None,
+               bulk: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(sims descending, rows) of the k nearest indexed images; exact re-ranking when the index asks for it.
-        `where` (a metadata filter, pipeline.filters): over-fetch and keep the k nearest that satisfy it."""
+        `where` (a metadata filter, pipeline.filters): over-fetch and keep the k nearest that satisfy it.
+        `bulk`: a large batch (the neighbours stage): IVF,Flat indexes score it list by list (same results)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.check_dim(queries.shape[1], "the query")
         if where is None:
-            return self._search(queries, k)
+            return self._search(queries, k, bulk)
         allowed = self.allowed(where, at_least=k)
         n, fetch = int(self.infos.get("n") or len(self.index_rows())), 4 * k
         while True:
@@ -78,10 +80,10 @@ class Retriever:
         taken = np.take_along_axis(ok, order, axis=1)
         return np.where(taken, sims, -np.inf).astype(sims.dtype), np.where(taken, rows, -1)
 
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, bulk: bool = False) -> tuple[np.ndarray, np.ndarray]:
         if self.infos.get("refine"):
             return faiss_search.refine_search(self.index, self.embeddings, queries, k, self.infos.get("refine_k_factor", 4))
-        return faiss_search.search(self.index, queries, k)
+        return (faiss_search.bulk_search if bulk else faiss_search.search)(self.index, queries, k)
 
     def allowed(self, where: str, at_least: int = 0) -> np.ndarray:
         """bool mask by embed row: the indexed images whose metadata satisfies `where` (cached); fewer

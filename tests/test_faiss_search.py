@@ -154,3 +154,47 @@ def test_drop_self():
     kept_sims, kept_rows = faiss_search.drop_self(sims, rows, np.array([10, 20]), 2)
     assert kept_rows.tolist() == [[11, 12], [10, 13]]
     np.testing.assert_allclose(kept_sims, [[0.9, 0.8], [0.95, 0.9]])
+
+
+# ---------------------------------------------------------------------------------------------
+# bulk search (the neighbours stage), the HNSW quantizer's efSearch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64_HNSW32,Flat"])
+def test_bulk_search_equals_search_on_ivf_flat(data, factory):
+    """List by list (big_batch_search) must give what index.search gives: same rows, same sims, same
+    -1 / -inf padding when k exceeds what the probed cells hold; rows are ids, not positions."""
+    index = build(factory, data["database"], data["rows"], n_train=5000)
+    faiss_search.set_nprobe(index, 4)
+    queries = data["database"][:2000]  # 2000 x 4 probes over 64 cells: the bulk path is taken
+    assert len(queries) * 4 >= faiss_search.BULK_MIN_QUERIES_PER_LIST * 64
+    for k in (10, 2000):
+        want_sims, want_rows = faiss_search.search(index, queries, k)
+        sims, rows = faiss_search.bulk_search(index, queries, k)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
+    assert (rows == -1).any() and np.isneginf(sims[rows == -1]).all()
+    assert set(rows[rows >= 0].ravel()) <= set(data["rows"])
+
+
+def test_bulk_search_falls_back_where_it_cannot_help(data, ivf_pq):
+    """PQ codes (big_batch_search scores IP residuals wrongly) and small batches use index.search."""
+    queries = data["queries"][:50]
+    faiss_search.set_nprobe(ivf_pq, 8)
+    for index in (ivf_pq,):
+        np.testing.assert_array_equal(faiss_search.bulk_search(index, queries, K)[1],
+                                      faiss_search.search(index, queries, K)[1])
+
+
+def test_nprobe_sets_the_hnsw_quantizer_search_depth(data):
+    """faiss searches an HNSW quantizer with efSearch = max(efSearch, nprobe); its default 16 loses
+    the right cells. Setting nprobe (also through the OPQ wrapper) raises it to max(64, 2 x nprobe)."""
+    for factory in ("IVF64_HNSW32,Flat", "OPQ8_32,IVF64_HNSW32,PQ8"):
+        index = build(factory, data["database"], data["rows"], n_train=5000)
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+        assert quantizer.hnsw.efSearch == 16  # faiss's default
+        faiss_search.set_nprobe(index, 8)
+        assert quantizer.hnsw.efSearch == faiss_search.QUANTIZER_EF_MIN == 64
+        faiss_search.set_nprobe(index, 50)
+        assert quantizer.hnsw.efSearch == 100

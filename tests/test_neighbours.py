@@ -179,3 +179,34 @@ def test_thresholds_come_from_the_dedup_manifest_not_the_current_config(source, 
     manifest.write_text(json.dumps(old))
     with pytest.raises(StageError, match=r"(?s)dedup/manifest\.json.*knnd run dedup --force"):
         run_stage("neighbours", edited, force=True)
+
+
+def test_bulk_search_on_ivf_flat_gives_the_lists_per_query_search_gives(source, tmp_path, ray_local, monkeypatch):
+    """Batches of 500 queries over IVF24,Flat take the list-by-list path (faiss big_batch_search),
+    batches of 3 the per-query one: every shard's lists must be identical. The Retriever routes bulk
+    searches there (a spy on big_batch_search's block computation counts the calls)."""
+    from faiss.contrib.big_batch_search import BlockComputer
+
+    from pipeline.retrieval import Retriever
+
+    sets = ["dedup.cosine_threshold=0.99", "index.factory=IVF24,Flat", "index.nprobe=2", "neighbours.k=5",
+            "neighbours.candidates=8"]
+    works = {batch: tmp_path / f"b{batch}" for batch in (3, 500)}
+    for batch, w in works.items():
+        prepare(source, w)
+        run_stage("index", load_config(None, stage_args(w, *sets)))
+        run_stage("neighbours", load_config(None, stage_args(w, *sets, f"neighbours.batch_size={batch}")))
+    names = sorted(p.name for p in (works[3] / "neighbours").glob("neighbours_*.parquet"))
+    assert len(names) == 6
+    for name in names:
+        assert pq.read_table(works[500] / "neighbours" / name).equals(pq.read_table(works[3] / "neighbours" / name))
+    blocks = []
+    real = BlockComputer.block_search
+    monkeypatch.setattr(BlockComputer, "block_search", lambda self, *a, **k: blocks.append(1) or real(self, *a, **k))
+    retriever = Retriever(works[500] / "index")
+    queries = np.asarray(retriever.embeddings[retriever.index_rows()[:500]], dtype=np.float32)
+    bulk = retriever.search(queries, 8, bulk=True)
+    assert len(blocks) == 24  # one block per inverted list
+    plain = retriever.search(queries, 8)
+    assert len(blocks) == 24
+    np.testing.assert_array_equal(bulk[1], plain[1])
