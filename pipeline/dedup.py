@@ -75,7 +75,7 @@ def assign(stage: StageRun, emb: Embeddings, parts: int, distributed: bool) -> N
 
 def find_pairs(stage: StageRun, emb: Embeddings, parts: int, todo: list[int], distributed: bool) -> None:
     conf = stage.conf
-    progress = Progress("dedup", parts, done=parts - len(todo), unit="images")
+    progress = Progress("dedup", parts, done=parts - len(todo), unit="images", parts="partitions")
     thresholds = {"cosine": conf.cosine_threshold, "manhattan": conf.manhattan_threshold}
     calls = {p: (str(emb.dir.resolve()), emb.manifest, str((stage.dir / "parts").resolve()),
                  str((stage.dir / "pairs").resolve()), p, thresholds, conf.candidates, conf.batch_size) for p in todo}

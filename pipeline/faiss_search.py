@@ -24,6 +24,7 @@ GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 GPU_PQ_FLOAT16_LUT_ABOVE = 48  # 56, 64 and 96 bytes need float16 lookup tables
 GPU_PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 GPU_MAX_K = 2048  # largest k and nprobe a GPU search accepts
+HNSW_MAX_EF = 4096  # the largest efSearch tried (tune_nprobe, filtered search)
 QUANTIZER_EF_MIN = 64  # efSearch of an HNSW coarse quantizer: at least this, and 2 x nprobe
 BULK_MIN_QUERIES_PER_LIST = 2  # bulk_search pays when a batch sends this many queries to an average list
 
@@ -68,11 +69,30 @@ def index_for_search(index: faiss.Index, use_gpu: bool | None = None) -> faiss.I
 # ---------------------------------------------------------------------------------------------
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sims float32 [nq, k] descending, rows int64 [nq, k]) of one faiss search; -1 / -inf if missing."""
-    sims, ids = index.search(as_float32(queries, index.d), k)
+def search(index: faiss.Index, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+    """(sims float32 [nq, k] descending, rows int64 [nq, k]) of one faiss search; -1 / -inf if missing.
+    ``params``: faiss SearchParameters (``filtered_params``)."""
+    sims, ids = index.search(as_float32(queries, index.d), k, params=params)
     sims[ids < 0] = -np.inf
     return sims, ids
+
+
+def row_selector(allowed: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    """A faiss selector of the rows where the bool mask ``allowed`` is True, and the packed bitmap it
+    points into (keep both referenced while searching: the selector does not own the bitmap)."""
+    bits = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")
+    return faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits)), bits
+
+
+def filtered_params(index: faiss.Index, selector: faiss.IDSelector, value: int | None = None):
+    """SearchParameters that make faiss itself skip rows outside ``selector`` (through OPQ/IDMap wrappers),
+    with nprobe (IVF) or efSearch (HNSW) = ``value``, or the index's current one."""
+    inner = innermost_index(index)
+    if search_param_name(index) == "nprobe":
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(value or inner.nprobe))
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(value or inner.hnsw.efSearch))
+    return faiss.SearchParameters(sel=selector)
 
 
 def bulk_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,6 +188,7 @@ def refine_search(
     k: int,
     k_factor: int = 4,
     batch_size: int = 1024,
+    params=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search k·k_factor candidates, re-rank them exactly with the stored embeddings, keep the top k.
 
@@ -179,7 +200,7 @@ def refine_search(
     rows = np.empty((len(q), k), dtype=np.int64)
     for start in range(0, len(q), batch_size):  # bounds the [batch, k·k_factor, d] gather
         block = q[start : start + batch_size]
-        _, candidates = index.search(block, k * k_factor)
+        _, candidates = index.search(block, k * k_factor, params=params)
         block_sims, block_rows = rerank(embeddings, block, candidates, k)
         sims[start : start + len(block)], rows[start : start + len(block)] = block_sims, block_rows
     return sims, rows
@@ -264,7 +285,7 @@ def _param_range(index: faiss.Index, name: str, k: int, max_value: int | None) -
         high = innermost_index(index).nlist
         start = 1
     else:
-        high = 4096
+        high = HNSW_MAX_EF
         start = k
     for cap in (max_value, gpu_cap):
         if cap is not None:

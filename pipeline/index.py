@@ -15,6 +15,8 @@ sends), with and without exact re-ranking from the stored float16 embeddings.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import time
 
 import numpy as np
@@ -57,9 +59,9 @@ def train(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int):
     return train_index(factory, emb.dim, sample)
 
 
-def build(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, batch_size: int):
-    """Train `factory` on a sample of the kept rows and add them all, shard by shard, in this process."""
-    index = train(emb, kept_rows, factory, seed)
+def build(emb: Embeddings, kept_rows: np.ndarray, train: Callable, batch_size: int):
+    """The index `train()` gives, with every kept row added, shard by shard, in this process."""
+    index = train()
     keep = np.zeros(len(emb), bool)
     keep[kept_rows] = True
 
@@ -119,12 +121,21 @@ def run(stage: StageRun) -> dict:
     parallel = n >= conf.parallel_min_vectors and supports_parts(factory, d)
     print(f"index: {factory} over {n} kept vectors of dimension {d}"
           f"{', shards added in parallel Ray tasks' if parallel else ''}")
+    timing = {}
+
+    def timed_train():
+        began = time.time()
+        trained = train(emb, kept_rows, factory, conf.seed)
+        timing["train_s"] = round(time.time() - began, 1)
+        return trained
+
     if parallel:
-        index, parts = build_parallel(stage, emb, kept_rows, lambda: train(emb, kept_rows, factory, conf.seed))
+        index, parts = build_parallel(stage, emb, kept_rows, timed_train)
     else:
         remove_parts(stage.dir, keep_ivfdata=False)  # what an interrupted parallel build left
         stage.plan(1)
-        index, parts = build(emb, kept_rows, factory, conf.seed, conf.add_batch_size), None
+        index, parts = build(emb, kept_rows, timed_train, conf.add_batch_size), None
+    timing["build_s"] = round(time.time() - start, 1)  # reading, training, adding (and merging)
 
     rng = np.random.default_rng(conf.seed + 1)
     q_rows = np.sort(rng.choice(kept_rows, size=min(conf.eval_queries, n), replace=False))
@@ -145,6 +156,7 @@ def run(stage: StageRun) -> dict:
             recall[f"{name}_refined"] = evaluate(index, emb, queries, true, rows, refine=True)
     if tuning:
         set_search_param(index, tuning["name"], tuning["value"])
+    timing["tune_s"] = round(time.time() - start - timing["build_s"], 1)  # ground truth, tuning, recall
 
     save_index(index, stage.dir / "image.index")
     remove_parts(stage.dir, keep_ivfdata=parallel)
@@ -170,7 +182,7 @@ def run(stage: StageRun) -> dict:
     if not parallel:
         stage.mark_done(0, {"n": n})
     return {"items": n, "counts": {"vectors": n}, "index": "image.index", "infos": "index_infos.json", "rows": "rows.npy",
-            "factory": factory, "recall": recall,
+            "factory": factory, "recall": recall, "timing": timing,  # seconds: train, build (incl. train), tune
             "nodes": parts["nodes"] if parts else {}}  # {Ray node: embed shards it added}; {}: built in this process
 
 

@@ -61,7 +61,12 @@ class NeighbourWorker:
         from pipeline.embeddings import Embeddings, read_metadata_table
 
         faiss.omp_set_num_threads(1)  # one actor per CPU: threads inside an actor would oversubscribe
-        self.retriever = Retriever(index_dir)
+        self.failure = None
+        try:
+            self.retriever = Retriever(index_dir)
+        except (StageError, UsageError) as e:  # raised by process(): Ray keeps a task's exception, an
+            self.failure = e  # actor start-up's reaches the driver only as the text of an ActorDiedError
+            return
         self.keep = read_keep(Path(dedup_dir))
         self.embeddings = emb = Embeddings(Path(embed_dir))  # the queries: every kept embed row
         meta = read_metadata_table(emb.dir, emb.manifest, ["key", "phash"])
@@ -130,6 +135,8 @@ class NeighbourWorker:
     def process(self, shard: dict, embed_dir: str, allowed=None) -> tuple[int, int, str]:  # the Ray actor method
         """Write one shard's lists; (shard, rows, this actor's Ray node). `allowed`: neighbours.where's mask,
         sent with the work because the driver computes it while the actors start."""
+        if self.failure is not None:
+            raise self.failure
         self.allowed = allowed
         return (*self(shard, embed_dir), self.node)
 
@@ -205,10 +212,15 @@ def run(stage: StageRun) -> dict:
         allowed = allowed_rows(stage)  # while the actors start (process, imports, index mmap, metadata)
         pool = ActorPool(actors)
         embed_dir = str(stage.input_dirs["embed"].resolve())
-        for shard, count, node in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir, allowed), todo):
-            stage.mark_done(shard, {"rows": count, "node": node})
-            progress.update(1, count)
-            clock.items += count
+        try:
+            for shard, count, node in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir, allowed), todo):
+                stage.mark_done(shard, {"rows": count, "node": node})
+                progress.update(1, count)
+                clock.items += count
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, (StageError, UsageError)):
+                raise e.cause from None  # the message itself, not Ray's wrapping of it
+            raise
         clock.ready(wall=min(ray.get(ready)))  # the first actor's start-up
         release(actors)
         timing = clock.report("actor") | {"actors": n_actors}

@@ -8,6 +8,7 @@ the embed folder its infos name.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ class Retriever:
         self.dim = int(self.infos["d"])
         self._meta: dict | None = None
         self._allowed: dict[str, np.ndarray] = {}
+        self._selectors: dict[str, tuple] = {}  # where -> (faiss selector, the bitmap it reads)
 
     def check_dim(self, dim: int, what: str) -> None:
         if dim != self.dim:
@@ -61,14 +63,16 @@ class Retriever:
     def search(self, queries: np.ndarray, k: int, where: str | None = None,
                bulk: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(sims descending, rows) of the k nearest indexed images; exact re-ranking when the index asks for it.
-        `where` (a metadata filter, pipeline.filters): over-fetch and keep the k nearest that satisfy it.
+        `where` (a metadata filter, pipeline.filters): the k nearest that satisfy it (filtered inside faiss).
         `bulk`: a large batch (the neighbours stage): IVF,Flat indexes score it list by list (same results)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.check_dim(queries.shape[1], "the query")
         if where is None:
             return self._search(queries, k, bulk)
         allowed = self.allowed(where, at_least=k)
-        n, fetch = int(self.infos.get("n") or len(self.index_rows())), 4 * k
+        if not faiss_build.on_gpu(self.index):
+            return self._filtered_search(queries, k, where)
+        n, fetch = int(self.infos.get("n") or len(self.index_rows())), 4 * k  # faiss-gpu takes no selector
         while True:
             sims, rows = self._search(queries, min(fetch, n))
             ok = (rows >= 0) & allowed[np.maximum(rows, 0)]
@@ -84,6 +88,36 @@ class Retriever:
         if self.infos.get("refine"):
             return faiss_search.refine_search(self.index, self.embeddings, queries, k, self.infos.get("refine_k_factor", 4))
         return (faiss_search.bulk_search if bulk else faiss_search.search)(self.index, queries, k)
+
+    def _filtered_search(self, queries: np.ndarray, k: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """faiss skips the rows outside `where` while it searches (an IDSelectorBitmap). A fraction f of
+        the rows satisfy it, so nprobe (efSearch for HNSW) is divided by f: the search scans as many
+        satisfying vectors as the tuned value scans vectors unfiltered. Then it doubles while a query
+        has fewer than k, up to every cell (an exhaustive scan); an HNSW still short at the largest
+        efSearch is answered exactly over the satisfying rows, which are then few."""
+        if where not in self._selectors:
+            self._selectors[where] = faiss_search.row_selector(self._allowed[where])
+        selector, _bits = self._selectors[where]
+        name = faiss_search.search_param_name(self.index)
+        inner = faiss_build.innermost_index(self.index)
+        value = inner.nprobe if name == "nprobe" else inner.hnsw.efSearch if name == "efSearch" else None
+        high = inner.nlist if name == "nprobe" else faiss_search.HNSW_MAX_EF
+        if name is not None:
+            fraction = self._allowed[where].sum() / max(len(self.index_rows()), 1)
+            value = min(high, math.ceil(value / max(fraction, 1 / high)))
+        while True:
+            params = faiss_search.filtered_params(self.index, selector, value)
+            if self.infos.get("refine"):
+                sims, rows = faiss_search.refine_search(self.index, self.embeddings, queries, k,
+                                                        self.infos.get("refine_k_factor", 4), params=params)
+            else:
+                sims, rows = faiss_search.search(self.index, queries, k, params=params)
+            if name is None or (rows >= 0).all() or (name == "nprobe" and value >= high):
+                return sims, rows
+            if value >= high:
+                satisfying = np.flatnonzero(self._allowed[where])
+                return faiss_search.exact_search(self.embeddings[satisfying], queries, k, ids=satisfying)
+            value = min(2 * value, high)
 
     def allowed(self, where: str, at_least: int = 0) -> np.ndarray:
         """bool mask by embed row: the indexed images whose metadata satisfies `where` (cached); fewer

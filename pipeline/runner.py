@@ -72,10 +72,11 @@ class RunClock:
 
 
 class Progress:
-    """One progress line: shards done / total, items/s and ETA, at most once a second."""
+    """One progress line: work units (shards; dedup's partitions) done / total, items/s and ETA, at most
+    once a second."""
 
-    def __init__(self, stage: str, total: int, done: int = 0, unit: str = "items", stream=None):
-        self.stage, self.total, self.done, self.unit = stage, total, done, unit
+    def __init__(self, stage: str, total: int, done: int = 0, unit: str = "items", stream=None, parts: str = "shards"):
+        self.stage, self.total, self.done, self.unit, self.parts = stage, total, done, unit, parts
         self.items, self.start, self.last = 0, time.monotonic(), 0.0
         self.stream = stream or sys.stderr
         self.start_done = done
@@ -96,7 +97,7 @@ class Progress:
         elapsed = time.monotonic() - self.start
         new = self.done - self.start_done
         eta = "?" if new == 0 else hms(elapsed / new * (self.total - self.done))
-        return (f"{self.stage}: {self.done}/{self.total} shards, {self.items} {self.unit} "
+        return (f"{self.stage}: {self.done}/{self.total} {self.parts}, {self.items} {self.unit} "
                 f"({self.rate():.1f} {self.unit}/s), ETA {eta}")
 
 

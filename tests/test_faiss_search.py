@@ -198,3 +198,35 @@ def test_nprobe_sets_the_hnsw_quantizer_search_depth(data):
         assert quantizer.hnsw.efSearch == faiss_search.QUANTIZER_EF_MIN == 64
         faiss_search.set_nprobe(index, 50)
         assert quantizer.hnsw.efSearch == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# filtered search: faiss skips the rows outside a selector
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF64,Flat", "OPQ8_32,IVF64,PQ8"])
+def test_selector_keeps_only_allowed_rows_through_every_wrapper(data, factory):
+    """Flat and IVF at nprobe = nlist search exhaustively: with the selector their top k must be brute
+    force's top k over the allowed rows alone; HNSW and PQ (re-ranked) must find 95 % of it."""
+    database, rows = data["database"], data["rows"]
+    index = build(factory, database, rows, n_train=None if factory in ("Flat", "HNSW32") else 5000)
+    rng = np.random.default_rng(3)
+    allowed = np.zeros(int(rows.max()) + 1, dtype=bool)
+    allowed[rng.choice(rows, len(rows) // 10, replace=False)] = True
+    selector, bits = faiss_search.row_selector(allowed)
+    value = 64 if "IVF" in factory else 512 if factory == "HNSW32" else None
+    params = faiss_search.filtered_params(index, selector, value)
+    queries = data["queries"][:100]
+    mine = np.isin(rows, np.flatnonzero(allowed))
+    want_sims, want = faiss_search.exact_search(database[mine], queries, K, ids=rows[mine])
+    if "PQ" in factory:
+        sims, found = faiss_search.refine_search(index, data["embeddings"], queries, K, params=params)
+    else:
+        sims, found = faiss_search.search(index, queries, K, params=params)
+    assert allowed[found].all()
+    if factory in ("HNSW32", "OPQ8_32,IVF64,PQ8"):  # a graph search, 8-byte codes: approximate
+        assert faiss_search.recall_at_k(found, want, K) >= 0.95, faiss_search.recall_at_k(found, want, K)
+    else:
+        np.testing.assert_array_equal(found, want)
+    assert not allowed[faiss_search.search(index, queries, K)[1]].all()  # unfiltered, others come first

@@ -210,3 +210,21 @@ def test_bulk_search_on_ivf_flat_gives_the_lists_per_query_search_gives(source, 
     plain = retriever.search(queries, 8)
     assert len(blocks) == 24
     np.testing.assert_array_equal(bulk[1], plain[1])
+
+
+def test_unreadable_index_stops_the_stage_with_the_rebuild_message(source, tmp_path, ray_local):
+    """The index is opened inside the Ray actors; its error must reach the user as the Retriever's own
+    message (what is wrong, `knnd run index --force`), not as Ray's text of a dead actor. Nothing is written."""
+    from pipeline.files import StageError
+
+    work = tmp_path / "w"
+    prepare(source, work)
+    cfg = load_config(None, stage_args(work, "dedup.cosine_threshold=0.99", "index.factory=Flat"))
+    run_stage("index", cfg)
+    (work / "index" / "image.index").write_bytes(b"not a faiss index")
+    with pytest.raises(StageError) as raised:
+        run_stage("neighbours", cfg)
+    message = str(raised.value)
+    assert message.startswith(f"{work / 'index' / 'image.index'} cannot be read (")
+    assert message.endswith("rebuild it with `knnd run index --force`") and "Traceback" not in message
+    assert not list((work / "neighbours").glob("neighbours_*.parquet"))

@@ -148,6 +148,9 @@ def test_progress_line_has_shards_rate_eta():
     p.update(shards=3, items=300)
     line = out.getvalue().strip().splitlines()[-1]
     assert line.startswith("embed: 4/4 shards, 400 images (") and "images/s), ETA 0:00:00" in line
+    out = io.StringIO()
+    Progress("dedup", total=2, unit="images", stream=out, parts="partitions").update(2, 50)
+    assert out.getvalue().startswith("dedup: 2/2 partitions, 50 images (")
 
 
 def test_stage_graph_is_ordered():

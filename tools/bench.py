@@ -92,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch and faiss threads in this process and its growth children (default: the "
                         "libraries' own, all cores); Ray workers keep their 1 thread either way")
     p.add_argument("--run-stage", default=None, help=argparse.SUPPRESS)  # growth: one stage in a child process
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                   help="with --run-stage: a config override (e.g. index.memory_budget=16GB)")
     args = p.parse_args(argv)
     if args.only:
         unknown = set(args.only.split(",")) - set(SECTIONS)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
     if args.run_stage:
-        return child_stage(args.run_stage, args.workdir)
+        return child_stage(args.run_stage, args.workdir, args.sets)
     b = Bench(args, sizes_for(args))
     selected = args.only.split(",") if args.only else SECTIONS
     b.say(f"knnd bench ({'quick' if args.quick else 'full'}): {', '.join(selected)}; {args.reps} reps; "

@@ -3,6 +3,7 @@ same U-Net, and the demo model before (32 px, cross-attention at 16 and 8 px) an
 cross-attention at 8 and 4 px) the CPU recipe, and the recipe at 32 px with space-to-depth 2.
 
     python tools/bench_train.py [--pack work/demo/pack] [--steps 30] [--threads 2] [--out bench/train_speed.json]
+    python tools/bench_train.py --cpu-options [...]   # the recipe with channels-last / torch.compile instead
 
 Runs alone (note the load average it prints): each variant warms up for 5 steps, then times
 `--steps` steps; variants alternate over 3 repetitions and the median samples/s is reported. With
@@ -58,10 +59,24 @@ def batches(pack: Path | None, resolution: int, d: int = 256, k: int = 10):
         yield images[rows], emb[rows]
 
 
-def ours(config: ModelConfig, data, steps: int) -> float:
-    """samples/s of model.trainer.train_step (query dropout 0.5, as the demo trains)."""
+CPU_OPTIONS = {  # name: (channels-last, torch.compile) for the recipe (16 px, attention 8+4)
+    "recipe": (False, False),
+    "recipe, channels-last": (True, False),
+    "recipe, torch.compile": (False, True),
+}
+
+
+def ours(config: ModelConfig, data, steps: int, channels_last: bool = False, compile_unet: bool = False) -> float:
+    """samples/s of model.trainer.train_step (query dropout 0.5, as the demo trains); optionally the U-Net
+    in channels-last memory format (inputs too) or compiled by torch.compile (inductor; its compile
+    happens in the warm-up steps)."""
     torch.manual_seed(0)
     model = KnnDenoiser(config)
+    if channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+        data = ((image.contiguous(memory_format=torch.channels_last), emb) for image, emb in data)
+    if compile_unet:
+        model.unet = torch.compile(model.unet)
     params = TrainParams(batch_size=BATCH, lr=1e-3, query_drop_prob=0.5)
     optimizer = make_optimizer(model, params)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -114,9 +129,13 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/train_speed.json"))
+    parser.add_argument("--cpu-options", action="store_true", help="time the recipe plain, channels-last and "
+                        "compiled (writes bench/train_cpu_options.json unless --out is given)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}, torch threads {args.threads}")
+    if args.cpu_options:
+        return cpu_options(args)
     runs = {}
     for name, (resolution, attention, s2d) in VARIANTS.items():
         config = ModelConfig.demo(resolution=resolution, attention_resolutions=attention, clip_dim=256, k=10,
@@ -140,6 +159,23 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in summary.items() if k != "samples_per_s"}))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+def cpu_options(args) -> int:
+    """The recipe (16 px, attention 8+4) plain, channels-last and torch.compile'd, alternating, medians."""
+    config = ModelConfig.demo(resolution=16, attention_resolutions=(8, 4), clip_dim=256, k=10)
+    results = {name: [] for name in CPU_OPTIONS}
+    for _ in range(args.reps):
+        for name, (channels_last, compile_unet) in CPU_OPTIONS.items():
+            results[name].append(ours(config, batches(args.pack, 16), args.steps, channels_last, compile_unet))
+    table = {name: round(statistics.median(v), 1) for name, v in results.items()}
+    for name, value in table.items():
+        print(f"{name:<48} {value:>8.1f} samples/s  ({value / table['recipe']:.2f}x)")
+    out = args.out if args.out != Path("bench/train_speed.json") else Path("bench/train_cpu_options.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"samples_per_s": table, "reps": results, "threads": args.threads, "steps": args.steps,
+                               "batch": BATCH, "load_average_after": os.getloadavg()}, indent=1) + "\n")
     return 0
 
 

@@ -17,8 +17,8 @@ RAY_STAGES = {"download", "embed", "dedup", "neighbours", "pack"}
 SCRIPT = ROOT / "tools" / "bench.py"  # its --run-stage flag runs child_stage
 
 
-def tree_rss(root: int) -> int:
-    """Resident bytes of a process and all its descendants (Ray's raylet and workers included)."""
+def tree_pids(root: int) -> list[int]:
+    """A process and all its descendants (Ray's raylet and workers included)."""
     parent = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -32,42 +32,60 @@ def tree_rss(root: int) -> int:
         pid = todo.pop()
         tree.append(pid)
         todo += [c for c, p in parent.items() if p == pid]
-    total = 0
-    for pid in tree:
-        try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    return tree
+
+
+def process_rss(pid: int) -> tuple[int, int]:
+    """(resident bytes, anonymous resident bytes) of one process; (0, 0) once it is gone. The difference
+    is file-backed pages: memory-mapped files (a neighbour actor's index) live in the shared page cache."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return 0, 0
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    return sum(process_rss(pid)[0] for pid in tree_pids(root))
 
 
 class PeakRss:
-    """Samples tree_rss(pid) every `every` seconds in a thread; .peak after stop()."""
+    """Samples the tree's summed RSS every `every` seconds in a thread: .peak after stop(), and the
+    largest single process's peak RSS and peak anonymous RSS (.process_peak, .process_anon_peak)."""
 
     def __init__(self, pid: int, every: float = 0.25):
-        self.pid, self.every, self.peak = pid, every, tree_rss(pid)
+        self.pid, self.every = pid, every
+        self.peak = self.process_peak = self.process_anon_peak = 0
+        self._sample()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _sample(self):
+        per_process = [process_rss(pid) for pid in tree_pids(self.pid)]
+        self.peak = max(self.peak, sum(rss for rss, _ in per_process))
+        self.process_peak = max([self.process_peak, *(rss for rss, _ in per_process)])
+        self.process_anon_peak = max([self.process_anon_peak, *(anon for _, anon in per_process)])
+
     def _run(self):
         while not self.stop_event.wait(self.every):
-            self.peak = max(self.peak, tree_rss(self.pid))
+            self._sample()
 
     def stop(self) -> int:
         self.stop_event.set()
         self.thread.join()
-        self.peak = max(self.peak, tree_rss(self.pid))
+        self._sample()
         return self.peak
 
 
-def child_stage(name: str, workdir: str) -> int:
-    """--run-stage: one stage in this fresh process; prints a BENCH_RESULT json line."""
+def child_stage(name: str, workdir: str, sets: list[str] = ()) -> int:
+    """--run-stage (with --set overrides): one stage in this fresh process; prints a BENCH_RESULT json line."""
     import resource
 
     from pipeline.runner import ensure_ray, run_stage
 
-    cfg = config(Path(workdir))
+    cfg = config(Path(workdir), *sets)
     ray_seconds = 0.0
     if name in RAY_STAGES:
         ray_seconds, _ = clock(lambda: ensure_ray(cfg))
@@ -75,7 +93,8 @@ def child_stage(name: str, workdir: str) -> int:
     peak = PeakRss(os.getpid())
     seconds, _ = clock(lambda: run_stage(name, cfg, force=True))
     result = {"seconds": seconds, "ray_seconds": ray_seconds, "baseline_rss": baseline, "peak_rss": peak.stop(),
-              "self_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "self_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "process_peak_rss": peak.process_peak, "process_peak_anon_rss": peak.process_anon_peak}
     print("BENCH_RESULT " + json.dumps(result), flush=True)
     return 0
 
@@ -109,10 +128,14 @@ def section_growth(b: Bench) -> None:
                            f"{stage_manifest['task_peak_rss_mb']:,.0f} MB")
             b.add(Row("growth", f"{name} N={n:,}", "s", r["seconds"],
                       note=f"peak RSS {r['peak_rss'] / 1e6:,.0f} MB (+{stage_mb:,.0f} MB during the stage; "
-                           f"the knnd process alone {r['self_maxrss'] / 1e6:,.0f} MB)"
+                           f"the knnd process alone {r['self_maxrss'] / 1e6:,.0f} MB; the largest process "
+                           f"{r['process_peak_rss'] / 1e6:,.0f} MB, of it anonymous "
+                           f"{r['process_peak_anon_rss'] / 1e6:,.0f} MB, the rest mapped files)"
                            + (f"; {factory}" if factory else ""),
                       includes="run_stage in a fresh process (Ray start excluded); RSS summed over the process "
-                               "and its descendants (Ray workers), sampled every 0.25 s",
+                               "and its descendants (Ray workers), sampled every 0.25 s; per process: VmRSS and "
+                               "RssAnon from /proc (mapped index pages are shared page cache, counted in each "
+                               "process's VmRSS)",
                       ours_reps=[r]))
         shutil.rmtree(wd, ignore_errors=True)  # 1M rows: ~3 GB of embeddings and index
     if len(sizes) < 2:
