@@ -87,11 +87,11 @@ def row_selector(allowed: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
 def filtered_params(index: faiss.Index, selector: faiss.IDSelector, value: int | None = None):
     """SearchParameters that make faiss itself skip rows outside ``selector`` (through OPQ/IDMap wrappers),
     with nprobe (IVF) or efSearch (HNSW) = ``value``, or the index's current one."""
-    inner = innermost_index(index)
-    if search_param_name(index) == "nprobe":
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(value or inner.nprobe))
-    if isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(value or inner.hnsw.efSearch))
+    name, current = search_param(index)
+    if name == "nprobe":
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(value or current))
+    if name == "efSearch":
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(value or current))
     return faiss.SearchParameters(sel=selector)
 
 
@@ -254,6 +254,12 @@ def search_param_name(index: faiss.Index) -> str | None:
     if isinstance(inner, faiss.IndexHNSW):
         return "efSearch"
     return None
+
+
+def search_param(index: faiss.Index) -> tuple[str | None, int | None]:
+    """(``search_param_name``, its current value): ("nprobe", n), ("efSearch", ef) or (None, None)."""
+    name, inner = search_param_name(index), innermost_index(index)
+    return name, inner.nprobe if name == "nprobe" else inner.hnsw.efSearch if name == "efSearch" else None
 
 
 def set_search_param(index: faiss.Index, name: str, value: int) -> None:

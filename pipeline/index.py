@@ -15,9 +15,8 @@ sends), with and without exact re-ranking from the stored float16 embeddings.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import time
+from collections.abc import Callable
 
 import numpy as np
 

@@ -70,9 +70,10 @@ class Retriever:
         if where is None:
             return self._search(queries, k, bulk)
         allowed = self.allowed(where, at_least=k)
+        n = int(self.infos.get("n") or len(self.index_rows()))
         if not faiss_build.on_gpu(self.index):
-            return self._filtered_search(queries, k, where)
-        n, fetch = int(self.infos.get("n") or len(self.index_rows())), 4 * k  # faiss-gpu takes no selector
+            return self._filtered_search(queries, k, where, allowed.sum() / max(n, 1))
+        fetch = 4 * k  # faiss-gpu takes no selector: over-fetch and keep those that satisfy it
         while True:
             sims, rows = self._search(queries, min(fetch, n))
             ok = (rows >= 0) & allowed[np.maximum(rows, 0)]
@@ -84,12 +85,17 @@ class Retriever:
         taken = np.take_along_axis(ok, order, axis=1)
         return np.where(taken, sims, -np.inf).astype(sims.dtype), np.where(taken, rows, -1)
 
-    def _search(self, queries: np.ndarray, k: int, bulk: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, bulk: bool = False, params=None) -> tuple[np.ndarray, np.ndarray]:
+        """`params`: faiss SearchParameters (a filter); `bulk` applies without them."""
         if self.infos.get("refine"):
-            return faiss_search.refine_search(self.index, self.embeddings, queries, k, self.infos.get("refine_k_factor", 4))
-        return (faiss_search.bulk_search if bulk else faiss_search.search)(self.index, queries, k)
+            return faiss_search.refine_search(self.index, self.embeddings, queries, k,
+                                              self.infos.get("refine_k_factor", 4), params=params)
+        if bulk and params is None:
+            return faiss_search.bulk_search(self.index, queries, k)
+        return faiss_search.search(self.index, queries, k, params=params)
 
-    def _filtered_search(self, queries: np.ndarray, k: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    def _filtered_search(self, queries: np.ndarray, k: int, where: str,
+                         fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """faiss skips the rows outside `where` while it searches (an IDSelectorBitmap). A fraction f of
         the rows satisfy it, so nprobe (efSearch for HNSW) is divided by f: the search scans as many
         satisfying vectors as the tuned value scans vectors unfiltered. Then it doubles while a query
@@ -98,20 +104,12 @@ class Retriever:
         if where not in self._selectors:
             self._selectors[where] = faiss_search.row_selector(self._allowed[where])
         selector, _bits = self._selectors[where]
-        name = faiss_search.search_param_name(self.index)
-        inner = faiss_build.innermost_index(self.index)
-        value = inner.nprobe if name == "nprobe" else inner.hnsw.efSearch if name == "efSearch" else None
-        high = inner.nlist if name == "nprobe" else faiss_search.HNSW_MAX_EF
+        name, value = faiss_search.search_param(self.index)
+        high = faiss_build.innermost_index(self.index).nlist if name == "nprobe" else faiss_search.HNSW_MAX_EF
         if name is not None:
-            fraction = self._allowed[where].sum() / max(len(self.index_rows()), 1)
             value = min(high, math.ceil(value / max(fraction, 1 / high)))
         while True:
-            params = faiss_search.filtered_params(self.index, selector, value)
-            if self.infos.get("refine"):
-                sims, rows = faiss_search.refine_search(self.index, self.embeddings, queries, k,
-                                                        self.infos.get("refine_k_factor", 4), params=params)
-            else:
-                sims, rows = faiss_search.search(self.index, queries, k, params=params)
+            sims, rows = self._search(queries, k, params=faiss_search.filtered_params(self.index, selector, value))
             if name is None or (rows >= 0).all() or (name == "nprobe" and value >= high):
                 return sims, rows
             if value >= high:
