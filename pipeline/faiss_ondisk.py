@@ -1,4 +1,4 @@
-"""Building one IVF index from parts: partial indexes, each over some of the vectors, merged into
+"""Index files: ``save_index`` and ``load_index`` (memory-mapped), and one IVF index built from parts: partial indexes, each over some of the vectors, merged into
 faiss on-disk inverted lists (the recipe of faiss's ``demos/demo_ondisk_ivf.py``, which autofaiss
 follows for large builds).
 
@@ -11,7 +11,7 @@ follows for large builds).
    one ``add_with_ids`` of all the vectors, so searches return the same ids and distances.
 
 The result is ``image.index`` (quantizer, codebooks, list offsets) beside ``image.ivfdata`` (codes
-and ids). ``faiss_build.load_index`` opens such a pair memory-mapped, read-only, looking for the
+and ids). ``load_index`` opens such a pair memory-mapped, read-only, looking for the
 ``.ivfdata`` beside the index file (``IO_FLAG_ONDISK_SAME_DIR``), so the folder can be moved.
 """
 
@@ -25,9 +25,51 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from pipeline.faiss_build import add_batches, make_index, save_index
+from pipeline.faiss_build import add_batches, make_index, on_gpu
+from pipeline.files import atomic_path
 
 IVFDATA_SUFFIX = ".ivfdata"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
+    """Write ``index`` to ``path`` atomically; GPU indexes go to CPU first.
+
+    ``atomic_path``: a temporary name beside it, fsync, rename; missing parent folders are created.
+    """
+    if on_gpu(index):
+        index = faiss.index_gpu_to_cpu(index)
+    with atomic_path(path, fsync=True) as tmp:
+        faiss.write_index(index, os.fspath(tmp))
+
+
+def load_index(path: str | os.PathLike, mmap: bool = True) -> faiss.Index:
+    """Read an index; with ``mmap`` its codes stay in the page cache instead of being copied to RAM.
+
+    faiss >= 1.10's IO_FLAG_MMAP_IFC maps Flat/PQ codes, HNSW graphs and IVF lists; older faiss only
+    maps IVF lists (IO_FLAG_MMAP) and reads the rest. Index types the mapping reader rejects are read
+    plainly. An index with a ``.ivfdata`` beside it (lists on disk, ``faiss_ondisk``) is read with
+    its lists from that file, wherever the folder was moved. A mapped index is read-only: adding to it aborts the process, so pass mmap=False to modify.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no faiss index at {path}")
+    if os.path.exists(os.path.splitext(path)[0] + ".ivfdata"):
+        # Lists on disk (faiss_ondisk): mapped whatever the flags; the mmap flags do not apply to
+        # them (IO_FLAG_MMAP crashes the search, IO_FLAG_MMAP_IFC refuses SAME_DIR).
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        return faiss.read_index(path, flags)
+    if not mmap:
+        return faiss.read_index(path)
+    flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+    try:
+        return faiss.read_index(path, flag | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        return faiss.read_index(path)
 
 
 def ivfdata_path(index_path: str | os.PathLike) -> Path:

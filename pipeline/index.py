@@ -21,9 +21,9 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.embeddings import Embeddings, metadata_files, read_keep
-from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, save_index,
-                                  train_index, training_sample_size)
-from pipeline.faiss_ondisk import ivfdata_path, supports_parts
+from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, train_index,
+                                  training_sample_size)
+from pipeline.faiss_ondisk import ivfdata_path, save_index, supports_parts
 from pipeline.faiss_search import (drop_self, exact_search, recall_at_k, refine_search, search, search_param_name,
                                    set_search_param, tune_nprobe)
 from pipeline.filters import check_where_on_embed, matching_rows

@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.cluster import count_nodes, node_id, ray_tasks
 from pipeline.embeddings import Embeddings
-from pipeline.faiss_build import save_index
+from pipeline.faiss_ondisk import save_index
 from pipeline.faiss_ondisk import ivfdata_path, merge_partials, write_partial
 from pipeline.runner import StageError, StageRun
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import faiss_build, faiss_search
+from pipeline import faiss_build, faiss_ondisk, faiss_search
 from pipeline.embeddings import Embeddings, read_metadata
 from pipeline.files import StageError, UsageError, read_json
 from pipeline.index_files import METADATA, THUMBNAILS, VECTORS, IndexVectors
@@ -32,7 +32,7 @@ class Retriever:
                              f"build one with `knnd run index` or pass --index DIR")
         self.infos = read_json(infos_path, "Rebuild it with `knnd run index --force`.")
         try:
-            self.index = faiss_build.load_index(self.dir / "image.index", mmap=True)
+            self.index = faiss_ondisk.load_index(self.dir / "image.index", mmap=True)
         except RuntimeError as e:
             lists = " (its inverted lists, image.ivfdata, must sit beside it: copy the whole folder)" \
                 if ".ivfdata" in str(e) else ""

@@ -17,7 +17,7 @@ def section_quality(b: Bench) -> None:
     """recall@1/@10 and queries/s of the stage's index against exact search, per factory."""
     import faiss
 
-    from pipeline import faiss_build, faiss_search
+    from pipeline import faiss_build, faiss_ondisk, faiss_search
     from pipeline.embeddings import Embeddings
 
     src = search_workdir(b)
@@ -43,7 +43,7 @@ def section_quality(b: Bench) -> None:
         factory = template.format(nlist=nlist)
         build_seconds, manifest = run_stage_quietly(b, "index", config(wd, f"index.factory={factory}", "index.refine=true"))
         infos = json.loads((wd / "index" / "index_infos.json").read_text())
-        index = faiss_build.load_index(wd / "index" / "image.index", mmap=False)
+        index = faiss_ondisk.load_index(wd / "index" / "image.index", mmap=False)
         for kind, q in queries.items():
             for refine in (False, True):
                 param = None
