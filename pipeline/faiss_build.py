@@ -331,7 +331,7 @@ def add_batches(
     ivf = faiss.try_extract_index_ivf(index)
     assigner = None
     if ivf is not None and resolve_gpu(use_gpu):
-        assigner = faiss.index_cpu_to_all_gpus(_centroid_index(ivf))
+        assigner = faiss.index_cpu_to_all_gpus(centroid_index(ivf))
     added = 0
     with _quantizer_ef(ivf, QUANTIZER_ADD_EF):
         for rows, vectors in batches:
@@ -362,7 +362,7 @@ def _quantizer_ef(ivf: faiss.IndexIVF | None, ef: int):
         quantizer.hnsw.efSearch = before
 
 
-def _centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
+def centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
     """A flat copy of an IVF's coarse centroids (whatever its quantizer type) to assign vectors with."""
     flat = faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type)
     flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))

@@ -8,6 +8,7 @@ the embed folder its infos name.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -85,13 +86,18 @@ class Retriever:
         taken = np.take_along_axis(ok, order, axis=1)
         return np.where(taken, sims, -np.inf).astype(sims.dtype), np.where(taken, rows, -1)
 
+    @functools.cached_property
+    def _bulk_coarse(self):
+        """bulk_search's exact cell assignment (faiss_search.exact_coarse), built at the first bulk search."""
+        return faiss_search.exact_coarse(self.index)
+
     def _search(self, queries: np.ndarray, k: int, bulk: bool = False, params=None) -> tuple[np.ndarray, np.ndarray]:
         """`params`: faiss SearchParameters (a filter); `bulk` applies without them."""
         if self.infos.get("refine"):
             return faiss_search.refine_search(self.index, self.embeddings, queries, k,
                                               self.infos.get("refine_k_factor", 4), params=params)
         if bulk and params is None:
-            return faiss_search.bulk_search(self.index, queries, k)
+            return faiss_search.bulk_search(self.index, queries, k, self._bulk_coarse)
         return faiss_search.search(self.index, queries, k, params=params)
 
     def _filtered_search(self, queries: np.ndarray, k: int, where: str,

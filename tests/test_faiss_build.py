@@ -149,7 +149,7 @@ def test_opq_index_through_wrappers_and_gpu_style_add(data):
     twin = faiss.clone_index(index)
     faiss_build.add_batches(index, [(rows, database)])
     ivf = faiss.extract_index_ivf(twin)
-    faiss_build._add_preassigned(twin, ivf, faiss_build._centroid_index(ivf), database, rows)  # GPU assigner on CPU
+    faiss_build._add_preassigned(twin, ivf, faiss_build.centroid_index(ivf), database, rows)  # GPU assigner on CPU
     assert twin.ntotal == index.ntotal == 3000
     for nprobe in (3, 16):
         faiss_search.set_nprobe(index, nprobe)

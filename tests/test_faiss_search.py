@@ -178,6 +178,28 @@ def test_bulk_search_equals_search_on_ivf_flat(data, factory):
     assert set(rows[rows >= 0].ravel()) <= set(data["rows"])
 
 
+def test_bulk_search_with_exact_coarse_probes_the_exact_nearest_cells(data):
+    """With exact_coarse, the queries go to their truly nearest cells: the same results as the same
+    lists searched through a flat quantizer of the same centroids, where the HNSW graph (searched
+    shallowly here) misses some cells."""
+    index = build("IVF512_HNSW32,Flat", data["database"], data["rows"], n_train=20_000)
+    ivf = faiss.extract_index_ivf(index)
+    faiss_search.set_nprobe(index, 4)
+    faiss.downcast_index(ivf.quantizer).hnsw.efSearch = 4  # a shallow graph search: some cells missed
+    flat = faiss_search.exact_coarse(index)
+    assert flat is not None and flat.ntotal == 512
+    oracle = faiss.IndexIVFFlat(flat, ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+    oracle.replace_invlists(ivf.invlists, False)  # the same lists, not owned
+    oracle.is_trained, oracle.ntotal, oracle.nprobe = True, ivf.ntotal, 4
+    queries = data["database"][:2000]
+    want_sims, want_rows = oracle.search(queries, K)
+    sims, rows = faiss_search.bulk_search(index, queries, K, flat)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
+    assert (faiss_search.bulk_search(index, queries, K)[1] != want_rows).any()  # the graph alone differs
+    assert faiss_search.exact_coarse(build("IVF64,Flat", data["database"], data["rows"], n_train=5000)) is None
+
+
 def test_bulk_search_falls_back_where_it_cannot_help(data, ivf_pq):
     """PQ codes (big_batch_search scores IP residuals wrongly) and small batches use index.search."""
     queries = data["queries"][:50]

@@ -18,7 +18,8 @@ PAPER = {  # (section, evaluation) -> FID on MS-COCO from the paper's ablations
 }
 
 TITLES = {"knn": "1. no kNN vs kNN", "k": "2. number of neighbours k", "conditioning": "3. conditioning variant",
-          "index_size": "4. index size at sampling", "swap": "5. database swap"}  # the sections with a table, in order
+          "index_size": "4. index size at sampling", "swap": "5. database swap",
+          "recipe": "6. training objective (not in the paper)"}  # the sections with a table, in order
 
 
 def figures(metrics: dict, index_labels: dict[str, str]) -> dict:
