@@ -99,7 +99,7 @@ def test_ablate_quick_on_the_tiny_demo(tiny_demo, tmp_path):
     data = json.loads((docs / "ablation.json").read_text())
     assert data["sections"] == list(ablate.SECTIONS) and data["steps"] == 3
     expected = {"k0-text", "k10-knn", "k10-text", "k1-knn", "cross_attention-knn", "concat-knn",
-                "k10-index10", "k10-index30", "k10-swap"}
+                "k10-index10", "k10-index30", "k10-swap", "min_snr-knn", "v_prediction-knn"}
     assert set(data["evaluations"]) == expected
     for name, graded in data["evaluations"].items():
         assert set(graded) == {"a", "b"}, name  # the second encoder graded every evaluation
