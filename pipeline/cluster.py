@@ -8,9 +8,10 @@ evaluation) keeps `runner.resolve_device`.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
-from pipeline.files import UsageError
+from pipeline.files import StageError, UsageError
 from pipeline.runner import ensure_ray, resolve_device
 
 
@@ -103,3 +104,17 @@ def ray_tasks(cfg, fn, calls: dict, on_error):
                 raise
             raise error from None
         yield key, result
+
+
+@contextlib.contextmanager
+def stage_errors_unwrapped():
+    """Within the block, a Ray task or actor method that raised a StageError or UsageError (a corrupt
+    shard, an unreadable index) surfaces as that error itself, not Ray's RayTaskError wrapping of it."""
+    import ray
+
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (StageError, UsageError)):
+            raise e.cause from None
+        raise

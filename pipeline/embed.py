@@ -219,12 +219,10 @@ def _get(refs):
     """ray.get, a stage error (corrupt shard, unloadable model) re-raised as itself."""
     import ray
 
-    try:
+    from pipeline.cluster import stage_errors_unwrapped
+
+    with stage_errors_unwrapped():
         return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, StageError):
-            raise StageError(str(e.cause)) from None
-        raise
 
 
 def _finish_shard(stage: StageRun, shard: InFlight, dim: int, extra: tuple = ()) -> int:

@@ -337,9 +337,8 @@ def add_batches(
     assigner = None
     if ivf is not None and resolve_gpu(use_gpu):
         assigner = faiss.index_cpu_to_all_gpus(centroid_index(ivf))
-    elif (ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
-          and ivf.nlist <= EXACT_COARSE_MAX_NLIST):
-        assigner = centroid_index(ivf)
+    elif ivf is not None:
+        assigner = exact_assigner(ivf)
     added = 0
     with _quantizer_ef(ivf, QUANTIZER_ADD_EF):
         for rows, vectors in batches:
@@ -368,6 +367,13 @@ def _quantizer_ef(ivf: faiss.IndexIVF | None, ef: int):
         yield
     finally:
         quantizer.hnsw.efSearch = before
+
+
+def exact_assigner(ivf: faiss.IndexIVF) -> faiss.IndexFlat | None:
+    """``centroid_index`` where brute force beats the HNSW quantizer (at most ``EXACT_COARSE_MAX_NLIST``
+    cells); None for a flat quantizer (already exact) or a larger graph."""
+    hnsw = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+    return centroid_index(ivf) if hnsw and ivf.nlist <= EXACT_COARSE_MAX_NLIST else None
 
 
 def centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:

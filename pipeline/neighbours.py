@@ -189,7 +189,7 @@ def run(stage: StageRun) -> dict:
     import ray
     from ray.util import ActorPool
 
-    from pipeline.cluster import count_nodes, release
+    from pipeline.cluster import count_nodes, release, stage_errors_unwrapped
 
     conf, cfg = stage.conf, stage.cfg
     shards = stage.inputs["embed"]["shards"]
@@ -212,15 +212,11 @@ def run(stage: StageRun) -> dict:
         allowed = allowed_rows(stage)  # while the actors start (process, imports, index mmap, metadata)
         pool = ActorPool(actors)
         embed_dir = str(stage.input_dirs["embed"].resolve())
-        try:
+        with stage_errors_unwrapped():
             for shard, count, node in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir, allowed), todo):
                 stage.mark_done(shard, {"rows": count, "node": node})
                 progress.update(1, count)
                 clock.items += count
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, (StageError, UsageError)):
-                raise e.cause from None  # the message itself, not Ray's wrapping of it
-            raise
         clock.ready(wall=min(ray.get(ready)))  # the first actor's start-up
         release(actors)
         timing = clock.report("actor") | {"actors": n_actors}
