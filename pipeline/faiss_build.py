@@ -22,8 +22,6 @@ from collections.abc import Iterable
 
 import faiss
 import numpy as np
-from faiss.contrib.clustering import two_level_clustering
-from faiss.contrib.ivf_tools import add_preassigned
 
 from pipeline.sizes import format_bytes, parse_bytes
 
@@ -304,6 +302,8 @@ def _train_two_level(index: faiss.Index, x: np.ndarray, gpu: bool) -> None:
         _train_two_level(outer.index, x, gpu)
         outer.is_trained = True
         return
+    from faiss.contrib.clustering import two_level_clustering  # imports scipy: not in every search process
+
     ivf = faiss.extract_index_ivf(outer)
     centroids, _ = two_level_clustering(x, int(math.sqrt(ivf.nlist)), ivf.nlist, clustering_niter=10, seed=1234,
                                         spherical=ivf.metric_type == METRIC, gpu=gpu)
@@ -387,6 +387,8 @@ def _add_preassigned(
     index: faiss.Index, ivf: faiss.IndexIVF, assigner: faiss.Index, x: np.ndarray, ids: np.ndarray
 ) -> None:
     """Add to ``index`` what ``index.add_with_ids`` would, with the cell assignment done by ``assigner``."""
+    from faiss.contrib.ivf_tools import add_preassigned
+
     transformed = x
     if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
         wrapper = faiss.downcast_index(index)

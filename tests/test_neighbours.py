@@ -228,3 +228,14 @@ def test_unreadable_index_stops_the_stage_with_the_rebuild_message(source, tmp_p
     assert message.startswith(f"{work / 'index' / 'image.index'} cannot be read (")
     assert message.endswith("rebuild it with `knnd run index --force`") and "Traceback" not in message
     assert not list((work / "neighbours").glob("neighbours_*.parquet"))
+
+
+def test_neighbour_actor_imports_no_scipy():
+    """Each neighbours actor is a fresh process that imports this module: faiss.contrib.clustering drags in
+    scipy (~0.2 s of start-up per actor) and is only needed to build indexes, so it is imported lazily."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.neighbours; print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
