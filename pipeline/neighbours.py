@@ -146,13 +146,15 @@ ACTOR_ROW_BYTES = 64  # per embed row in every actor: key (Arrow string), pHash,
 
 
 def actor_count(actors: str | int, rows: int) -> int:
-    """`neighbours.actors`: a number, or "auto" = one single-threaded actor per CPU Ray sees, as many as
-    half of Ray's free memory holds (each keeps every key and pHash; the index pages are shared)."""
+    """`neighbours.actors`: a number, or "auto" = one single-threaded actor per CPU of the cluster, as many
+    as half of its memory holds (each keeps every key and pHash; the index pages are shared). The
+    cluster's totals, not what is free this instant: a stage's killed actors hand their CPUs back
+    asynchronously, so a stage run right after another saw one CPU free of two and ran one actor."""
     import ray
 
     if actors != "auto":
         return int(actors)
-    resources = ray.available_resources()
+    resources = ray.cluster_resources()
     return auto_count(actors, int(resources.get("CPU", 1)), resources.get("memory", 0) / 2,
                       ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * rows)
 

@@ -140,17 +140,17 @@ def test_killed_and_rerun_is_identical_and_stale_when_dedup_changes(source, tmp_
     assert stage_status(cfg, "neighbours")[0] == "stale"
 
 
-def test_auto_actor_count_is_one_per_cpu_within_half_the_free_memory(monkeypatch):
+def test_auto_actor_count_is_one_per_cpu_within_half_the_memory(monkeypatch):
     import ray
 
     from pipeline.neighbours import ACTOR_BASE_BYTES, ACTOR_ROW_BYTES, actor_count
 
     per_actor = ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * 10_000_000
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 16.0, "memory": 100 * per_actor})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "memory": 100 * per_actor})
     assert actor_count("auto", 10_000_000) == 16  # CPUs bound it
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 16.0, "memory": 7 * per_actor})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "memory": 7 * per_actor})
     assert actor_count("auto", 10_000_000) == 3  # half of the memory holds 3.5 actors
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 16.0, "memory": per_actor})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "memory": per_actor})
     assert actor_count("auto", 10_000_000) == 1  # never fewer than one
     assert actor_count(5, 10_000_000) == 5
 
@@ -239,3 +239,17 @@ def test_neighbour_actor_imports_no_scipy():
     code = "import sys, pipeline.neighbours; print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_back_to_back_runs_get_an_actor_per_cpu(source, tmp_path, ray_local):
+    """The second of two runs in one process starts while the first's killed actors are still handing
+    their CPUs back; it must still get one actor per CPU (it got one of two when counting free CPUs)."""
+    import ray
+
+    work = tmp_path / "w"
+    prepare(source, work)
+    cfg = load_config(None, stage_args(work, "dedup.cosine_threshold=0.99", "neighbours.k=5", "neighbours.candidates=8",
+                                       "index.factory=Flat", "neighbours.actors=auto"))
+    run_stage("index", cfg)
+    counts = [run_stage("neighbours", cfg, force=True)["timing"]["actors"] for _ in range(2)]
+    assert counts == [int(ray.cluster_resources()["CPU"])] * 2 == [2, 2]
