@@ -10,8 +10,9 @@ prints a table: section, figure, ours, reference, ratio, target (SPEC "Performan
 - ratio is "ours relative to the reference, above 1 is better for us": rates and recall are
   ours / reference, seconds are reference / ours. Compare ratios across machines, not absolute figures.
 - A stage and its reference alternate repetitions (ours, ref, ref, ours, ...), so load from other
-  processes hits both alike; medians are reported. Inputs are built before timing starts; download
-  and embed first run their stage once untimed, so Ray's pooled workers have imported their libraries.
+  processes hits both alike; medians are reported. Inputs are built before timing starts; download,
+  embed and neighbours first run their stage once untimed, so Ray's pooled workers have imported
+  their libraries.
 - One local Ray is started at the beginning and reused by every stage; its start-up is a line of its
   own and is excluded from every figure. Stage timings are the wall time of `run_stage(..., force=True)`:
   what `knnd run STAGE --force` costs minus interpreter start, Ray start and config parsing.
