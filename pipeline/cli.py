@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "work/demo-discrete with --backbone discrete)")
     p.add_argument("--backbone", choices=["continuous", "discrete"], default="continuous",
                    help="continuous: the U-Net over pixels; discrete: VQ tokens and the token transformer")
-    p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
+    p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's "
+                   "budget); 30 or more also sample and evaluate at guidance 1.5 instead of 3")
     p.add_argument("--limit", type=int, default=None, help="use only N stickers, spread over the set (quick runs)")
     p.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
     p.add_argument("--force", action="store_true", help="rebuild the stages after download (e.g. after changing --set values)")

@@ -111,3 +111,19 @@ def test_space_to_depth_that_does_not_fit_the_image_is_a_clear_error():
         model_config("demo", 24, 256, 10, conf)
     with pytest.raises(ValueError, match="space_to_depth=3 must be at least 1 and divide resolution=32"):
         ModelConfig.demo(resolution=32, space_to_depth=3)
+
+
+def test_demo_guidance_follows_the_training_budget_and_yields_to_an_explicit_setting(tmp_path):
+    """`knnd demo` samples and evaluates at guidance 3 after its default budget and at 1.5 after
+    --minutes 60 (measured: the best scale falls as the model trains); --set still decides."""
+    from pipeline.demo import demo_config
+
+    def guidance(*sets):
+        cfg = demo_config(tmp_path, tmp_path / "urls.parquet", tmp_path / "encoder", list(sets))
+        return cfg.sample.guidance, cfg.evaluate.guidance
+
+    assert guidance() == (3.0, 3.0)
+    assert guidance("train.minutes=60") == (1.5, 1.5)
+    assert guidance("train.minutes=10") == (3.0, 3.0)
+    assert guidance("train.minutes=null", "train.steps=20000") == (3.0, 3.0)
+    assert guidance("train.minutes=60", "sample.guidance=2.5") == (2.5, 1.5)
