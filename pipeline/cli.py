@@ -112,7 +112,7 @@ def cmd_evaluate(args) -> int:
 
     return evaluate_command(_config(args), args.checkpoint, args.index, args.out, k=args.k, no_knn=args.no_knn,
                             neighbours_only=args.neighbours_only, allow_other_clip=args.allow_other_clip,
-                            where_filter=args.where)
+                            where_filter=args.where, guidance=args.guidance, steps=args.steps)
 
 
 def cmd_serve(args) -> int:
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="index directory to retrieve from (default: this workdir's index/)")
     p.add_argument("--out", help="output folder (default: <workdir>/evaluate_cli/<checkpoint>-<index>-k<k>)")
     p.add_argument("-k", type=int, help="neighbours per prompt (default: evaluate.k, else sample.k)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: evaluate.guidance); "
+                   "the best scale falls as a model trains, so compare a few")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: evaluate.steps)")
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
     p.add_argument("--neighbours-only", action="store_true",
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")

@@ -339,10 +339,14 @@ def run(stage: StageRun) -> dict:
 
 def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
                      no_knn: bool = False, neighbours_only: bool = False, allow_other_clip: bool = False,
-                     where_filter: str | None = None) -> int:
-    """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts."""
+                     where_filter: str | None = None, guidance: float | None = None, steps: int | None = None) -> int:
+    """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts; `guidance` and
+    `steps` stand in for evaluate.guidance / evaluate.steps (validated like `--set`)."""
+    from pipeline.config import with_overrides
     from pipeline.generation import resolve_checkpoint
 
+    cfg = with_overrides(cfg, [f"evaluate.{key}={value}" for key, value in (("guidance", guidance), ("steps", steps))
+                               if value is not None])
     path = resolve_checkpoint(cfg, checkpoint)
     index_dir = Path(index or cfg.sample.index or stage_dir(cfg, "index"))
     if not (index_dir / "index_infos.json").exists():
@@ -357,6 +361,7 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     if no_knn and where_filter:
         raise UsageError("--no-knn and --where exclude each other: --where filters the neighbours, --no-knn has none")
     name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
+    name += f"-g{cfg.evaluate.guidance:g}-s{cfg.evaluate.steps}"  # a sweep over either keeps every result
     if where_filter:  # one folder per filter: a short digest of its text
         name += "-where-" + hashlib.blake2b(where_filter.encode(), digest_size=4).hexdigest()
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name

@@ -79,6 +79,12 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     assert main(["evaluate", "--neighbours-only", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "nbo")]) == 0
     only = json.loads((tmp_path / "nbo" / "metrics.json").read_text())
     assert only["neighbours_only"] and only["k"] == 4 and not metrics["neighbours_only"]
+    # a guidance sweep into the default folders: one per scale, none overwriting another
+    for g in ("1.5", "2"):
+        assert main(["evaluate", "-c", str(work / "stages.yaml"), "--guidance", g, "--steps", "3"]) == 0
+    swept = sorted((work / "evaluate_cli").glob("*/metrics.json"))
+    assert [json.loads(m.read_text())["guidance"] for m in swept] == [1.5, 2.0]
+    assert [m.parent.name.rsplit("-", 2)[1:] for m in swept] == [["g1.5", "s3"], ["g2", "s3"]]
     # a second run finds everything up to date and redoes nothing
     capsys.readouterr()
     assert main(argv) == 0
