@@ -25,7 +25,8 @@ TRAIN_MINUTES = 6.0
 VQ_MINUTES = 2.0  # --backbone discrete: the VQ autoencoder's share of TRAIN_MINUTES
 # Classifier-free guidance for sampling and evaluate. The best scale falls as the model trains
 # (README, "Guidance"): after the default 6 minutes (1,562 steps) acc@5 is 0.448 / 0.525 / 0.582 at
-# 1.5 / 2 / 3; after 60 minutes (16,458 steps) 0.725 / 0.680 / 0.570, with FD 0.023 at 1.5 against 0.102.
+# 1.5 / 2 / 3; after 30 minutes (8,200 steps) 0.728 / 0.719 / 0.730 with FD 0.032 / 0.046 / 0.087;
+# after 60 (16,458 steps) 0.725 / 0.680 / 0.570 with FD 0.023 / 0.042 / 0.102.
 GUIDANCE, LONG_RUN_GUIDANCE, LONG_RUN_MINUTES = 3.0, 1.5, 30.0
 PROMPTS = ["red heart", "smiling face", "green apple", "rocket"]
 MAIN_STAGES = ["dedup", "index", "neighbours", "pack", "train", "sample", "evaluate"]
