@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=["continuous", "discrete"], default="continuous",
                    help="continuous: the U-Net over pixels; discrete: VQ tokens and the token transformer")
     p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's "
-                   "budget); 30 or more also sample and evaluate at guidance 1.5 instead of 3")
+                   "budget); with the continuous backbone, 30 or more also sample and evaluate at guidance 1.5, not 3")
     p.add_argument("--limit", type=int, default=None, help="use only N stickers, spread over the set (quick runs)")
     p.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
     p.add_argument("--force", action="store_true", help="rebuild the stages after download (e.g. after changing --set values)")
@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="grade a checkpoint against an index on held-out prompts: metrics.json + report.html")
     p.add_argument("--checkpoint", help="checkpoint file or folder (default: the latest in train/checkpoints)")
     p.add_argument("--index", help="index directory to retrieve from (default: this workdir's index/)")
-    p.add_argument("--out", help="output folder (default: <workdir>/evaluate_cli/<checkpoint>-<index>-k<k>)")
+    p.add_argument("--out", help="output folder (default: <workdir>/evaluate_cli/<checkpoint>-<index>-k<k>-g<guidance>"
+                   "-s<steps>, with -noknn, -neighbours-only or -where-<digest> where they apply)")
     p.add_argument("-k", type=int, help="neighbours per prompt (default: evaluate.k, else sample.k)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: evaluate.guidance); "
                    "the best scale falls as a model trains, so compare a few")

@@ -262,6 +262,14 @@ def with_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     return _with_overrides(to_dict(cfg), overrides)
 
 
+def with_values(cfg: Config, values: dict) -> Config:
+    """`cfg` with {"section.key": value} set as typed values (no text round trip), validated like `--set`."""
+    data = to_dict(cfg)
+    for key, value in values.items():
+        set_nested(data, key.split("."), value, key)
+    return _with_overrides(data, [])
+
+
 def _with_overrides(data: dict, overrides: list[str]) -> Config:
     for item in overrides:
         key, value = parse_override(item)

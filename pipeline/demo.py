@@ -22,12 +22,13 @@ from pipeline.runner import read_json, run_stage, stage_dir, stage_status
 ENCODER_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / "demo_clip.json"
 ENCODER_MINUTES = 4.0
 TRAIN_MINUTES = 6.0
+DEMO_STEPS = 100_000  # never reached in TRAIN_MINUTES on CPU: the minutes bound the run
 VQ_MINUTES = 2.0  # --backbone discrete: the VQ autoencoder's share of TRAIN_MINUTES
 # Classifier-free guidance for sampling and evaluate. The best scale falls as the model trains
 # (README, "Guidance"): after the default 6 minutes (1,562 steps) acc@5 is 0.448 / 0.525 / 0.582 at
 # 1.5 / 2 / 3; after 30 minutes (8,200 steps) 0.728 / 0.719 / 0.730 with FD 0.032 / 0.046 / 0.087;
 # after 60 (16,458 steps) 0.725 / 0.680 / 0.570 with FD 0.023 / 0.042 / 0.102.
-GUIDANCE, LONG_RUN_GUIDANCE, LONG_RUN_MINUTES = 3.0, 1.5, 30.0
+GUIDANCE, LONG_RUN_GUIDANCE, LONG_RUN_MINUTES, LONG_RUN_STEPS = 3.0, 1.5, 30.0, 8_000
 PROMPTS = ["red heart", "smiling face", "green apple", "rocket"]
 MAIN_STAGES = ["dedup", "index", "neighbours", "pack", "train", "sample", "evaluate"]
 SWAP_STAGES = ["download", "embed", "dedup", "index"]
@@ -60,7 +61,7 @@ def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[st
     # so the model learns to draw from its neighbours (measured: README, "Neighbours that matter").
     cfg.pack.image_size = 16
     t = cfg.train
-    t.model, t.steps, t.minutes, t.batch_size, t.checkpoint_every = "demo", 100_000, TRAIN_MINUTES, 32, 250
+    t.model, t.steps, t.minutes, t.batch_size, t.checkpoint_every = "demo", DEMO_STEPS, TRAIN_MINUTES, 32, 250
     t.warmup_steps, t.lr, t.lr_schedule, t.query_drop_prob = 20, 0.001, "constant", 0.9
     t.loss_weighting = "min_snr"
     guidance = demo_guidance(overrides) if backbone == "continuous" else GUIDANCE
@@ -75,11 +76,14 @@ def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[st
 
 
 def demo_guidance(overrides: list[str]) -> float:
-    """The demo's guidance for its training budget (`--minutes`, i.e. a train.minutes override); an
-    explicit sample.guidance / evaluate.guidance override still wins, applied after this."""
-    minutes = dict(parse_override(o) for o in overrides).get("train.minutes", TRAIN_MINUTES)
-    long_run = isinstance(minutes, (int, float)) and minutes >= LONG_RUN_MINUTES  # null: a step budget
-    return LONG_RUN_GUIDANCE if long_run else GUIDANCE
+    """The demo's guidance for its training budget: 1.5 when it may train 30 minutes or more (`--minutes`,
+    or train.minutes=null: steps alone) and at least 8,000 steps (train.steps), else 3. An explicit
+    sample.guidance / evaluate.guidance override still wins, applied after this."""
+    given = dict(parse_override(o) for o in overrides)
+    minutes, steps = given.get("train.minutes", TRAIN_MINUTES), given.get("train.steps", DEMO_STEPS)
+    long_enough = minutes is None or (isinstance(minutes, (int, float)) and minutes >= LONG_RUN_MINUTES)
+    many_steps = isinstance(steps, int) and steps >= LONG_RUN_STEPS
+    return LONG_RUN_GUIDANCE if long_enough and many_steps else GUIDANCE
 
 
 def discrete_settings(cfg: Config) -> None:

@@ -20,6 +20,7 @@ the loss curve), `grid.png` and one PNG per sample under `samples/`.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -342,11 +343,13 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
                      where_filter: str | None = None, guidance: float | None = None, steps: int | None = None) -> int:
     """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts; `guidance` and
     `steps` stand in for evaluate.guidance / evaluate.steps (validated like `--set`)."""
-    from pipeline.config import with_overrides
+    from pipeline.config import with_values
     from pipeline.generation import resolve_checkpoint
 
-    cfg = with_overrides(cfg, [f"evaluate.{key}={value}" for key, value in (("guidance", guidance), ("steps", steps))
-                               if value is not None])
+    if guidance is not None and not math.isfinite(guidance):
+        raise UsageError(f"--guidance must be a finite number, got {guidance}")
+    cfg = with_values(cfg, {f"evaluate.{key}": value for key, value in (("guidance", guidance), ("steps", steps))
+                            if value is not None})
     path = resolve_checkpoint(cfg, checkpoint)
     index_dir = Path(index or cfg.sample.index or stage_dir(cfg, "index"))
     if not (index_dir / "index_infos.json").exists():

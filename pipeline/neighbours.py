@@ -145,16 +145,18 @@ ACTOR_BASE_BYTES = 400 << 20  # an actor's Python, numpy, faiss and pyarrow, bef
 ACTOR_ROW_BYTES = 64  # per embed row in every actor: key (Arrow string), pHash, keep flag, with room
 
 
-def actor_count(actors: str | int, rows: int) -> int:
-    """`neighbours.actors`: a number, or "auto" = one single-threaded actor per CPU of the cluster, as many
-    as half of its memory holds (each keeps every key and pHash; the index pages are shared). The
-    cluster's totals, not what is free this instant: a stage's killed actors hand their CPUs back
-    asynchronously, so a stage run right after another saw one CPU free of two and ran one actor."""
+def actor_count(actors: str | int, rows: int, shared: bool = False) -> int:
+    """`neighbours.actors`: a number, or "auto" = one single-threaded actor per CPU, as many as half of the
+    memory holds (each keeps every key and pHash; the index pages are shared). On the local Ray the
+    pipeline owns (`shared` False), its totals: a stage's killed actors hand their CPUs back
+    asynchronously, so a run right after another saw one CPU free of two and ran one actor. On a
+    joined cluster (`ray.address`), what is free now: other jobs may hold the rest, and an actor
+    waiting for a CPU would hold its queued shard."""
     import ray
 
     if actors != "auto":
         return int(actors)
-    resources = ray.cluster_resources()
+    resources = ray.available_resources() if shared else ray.cluster_resources()
     return auto_count(actors, int(resources.get("CPU", 1)), resources.get("memory", 0) / 2,
                       ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * rows)
 
@@ -207,7 +209,7 @@ def run(stage: StageRun) -> dict:
     timing = {"actors": 0, "images_this_run": 0}
     if todo:
         clock = RunClock()
-        n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"]), len(todo))
+        n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"], shared=bool(cfg.ray.address)), len(todo))
         worker = ray.remote(NeighbourWorker).options(num_cpus=1, scheduling_strategy="SPREAD")
         actors = [worker.remote(*args) for _ in range(n_actors)]
         ready = [a.ready.remote() for a in actors]  # read at the end: the shards queue behind start-up

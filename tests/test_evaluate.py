@@ -82,6 +82,21 @@ def test_evaluate_command_usage_errors(tmp_path, capsys):
     assert "is not an index folder" in capsys.readouterr().err
 
 
+def test_evaluate_guidance_and_steps_flags_are_typed_and_validated(tmp_path, capsys):
+    """--guidance reaches evaluate.guidance as a number (1e-05 is not the string "1e-05"); a value the
+    config refuses, or one that is not finite, stops the command with its name, before any work."""
+    from pipeline.config import ConfigError, with_values
+
+    cfg = with_values(load_config(None, []), {"evaluate.guidance": 1e-05, "evaluate.steps": 7})
+    assert cfg.evaluate.guidance == 1e-05 and cfg.evaluate.steps == 7
+    with pytest.raises(ConfigError, match="evaluate.guidance"):
+        with_values(cfg, {"evaluate.guidance": -1.0})
+    assert main(["evaluate", "--set", f"workdir={tmp_path}", "--guidance", "nan"]) == 2
+    assert "--guidance must be a finite number" in capsys.readouterr().err
+    assert main(["evaluate", "--set", f"workdir={tmp_path}", "--steps", "0"]) == 2
+    assert "evaluate.steps" in capsys.readouterr().err
+
+
 def test_evaluate_no_knn_with_where_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "ck.pt").write_bytes(b"")
     (tmp_path / "index").mkdir()

@@ -115,7 +115,8 @@ def test_space_to_depth_that_does_not_fit_the_image_is_a_clear_error():
 
 def test_demo_guidance_follows_the_training_budget_and_yields_to_an_explicit_setting(tmp_path):
     """`knnd demo` samples and evaluates at guidance 3 after its default budget and at 1.5 after
-    --minutes 60 (measured: the best scale falls as the model trains); --set still decides."""
+    --minutes 60 or a step budget past 8,000 (measured: the best scale falls as the model trains);
+    --set still decides."""
     from pipeline.demo import demo_config
 
     def guidance(*sets):
@@ -125,5 +126,7 @@ def test_demo_guidance_follows_the_training_budget_and_yields_to_an_explicit_set
     assert guidance() == (3.0, 3.0)
     assert guidance("train.minutes=60") == (1.5, 1.5)
     assert guidance("train.minutes=10") == (3.0, 3.0)
-    assert guidance("train.minutes=null", "train.steps=20000") == (3.0, 3.0)
+    assert guidance("train.minutes=null", "train.steps=20000") == (1.5, 1.5)  # a step budget past 8,000
+    assert guidance("train.minutes=null", "train.steps=2000") == (3.0, 3.0)
+    assert guidance("train.minutes=60", "train.steps=500") == (3.0, 3.0)  # steps cap a long budget
     assert guidance("train.minutes=60", "sample.guidance=2.5") == (2.5, 1.5)
