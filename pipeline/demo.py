@@ -22,7 +22,6 @@ from pipeline.runner import read_json, run_stage, stage_dir, stage_status
 ENCODER_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / "demo_clip.json"
 ENCODER_MINUTES = 4.0
 TRAIN_MINUTES = 6.0
-DEMO_STEPS = 100_000  # never reached in TRAIN_MINUTES on CPU: the minutes bound the run
 VQ_MINUTES = 2.0  # --backbone discrete: the VQ autoencoder's share of TRAIN_MINUTES
 # Classifier-free guidance for sampling and evaluate. The best scale falls as the model trains
 # (README, "Guidance"): after the default 6 minutes (1,562 steps) acc@5 is 0.448 / 0.525 / 0.582 at
@@ -61,29 +60,30 @@ def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[st
     # so the model learns to draw from its neighbours (measured: README, "Neighbours that matter").
     cfg.pack.image_size = 16
     t = cfg.train
-    t.model, t.steps, t.minutes, t.batch_size, t.checkpoint_every = "demo", DEMO_STEPS, TRAIN_MINUTES, 32, 250
+    t.model, t.steps, t.minutes, t.batch_size, t.checkpoint_every = "demo", 100_000, TRAIN_MINUTES, 32, 250
     t.warmup_steps, t.lr, t.lr_schedule, t.query_drop_prob = 20, 0.001, "constant", 0.9
     t.loss_weighting = "min_snr"
-    guidance = demo_guidance(overrides) if backbone == "continuous" else GUIDANCE
     s = cfg.sample
-    s.prompts, s.steps, s.images_per_prompt, s.guidance = list(PROMPTS), 25, 4, guidance
+    s.prompts, s.steps, s.images_per_prompt, s.guidance = list(PROMPTS), 25, 4, GUIDANCE
     v = cfg.evaluate
-    v.steps, v.guidance, v.images_per_prompt = 25, guidance, 2
+    v.steps, v.guidance, v.images_per_prompt = 25, GUIDANCE, 2
     v.compare_index = [str(workdir / "swap" / "index")]
     if backbone == "discrete":
         discrete_settings(cfg)
-    return with_overrides(cfg, overrides)
+    cfg = with_overrides(cfg, overrides)
+    if backbone == "continuous":  # the guidance for the budget the overrides set, unless they set it too
+        explicit, guidance = {parse_override(o)[0] for o in overrides}, demo_guidance(cfg.train.minutes, cfg.train.steps)
+        for section, key in ((cfg.sample, "sample.guidance"), (cfg.evaluate, "evaluate.guidance")):
+            if key not in explicit:
+                section.guidance = guidance
+    return cfg
 
 
-def demo_guidance(overrides: list[str]) -> float:
-    """The demo's guidance for its training budget: 1.5 when it may train 30 minutes or more (`--minutes`,
-    or train.minutes=null: steps alone) and at least 8,000 steps (train.steps), else 3. An explicit
-    sample.guidance / evaluate.guidance override still wins, applied after this."""
-    given = dict(parse_override(o) for o in overrides)
-    minutes, steps = given.get("train.minutes", TRAIN_MINUTES), given.get("train.steps", DEMO_STEPS)
-    long_enough = minutes is None or (isinstance(minutes, (int, float)) and minutes >= LONG_RUN_MINUTES)
-    many_steps = isinstance(steps, int) and steps >= LONG_RUN_STEPS
-    return LONG_RUN_GUIDANCE if long_enough and many_steps else GUIDANCE
+def demo_guidance(minutes: float | None, steps: int) -> float:
+    """The demo's guidance for a training budget: 1.5 when it may train 30 minutes or more (`--minutes`,
+    or minutes None: steps alone) and at least 8,000 steps, else 3."""
+    long_enough = minutes is None or minutes >= LONG_RUN_MINUTES
+    return LONG_RUN_GUIDANCE if long_enough and steps >= LONG_RUN_STEPS else GUIDANCE
 
 
 def discrete_settings(cfg: Config) -> None:
