@@ -3,6 +3,7 @@ limits (`opt` metadata in pipeline.config), with an error that names the key and
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -75,6 +76,8 @@ def _coerce(key: str, hint, value, meta) -> Any:
             continue
         ok, coerced = _matches(t, value)
         if ok:
+            if t is float and not math.isfinite(coerced):  # nan passes every min/max comparison
+                raise ConfigError(_not_finite_message(key, coerced, meta, nullable=type(None) in allowed))
             _check_limits(key, coerced, meta)
             return coerced
     raise ConfigError(f"{key} must be a {_type_name(allowed)}, got {value!r} ({type(value).__name__})")
@@ -97,6 +100,13 @@ def _matches(t, value) -> tuple[bool, Any]:
         ok = isinstance(value, list) and all(_matches(item, v)[0] for v in value)
         return ok, value
     raise TypeError(f"unsupported config type {t}")
+
+
+def _not_finite_message(key: str, value: float, meta, nullable: bool) -> str:
+    low, high = meta.get("min"), meta.get("max")
+    span = (f" from {low} to {high}" if low is not None and high is not None else f" of at least {low}" if low is not None
+            else f" of at most {high}" if high is not None else "")
+    return f"{key} must be a finite number, got {value!r}: give a number{span}{', or null' if nullable else ''}"
 
 
 def _type_name(allowed) -> str:

@@ -20,7 +20,6 @@ the loss curve), `grid.png` and one PNG per sample under `samples/`.
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -346,8 +345,6 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     from pipeline.config import with_values
     from pipeline.generation import resolve_checkpoint
 
-    if guidance is not None and not math.isfinite(guidance):
-        raise UsageError(f"--guidance must be a finite number, got {guidance}")
     cfg = with_values(cfg, {f"evaluate.{key}": value for key, value in (("guidance", guidance), ("steps", steps))
                             if value is not None})
     path = resolve_checkpoint(cfg, checkpoint)

@@ -36,6 +36,9 @@ def test_int_accepted_where_float_expected():
     (["index.refine=3"], r"index\.refine must be a boolean"),
     (["embed.batch_size=0"], r"embed\.batch_size must be at least 1, got 0"),
     (["dedup.cosine_threshold=1.5"], r"dedup\.cosine_threshold must be at most 1\.0"),
+    (["evaluate.guidance=.nan"], r"evaluate\.guidance must be a finite number, got nan: give a number of at least 0\.0$"),
+    (["dedup.cosine_threshold=-.inf"], r"dedup\.cosine_threshold must be a finite number, got -inf: give a number from -1\.0 to 1\.0$"),
+    (["train.minutes=.inf"], r"train\.minutes must be a finite number, got inf: give a number of at least 0\.0, or null$"),
     (["download.resize_mode=stretch"], r"download\.resize_mode must be one of no, border"),
     (["index.memory_budget=lots"], r'index\.memory_budget must be a size such as "4GB"'),
     (["index.nprobe=fast"], r'index\.nprobe must be "auto" or a positive integer'),
@@ -51,6 +54,33 @@ def test_int_accepted_where_float_expected():
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, override)
+
+
+def test_non_finite_numbers_are_refused_everywhere_null_still_passes(tmp_path):
+    """nan compares False with every bound, so without a finiteness check it passed min/max; inf passed one-sided
+    bounds. Every float field refuses both, from a file, --set or typed values; null stays valid where it was."""
+    import dataclasses
+    import math
+    import typing
+
+    from pipeline.config import to_dict, with_values
+
+    cfg = Config()
+    sections = [s.name for s in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, s.name))]
+    floats = [f"{name}.{key}" for name in sections for key, hint in typing.get_type_hints(type(getattr(cfg, name))).items()
+              if hint is float or float in typing.get_args(hint)]
+    assert len(floats) == 20 and "evaluate.guidance" in floats and "train.minutes" in floats
+    for key in floats:
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number, got {bad!r}: give a number"):
+                with_values(cfg, {key: bad})
+    assert with_values(cfg, {"train.minutes": None, "download.max_image_area": None}).train.minutes is None
+    data = to_dict(cfg)
+    data["evaluate"]["guidance"] = math.nan
+    (tmp_path / "nan.yaml").write_text(yaml.safe_dump({"evaluate": data["evaluate"]}))
+    assert ".nan" in (tmp_path / "nan.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"^evaluate\.guidance must be a finite number, got nan"):
+        load_config(tmp_path / "nan.yaml")
 
 
 def test_bad_yaml_file(tmp_path):

@@ -92,7 +92,9 @@ def test_evaluate_guidance_and_steps_flags_are_typed_and_validated(tmp_path, cap
     with pytest.raises(ConfigError, match="evaluate.guidance"):
         with_values(cfg, {"evaluate.guidance": -1.0})
     assert main(["evaluate", "--set", f"workdir={tmp_path}", "--guidance", "nan"]) == 2
-    assert "--guidance must be a finite number" in capsys.readouterr().err
+    assert "evaluate.guidance must be a finite number, got nan: give a number of at least 0.0" in capsys.readouterr().err
+    assert main(["evaluate", "--set", f"workdir={tmp_path}", "--guidance", "inf"]) == 2
+    assert "evaluate.guidance must be a finite number, got inf" in capsys.readouterr().err
     assert main(["evaluate", "--set", f"workdir={tmp_path}", "--steps", "0"]) == 2
     assert "evaluate.steps" in capsys.readouterr().err
 
