@@ -124,16 +124,20 @@ def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
-def decode_worker_count(decode_workers: str | int, shard_bytes: int, encoders: int = 1) -> int:
+def decode_worker_count(decode_workers: str | int, shard_bytes: int, encoders: int = 1, shared: bool = False) -> int:
     """`embed.decode_workers`: a number, or "auto" = every CPU Ray sees but the encoders', as many as
     half of Ray's object store holds: each in-flight shard sits there decoded (`shard_bytes`), and
-    one more shard than there are workers is in flight."""
+    one more shard than there are workers is in flight. The store is, as in neighbours.actor_count, the
+    total on the local Ray the pipeline owns (`shared` False): a previous stage's objects and actors are
+    freed asynchronously, and this stage's first shard is already decoding when this is asked; on a
+    joined cluster (`ray.address`), what is free now, as other jobs may fill the rest."""
     import ray
 
     if decode_workers != "auto":
         return int(decode_workers)
-    return auto_count(decode_workers, int(ray.cluster_resources().get("CPU", 2)) - encoders,
-                      ray.available_resources().get("object_store_memory", 0) / 2, shard_bytes, extra_in_flight=1)
+    store = (ray.available_resources() if shared else ray.cluster_resources()).get("object_store_memory", 0)
+    return auto_count(decode_workers, int(ray.cluster_resources().get("CPU", 2)) - encoders, store / 2, shard_bytes,
+                      extra_in_flight=1)
 
 
 def decode_task(tar_path: str, info: dict, phash_size: int, chunk_size: int, expected: int | None = None,
@@ -194,7 +198,8 @@ def run(stage: StageRun) -> dict:
     if todo:
         start_next()
     info = _get(info_ref)
-    workers = decode_worker_count(conf.decode_workers, largest * info["image_size"] ** 2 * 3, n_encoders)
+    workers = decode_worker_count(conf.decode_workers, largest * info["image_size"] ** 2 * 3, n_encoders,
+                                  shared=bool(stage.cfg.ray.address))
     deal = LeastLoaded(encoders)
     while running or todo:
         while todo and len(running) <= workers:  # one shard more than decode workers, as before

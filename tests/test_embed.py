@@ -185,14 +185,31 @@ def test_auto_decode_workers_leave_the_encoder_a_cpu_and_fit_the_object_store(mo
     from pipeline.embed import decode_worker_count
 
     shard = 10_000 * 224 * 224 * 3  # a decoded 10k-image shard at 224 px: 1.5 GB
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 15.0, "object_store_memory": 100 * shard})
-    assert decode_worker_count("auto", shard) == 15  # CPUs bound it
-    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 15.0, "object_store_memory": 10 * shard})
-    assert decode_worker_count("auto", shard) == 4  # 5 shards in half the store: 4 workers + 1 being encoded
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 15.0, "object_store_memory": shard})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "object_store_memory": 100 * shard})
+    assert decode_worker_count("auto", shard) == 15  # CPUs bound it
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "object_store_memory": 10 * shard})
+    assert decode_worker_count("auto", shard) == 4  # 5 shards in half the store: 4 workers + 1 being encoded
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "object_store_memory": shard})
     assert decode_worker_count("auto", shard) == 1
     assert decode_worker_count(3, shard) == 3
+
+
+def test_auto_decode_workers_count_the_local_store_not_what_a_previous_stage_still_holds(monkeypatch):
+    """Straight after another stage, Ray has not yet freed its objects and actors (and this stage's first shard
+    is already decoding): on the local Ray the pipeline owns, the store's total sizes the workers, not what is
+    free this instant (which gave one worker). On a joined cluster (ray.address), what is free now."""
+    import ray
+
+    from pipeline.embed import decode_worker_count
+
+    shard = 10_000 * 224 * 224 * 3
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "object_store_memory": 10 * shard})
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0, "object_store_memory": 3 * shard})
+    assert decode_worker_count("auto", shard) == 4  # 10 shards' store: 5 in half, 4 workers + 1 being encoded
+    assert decode_worker_count("auto", shard, shared=True) == 1  # 3 free: 1.5 in half, never fewer than one
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0, "object_store_memory": 8 * shard})
+    assert decode_worker_count("auto", shard, shared=True) == 3  # 4 in half: 3 workers + 1; CPUs still the total's
 
 
 def test_two_encoders_write_the_same_files_as_one(tmp_path, ray_local):
