@@ -16,6 +16,7 @@ after_<i>.png (image i from seed + i), grid.png (before, input, afters) and edit
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,8 +49,8 @@ class EditRequest:
         for name, low in (("k", 0), ("steps", 1), ("images", 1)):
             if getattr(self, name) < low:
                 raise UsageError(f"--{name} must be at least {low}, got {getattr(self, name)}")
-        if self.guidance < 0:
-            raise UsageError(f"--guidance must be at least 0, got {self.guidance}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):  # nan passes `< 0`
+            raise UsageError(f"--guidance must be a finite number of at least 0, got {self.guidance}")
         if self.box is not None:
             x0, y0, x1, y1 = self.box
             if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):

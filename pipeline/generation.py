@@ -8,6 +8,7 @@ evaluate` and the demo all sample through here.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,8 @@ class SampleRequest:
         if self.no_knn and self.neighbours_only:
             raise UsageError("--no-knn and --neighbours-only exclude each other: the first drops the neighbours, "
                              "the second the text")
-        if self.guidance < 0:
-            raise UsageError(f"guidance must be at least 0, got {self.guidance}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):  # nan passes `< 0`
+            raise UsageError(f"guidance must be a finite number of at least 0, got {self.guidance}")
         if self.init_image is not None:
             if not Path(self.init_image).is_file():
                 raise UsageError(f"--init-image {self.init_image} does not exist: give an image file")

@@ -111,3 +111,13 @@ def test_refusals_exit_2_and_write_nothing(work, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "IMAGE" in err and "does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("guidance", ["nan", "inf", "-1"])
+def test_guidance_must_be_finite_and_non_negative(tmp_path, capsys, guidance):
+    """nan passed the `guidance < 0` check (every comparison with nan is False); refused before any work."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    assert main(["edit", str(tmp_path / "in.png"), "a hat", "--guidance", guidance, "--set", f"workdir={tmp_path}",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert f"--guidance must be a finite number of at least 0, got {float(guidance)}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -285,3 +285,12 @@ def test_unconditional_samples_database_images_conditioned_on_their_neighbours(w
     capsys.readouterr()
     assert main([*args, "--no-knn", "--out", str(tmp_path / "bad")]) == 2
     assert "--unconditional" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("guidance", ["nan", "inf", "-1"])
+def test_guidance_must_be_finite_and_non_negative(tmp_path, capsys, guidance):
+    """nan passed the `guidance < 0` check (every comparison with nan is False) and reached the sampler;
+    refused before any checkpoint is looked for."""
+    assert main(["sample", "x", "--guidance", guidance, "--set", f"workdir={tmp_path}", "--out", str(tmp_path / "o")]) == 2
+    assert f"guidance must be a finite number of at least 0, got {float(guidance)}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
