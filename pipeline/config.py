@@ -216,6 +216,8 @@ class EvaluateConfig:
     train_images: int = opt(5000, "training images embedded for the real-vs-real floor and memorisation", min=10)
     database_images: int = opt(1000, "images of each compared database (FD/KID to the database)", min=10)
     compare_index: list[str] = opt([], "more index folders whose databases the samples are compared with (FD/KID)")
+    no_knn_baseline: bool = opt(True, "also sample the same prompts and noise from the text alone (k = 0, into "
+                                "evaluate/no_knn/) and report neighbours - text alone, paired image by image")
     report_prompts: int = opt(48, "prompts shown in report.html", min=1)
     bootstrap: int = opt(500, "bootstrap resamples over prompts for the 95 % intervals", min=50)
     batch_size: int = opt(64, "images per sampling batch", min=1, runtime=True)

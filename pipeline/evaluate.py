@@ -27,8 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.evaluate_compare import Graded, compare, load_evaluation, print_comparison, save_features
 from pipeline.evaluate_outputs import print_metrics, summary_line, write_grid_and_samples, write_html
 from pipeline.runner import StageRun, UsageError, atomic_path, read_json, resolve_device, stage_dir, write_json
+
+
+NO_KNN_BASELINE = "no_knn"  # the evaluate stage's folder for its text-alone baseline
+CONDITION_KEYS = ("checkpoint", "step", "index", "k", "no_knn", "neighbours_only", "where", "steps", "guidance", "seed",
+                  "images_per_prompt", "sampling_seconds")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class EvalSetup:
     allow_other_clip: bool = False  # grade against an index of another CLIP (same dimension)
     where: str | None = None  # neighbours only among images whose metadata satisfies this filter
     samples_from: Path | None = None  # an earlier evaluation's folder: grade its samples.npz, sample nothing
+    baseline: Path | None = None  # an evaluation of the same prompts and noise to compare with, paired (metrics["paired"])
 
 
 # --------------------------------------------------------------------------- prompts and real images
@@ -269,11 +276,11 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
         result["floor"] = {"fd": round(metrics.frechet_distance(train[floor_rows], real), 4),
                            "kid": round(metrics.kernel_inception_distance(train[floor_rows], real), 6),
                            "what": f"{len(floor_rows)} training images (as many as samples) vs the held-out real images"}
-    result["databases"] = {}
+    result["databases"], database_features = {}, {}
     databases = list(dict.fromkeys(Path(d).resolve() for d in [setup.index_dir, *conf.compare_index]))
     for index_dir in databases:
         db_images, name = database_sample(index_dir, size, conf.database_images, conf.seed)
-        db = image_features(encoder, db_images)
+        db = database_features[name] = image_features(encoder, db_images)
         result["databases"][name] = {"images": len(db), **{m: interval(metrics.bootstrap_pair_ci(
             fake, db, generated["prompt_of"], np.arange(len(db)), fn, max(50, conf.bootstrap // 5)))
             for m, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance))}}
@@ -284,13 +291,23 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
                "steps": conf.steps, "guidance": conf.guidance, "seed": conf.seed,
                "images_per_prompt": conf.images_per_prompt, "encoder": encoder.name,
                "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
-    write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf)
+    if setup.samples_from:  # the samples' own condition and sampling, not this call's
+        result |= earlier_condition(setup.samples_from)
+    graded = Graded(fake, generated["prompt_of"], text, real if real_prompt_of is not None else None, database_features)
+    if setup.baseline:
+        result["paired"] = {setup.baseline.name: compare(result, graded, *load_evaluation(setup.baseline), conf.bootstrap)}
+    write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf, graded)
     return result
 
 
-def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf) -> None:
+def earlier_condition(folder: Path) -> dict:
+    earlier = read_json(Path(folder) / "metrics.json", "Give a folder written by `knnd evaluate`.")
+    return {key: earlier[key] for key in CONDITION_KEYS if key in earlier}
 
+
+def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf, graded: Graded) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    save_features(out, graded)
     with atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **{key: generated[key] for key in ("images", "prompt_of", "rows", "sims", "seconds")})
     write_json(out / "metrics.json", result)
@@ -327,19 +344,25 @@ def run(stage: StageRun) -> dict:
     cfg = stage.cfg
     train = stage.inputs["train"]
     k = stage.conf.k
-    setup = EvalSetup(checkpoint=stage.input_dirs["train"] / train["checkpoint"], index_dir=stage.input_dirs["index"],
-                      out=stage.dir, k=k, no_knn=k == 0)
+    checkpoint, index_dir = stage.input_dirs["train"] / train["checkpoint"], stage.input_dirs["index"]
+    baseline = stage.dir / NO_KNN_BASELINE if stage.conf.no_knn_baseline and k > 0 else None
     stage.plan(1)
-    result = evaluate(cfg, setup)
+    if baseline:  # the same prompts and noise from the text alone, first: the main evaluation compares with it
+        evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=baseline, k=0, no_knn=True))
+    result = evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=stage.dir, k=k, no_knn=k == 0,
+                                     baseline=baseline))
     stage.mark_done(0, {"prompts": result["prompts"]})
     print_metrics(result)
+    if baseline:
+        print_comparison(result["paired"][NO_KNN_BASELINE], "with neighbours", "text alone")
     return {"items": result["images"], "counts": {"prompts": result["prompts"], "images": result["images"]},
             "metrics": "metrics.json", "report": "report.html", "summary": summary_line(result)}
 
 
 def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
                      no_knn: bool = False, neighbours_only: bool = False, allow_other_clip: bool = False,
-                     where_filter: str | None = None, guidance: float | None = None, steps: int | None = None) -> int:
+                     where_filter: str | None = None, guidance: float | None = None, steps: int | None = None,
+                     samples_from: str | None = None) -> int:
     """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts; `guidance` and
     `steps` stand in for evaluate.guidance / evaluate.steps (validated like `--set`)."""
     from pipeline.config import with_values
@@ -367,7 +390,7 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
     result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn,
                                      neighbours_only=neighbours_only, allow_other_clip=allow_other_clip,
-                                     where=where_filter))
+                                     where=where_filter, samples_from=Path(samples_from) if samples_from else None))
     print_metrics(result)
     print(f"report: {folder / 'report.html'}")
     return 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.evaluate_compare import condition_text, report_rows
 from pipeline.files import atomic_path
 from pipeline.grids import write_grid
 
@@ -60,19 +61,21 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, sampler
         entries.append({"prompt": prompts[p], "samples": list(generated["images"][generated["prompt_of"] == p]),
                         "real": real_by_prompt.get(p), "neighbours": neighbours})
     summary = [("checkpoint", f"{result['checkpoint']} (step {result['step']})"), ("index", result["index"]),
-               ("condition", ("text embedding alone (--no-knn)" if result["no_knn"] else
-                              f"{result['k']} neighbours alone (--neighbours-only)" if result.get("neighbours_only") else
-                              f"text embedding + {result['k']} neighbours")
-                + (f", neighbours only where {result['where']}" if result.get("where") else "")),
+               ("condition", condition_text(result)),
                ("sampling", f"{result['steps']} DDIM steps, guidance {result['guidance']}, seed {result['seed']}, "
                             f"{result['images_per_prompt']} image(s) per prompt, {result['sampling_seconds']} s"),
                ("evaluation encoder", result["encoder"]), ("prompts", f"{result['prompts']} (showing {shown})")]
     report = {"title": f"knnd evaluate: step {result['step']}, {Path(result['index']).parent.name}/{Path(result['index']).name}",
               "summary": summary, "metrics": metric_rows(result), "loss": loss_curve(Path(result["checkpoint"])),
+              "tables": [(f"Paired: this evaluation (A) - {name}/ (B, {paired['b']['condition']}), same prompts and noise",
+                          report_rows(paired)) for name, paired in result.get("paired", {}).items()],
               "prompts": entries,
               "notes": ["Intervals are bootstrap 95 % intervals over prompts. Prompt accuracy ranks every evaluation "
                         "prompt by cosine similarity to each image in the evaluation encoder's space; the real held-out "
-                        "images give the ceiling that encoder allows. All images are compared at the model's resolution."]}
+                        "images give the ceiling that encoder allows. All images are compared at the model's resolution.",
+                        "A paired table gives A - B image by image (same prompt, same initial noise), with a bootstrap that "
+                        "draws prompts once for both, so what they share cancels; its interval is far narrower than the "
+                        "gap the two unpaired intervals would need."]}
     return write_report(out / "report.html", report)
 
 

@@ -104,9 +104,9 @@ def summary_html(summary) -> str:
     return f'<section class="card"><dl class="summary">{items}</dl></section>'
 
 
-def metrics_html(metrics) -> str:
+def metrics_html(metrics, title: str = "Metrics") -> str:
     if not metrics:
-        return '<h2>Metrics</h2><p class="empty">No metrics.</p>'
+        return f'<h2>{escape(title)}</h2><p class="empty">No metrics.</p>'
     rows = []
     for m in metrics:
         ci = ""
@@ -118,7 +118,7 @@ def metrics_html(metrics) -> str:
             f'<td class="ref">{escape(str(m.get("reference") or ""))}</td>'
             f'<td class="note">{escape(str(m.get("note") or ""))}</td></tr>')
     head = "<tr><th>metric</th><th>value [low, high]</th><th>reference</th><th>note</th></tr>"
-    return (f'<h2>Metrics</h2><table class="metrics"><thead>{head}</thead>'
+    return (f'<h2>{escape(title)}</h2><table class="metrics"><thead>{head}</thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
@@ -246,8 +246,9 @@ def render_report(report: dict) -> str:
     title = escape(str(report.get("title") or "KNN-Diffusion report"))
     prompts = report.get("prompts") or []
     body = [f"<h1>{title}</h1>", summary_html(report.get("summary") or []),
-            metrics_html(report.get("metrics") or []), loss_html(report.get("loss") or []),
-            f"<h2>Prompts ({len(prompts)})</h2>"]
+            metrics_html(report.get("metrics") or []),
+            *(metrics_html(rows, title) for title, rows in report.get("tables") or []),
+            loss_html(report.get("loss") or []), f"<h2>Prompts ({len(prompts)})</h2>"]
     body += [prompt_html(p) for p in prompts] or ['<p class="empty">No prompts.</p>']
     notes = report.get("notes") or []
     if notes:

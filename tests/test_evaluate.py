@@ -1,6 +1,8 @@
 """Held-out evaluation data (dedup's holdout, evaluate's prompt set) and `knnd evaluate`'s usage errors.
 The metrics are tested against hand computations in test_metrics.py; the whole stage runs in
 test_pipeline_smoke.py."""
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -107,3 +109,82 @@ def test_evaluate_no_knn_with_where_is_a_usage_error(tmp_path, capsys):
                  "--checkpoint", str(tmp_path / "ck.pt"), "--index", str(tmp_path / "index"),
                  "--no-knn", "--where", "score > 0.5"]) == 2
     assert "--no-knn and --where exclude each other" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- paired comparison (knnd compare)
+
+
+def _evaluation(generated, prompt_of, text, real, seed=0):
+    """(metrics.json-like result, Graded) of a hand-made evaluation, its unpaired figures computed directly."""
+    from pipeline.evaluate import per_image_metrics, set_metrics
+    from pipeline.evaluate_compare import Graded
+
+    result = {"prompts": len(text), "images": len(generated), "images_per_prompt": 2, "seed": seed, "encoder": "enc",
+              "checkpoint": "c.pt", "index": "/i", "k": 4, "no_knn": False,
+              "generated": per_image_metrics(generated, text, prompt_of, real, 100),
+              "to_real": set_metrics(generated, prompt_of, real, 100), "databases": {}}
+    return result, Graded(generated, prompt_of, text, real)
+
+
+def test_compare_is_the_image_by_image_difference_with_verdicts_and_overlap():
+    from model import metrics
+    from pipeline.evaluate_compare import compare
+
+    rng = np.random.default_rng(0)
+    text = np.eye(12, 16, dtype=np.float32)  # 12 orthogonal prompts
+    prompt_of = np.repeat(np.arange(12), 2)
+    good = text[prompt_of] + 0.05 * rng.standard_normal((24, 16)).astype(np.float32)  # each image near its prompt
+    bad = rng.standard_normal((24, 16)).astype(np.float32)  # unrelated to the prompts
+    real = text[np.arange(12)] + 0.05 * rng.standard_normal((12, 16)).astype(np.float32)
+    a_result, a = _evaluation(good, prompt_of, text, real)
+    b_result, b = _evaluation(bad, prompt_of, text, real)
+    out = compare(a_result, a, b_result, b, n_boot=200)
+    rows = {row["name"]: row for row in out["rows"]}
+    assert list(rows) == ["prompt accuracy @1", "prompt accuracy @5", "CLIP score", "FD to held-out images",
+                          "KID to held-out images"]
+    acc_a = metrics.prompt_accuracy(good, text, prompt_of, ks=(5,))[5].mean()
+    acc_b = metrics.prompt_accuracy(bad, text, prompt_of, ks=(5,))[5].mean()
+    assert acc_a == 1.0 and rows["prompt accuracy @5"]["difference"]["value"] == pytest.approx(acc_a - acc_b, abs=1e-6)
+    fd = metrics.frechet_distance(good, real) - metrics.frechet_distance(bad, real)
+    assert rows["FD to held-out images"]["difference"]["value"] == pytest.approx(fd, rel=1e-4)
+    assert rows["prompt accuracy @5"]["verdict"] == "A better"  # higher is better, interval above 0
+    assert rows["FD to held-out images"]["verdict"] == "A better"  # lower is better, interval below 0
+    assert rows["prompt accuracy @5"]["unpaired_overlap"] is False
+    swapped = {row["name"]: row for row in compare(b_result, b, a_result, a, n_boot=200)["rows"]}
+    assert swapped["FD to held-out images"]["verdict"] == "B better"
+    same = {row["name"]: row for row in compare(a_result, a, a_result, a, n_boot=200)["rows"]}
+    assert same["CLIP score"]["difference"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+    assert same["CLIP score"]["verdict"] == "no difference these prompts can see" and same["CLIP score"]["unpaired_overlap"]
+
+
+def test_compare_refuses_evaluations_that_are_not_paired(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.evaluate_compare import FEATURES, compare, save_features
+    from pipeline.runner import UsageError, write_json
+
+    rng = np.random.default_rng(1)
+    text, prompt_of = np.eye(6, 8, dtype=np.float32), np.repeat(np.arange(6), 2)
+    real = text + 0.1 * rng.standard_normal((6, 8)).astype(np.float32)
+    a_result, a = _evaluation(text[prompt_of] + 0.1, prompt_of, text, real)
+    b_result, b = _evaluation(text[prompt_of] - 0.1, prompt_of, text, real, seed=3)
+    with pytest.raises(UsageError, match=r"not paired \(seed 0 vs 3\): evaluate both with the same prompts, evaluate.seed"):
+        compare(a_result, a, b_result, b, 100)
+    c_result, c = _evaluation(text[prompt_of][::-1].copy(), prompt_of, text[::-1].copy(), real)
+    with pytest.raises(UsageError, match=r"not paired \(the prompts themselves\)"):
+        compare(a_result, a, c_result, c, 100)
+    # the command: a folder without features.npz is named, with the command that writes it
+    for name, (result, graded) in {"a": (a_result, a), "b": (b_result, b)}.items():
+        (tmp_path / name).mkdir()
+        write_json(tmp_path / name / "metrics.json", result)
+        save_features(tmp_path / name, graded)
+    (tmp_path / "b" / FEATURES).unlink()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b'} has no features.npz" in err and f"--samples-from {tmp_path / 'b'} --out {tmp_path / 'b'}" in err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
+    assert "is not an evaluation folder (no metrics.json)" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--bootstrap", "10"]) == 2
+    assert "--bootstrap must be at least 50, got 10" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "c.json")]) == 0
+    written = json.loads((tmp_path / "c.json").read_text())
+    assert written["a"]["folder"] == str((tmp_path / "a").resolve()) and len(written["rows"]) == 5

@@ -72,6 +72,19 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     assert report.count('class="sample"') == 2 * shown and report.count('class="real"') == shown
     assert "http://" not in report and "https://" not in report
     assert "report.html" in out and "prompt acc@5" in out
+    # the stage's text-alone baseline (same prompts and noise) and the paired table, in metrics.json, report and stdout
+    baseline = json.loads((work / "evaluate" / "no_knn" / "metrics.json").read_text())
+    assert baseline["k"] == 0 and baseline["no_knn"] and baseline["prompts"] == metrics["prompts"]
+    paired = metrics["paired"]["no_knn"]
+    rows = {row["name"]: row for row in paired["rows"]}
+    assert {"prompt accuracy @5", "FD to held-out images", "KID to held-out images"} <= set(rows)
+    acc = rows["prompt accuracy @5"]
+    assert acc["a"] == metrics["generated"]["prompt_accuracy@5"] and acc["b"] == baseline["generated"]["prompt_accuracy@5"]
+    assert acc["difference"]["value"] == pytest.approx(acc["a"]["value"] - acc["b"]["value"], abs=2e-4)
+    fd = rows["FD to held-out images"]
+    assert fd["difference"]["value"] == pytest.approx(metrics["to_real"]["fd"]["value"] - baseline["to_real"]["fd"]["value"],
+                                                      abs=2e-4)
+    assert "Paired: this evaluation (A) - no_knn/" in report and "paired: A = with neighbours" in out
     # any checkpoint against any index, without neighbours, into its own folder
     assert main(["evaluate", "--no-knn", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "noknn")]) == 0
     no_knn = json.loads((tmp_path / "noknn" / "metrics.json").read_text())
@@ -79,6 +92,20 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     assert main(["evaluate", "--neighbours-only", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "nbo")]) == 0
     only = json.loads((tmp_path / "nbo" / "metrics.json").read_text())
     assert only["neighbours_only"] and only["k"] == 4 and not metrics["neighbours_only"]
+    # `knnd compare`: the CLI's --no-knn evaluation draws the stage baseline's images, so the same paired table
+    capsys.readouterr()
+    assert main(["compare", str(work / "evaluate"), str(tmp_path / "noknn"), "--bootstrap", "500"]) == 0
+    printed = capsys.readouterr().out
+    assert "A = evaluate: text embedding + 4 neighbours" in printed and "B = noknn: text embedding alone" in printed
+    compared = json.loads((work / "evaluate" / "compare-noknn.json").read_text())
+    assert [r["difference"] for r in compared["rows"]] == [r["difference"] for r in paired["rows"]]
+    assert compared["b"]["condition"] == "text embedding alone (--no-knn)"
+    assert main(["compare", str(work / "evaluate"), str(tmp_path / "nbo")]) == 0  # neighbours alone: paired as well
+    # re-grading saved samples (--samples-from) reproduces the figures and keeps the samples' own condition
+    assert main(["evaluate", "-c", str(work / "stages.yaml"), "--samples-from", str(tmp_path / "noknn"),
+                 "--out", str(tmp_path / "regraded")]) == 0
+    regraded = json.loads((tmp_path / "regraded" / "metrics.json").read_text())
+    assert regraded["generated"] == no_knn["generated"] and regraded["k"] == 0 and regraded["no_knn"]
     # a guidance sweep into the default folders: one per scale, none overwriting another
     for g in ("1.5", "2"):
         assert main(["evaluate", "-c", str(work / "stages.yaml"), "--guidance", g, "--steps", "3"]) == 0

@@ -1,0 +1,163 @@
+"""Paired comparison of two evaluations: `knnd compare A B` and the evaluate stage's no-kNN baseline.
+
+Two evaluations of the same prompts with the same noise seeds (image i of A and image i of B share
+its prompt and its initial noise), graded by the same evaluation encoder, differ only by what each
+was conditioned on: neighbours or none, one index or another, one checkpoint or another. The
+difference A - B is measured image by image, and each bootstrap replicate draws prompts once for
+both, so what the two share (which prompts were drawn, how hard they are) cancels: a paired test,
+far sharper than comparing the two unpaired intervals. Reported for prompt accuracy @1/@5, CLIP
+score, and FD / KID to the held-out images and to every database both were compared with, each with
+a 95 % interval, a verdict, and whether the two unpaired intervals overlap.
+
+Every evaluation folder holds `features.npz` (its samples, prompts, held-out images and databases in
+the evaluation encoder's space), which is all a comparison reads besides `metrics.json`.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.runner import UsageError, atomic_path, read_json, write_json
+
+FEATURES = "features.npz"
+MATCH_KEYS = ("prompts", "images", "images_per_prompt", "seed", "encoder")  # what two paired evaluations share
+
+
+@dataclass
+class Graded:
+    """One evaluation in its encoder's space (L2-normalised float32 rows)."""
+    generated: np.ndarray  # [N, d] the samples
+    prompt_of: np.ndarray  # [N] each sample's prompt
+    text: np.ndarray  # [P, d] the prompts
+    real: np.ndarray | None = None  # [R, d] the held-out real images (None: a prompt file without images)
+    databases: dict[str, np.ndarray] = field(default_factory=dict)  # index folder -> its database sample
+
+
+def save_features(out: Path, graded: Graded) -> None:
+    names = list(graded.databases)
+    arrays = {"generated": graded.generated, "prompt_of": graded.prompt_of, "text": graded.text,
+              "database_names": np.array(names, dtype=str)}
+    if graded.real is not None:
+        arrays["real"] = graded.real
+    arrays |= {f"database_{i}": graded.databases[name] for i, name in enumerate(names)}
+    with atomic_path(out / FEATURES) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_evaluation(folder: Path) -> tuple[dict, Graded]:
+    """(metrics.json, features) of an evaluation folder."""
+    folder = Path(folder)
+    if not (folder / "metrics.json").exists():
+        raise UsageError(f"{folder} is not an evaluation folder (no metrics.json): give a folder written by "
+                         f"`knnd evaluate` or `knnd run evaluate`")
+    if not (folder / FEATURES).exists():
+        raise UsageError(f"{folder} has no {FEATURES} (evaluations before 2026-11-30 did not write it): re-grade its "
+                         f"samples with `knnd evaluate --samples-from {folder} --out {folder}`")
+    with np.load(folder / FEATURES, allow_pickle=False) as data:
+        names = [str(n) for n in data["database_names"]]
+        graded = Graded(generated=data["generated"], prompt_of=data["prompt_of"], text=data["text"],
+                        real=data["real"] if "real" in data.files else None,
+                        databases={name: data[f"database_{i}"] for i, name in enumerate(names)})
+    return read_json(folder / "metrics.json"), graded
+
+
+def condition_text(result: dict) -> str:
+    """What an evaluation conditioned on, in words."""
+    text = ("text embedding alone (--no-knn)" if result["no_knn"] else
+            f"{result['k']} neighbours alone (--neighbours-only)" if result.get("neighbours_only") else
+            f"text embedding + {result['k']} neighbours")
+    return text + (f", neighbours only where {result['where']}" if result.get("where") else "")
+
+
+def check_paired(a_result: dict, a: Graded, b_result: dict, b: Graded) -> None:
+    differ = [f"{key} {a_result.get(key)!r} vs {b_result.get(key)!r}" for key in MATCH_KEYS
+              if a_result.get(key) != b_result.get(key)]
+    if not differ and (not np.array_equal(a.prompt_of, b.prompt_of) or a.text.shape != b.text.shape
+                       or not np.allclose(a.text, b.text, atol=1e-4)):
+        differ.append("the prompts themselves")
+    if differ:
+        raise UsageError("the two evaluations are not paired (" + "; ".join(differ) + "): evaluate both with the same "
+                         "prompts, evaluate.seed, evaluate.images_per_prompt and evaluate.encoder")
+
+
+def _verdict(low: float, high: float, higher_is_better: bool) -> str:
+    if low <= 0 <= high:
+        return "no difference these prompts can see"
+    return "A better" if (low > 0) == higher_is_better else "B better"
+
+
+def _row(name: str, higher: bool, a_ci: dict | None, b_ci: dict | None, diff) -> dict:
+    value, low, high = (round(float(x), 6) for x in diff)
+    overlap = None if a_ci is None or b_ci is None else bool(a_ci["low"] <= b_ci["high"] and b_ci["low"] <= a_ci["high"])
+    return {"name": name, "higher_is_better": higher, "a": a_ci, "b": b_ci,
+            "difference": {"value": value, "low": low, "high": high},
+            "verdict": _verdict(low, high, higher), "unpaired_overlap": overlap}
+
+
+def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -> dict:
+    """A - B, paired image by image: the metric rows with their intervals and verdicts."""
+    from model import metrics
+
+    check_paired(a_result, a, b_result, b)
+    groups, rows = a.prompt_of, []
+    acc_a = metrics.prompt_accuracy(a.generated, a.text, groups, ks=(1, 5))
+    acc_b = metrics.prompt_accuracy(b.generated, a.text, groups, ks=(1, 5))
+    ga, gb = a_result["generated"], b_result["generated"]
+    for k in (1, 5):
+        key = f"prompt_accuracy@{k}"
+        rows.append(_row(f"prompt accuracy @{k}", True, ga[key], gb[key],
+                         metrics.bootstrap_ci(acc_a[k] - acc_b[k], groups, n_boot=n_boot)))
+    clip = metrics.clip_score(a.generated, a.text, groups) - metrics.clip_score(b.generated, a.text, groups)
+    rows.append(_row("CLIP score", True, ga["clip_score"], gb["clip_score"], metrics.bootstrap_ci(clip, groups, n_boot=n_boot)))
+    references = []
+    if a.real is not None and "to_real" in a_result and "to_real" in b_result:
+        references.append(("held-out images", a.real, a_result["to_real"], b_result["to_real"]))
+    for name in a.databases.keys() & b.databases.keys():
+        label = f"database {Path(name).parent.name}/{Path(name).name}"
+        references.append((label, a.databases[name], a_result["databases"][name], b_result["databases"][name]))
+    set_boot = max(50, n_boot // 5)  # each replicate recomputes a covariance square root
+    for label, reference, a_set, b_set in references:
+        for key, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance)):
+            rows.append(_row(f"{key.upper()} to {label}", False, a_set[key], b_set[key],
+                             metrics.bootstrap_paired_difference_ci(a.generated, b.generated, groups, reference, fn,
+                                                                    n_boot=set_boot)))
+    return {"a": {"checkpoint": a_result["checkpoint"], "index": a_result["index"], "condition": condition_text(a_result)},
+            "b": {"checkpoint": b_result["checkpoint"], "index": b_result["index"], "condition": condition_text(b_result)},
+            "prompts": a_result["prompts"], "images": a_result["images"], "bootstrap": n_boot, "rows": rows}
+
+
+def print_comparison(result: dict, a_name: str = "A", b_name: str = "B") -> None:
+    print(f"\npaired: A = {a_name}: {result['a']['condition']}\n        B = {b_name}: {result['b']['condition']}\n"
+          f"        {result['prompts']} prompts, {result['images']} images each, same noise")
+    print(f"{'metric':<36} {'A':>9} {'B':>9} {'A - B':>9}  {'95 % interval':<22} verdict")
+    for row in result["rows"]:
+        a, b, d = row["a"], row["b"], row["difference"]
+        overlap = "" if row["unpaired_overlap"] is None else (
+            " (unpaired intervals overlap)" if row["unpaired_overlap"] else " (unpaired intervals apart)")
+        print(f"{row['name']:<36} {a['value'] if a else float('nan'):>9.4g} {b['value'] if b else float('nan'):>9.4g} "
+              f"{d['value']:>9.4g}  [{d['low']:.4g}, {d['high']:.4g}]".ljust(92) + f" {row['verdict']}{overlap}")
+
+
+def report_rows(result: dict) -> list[dict]:
+    """The comparison as rows of report.html's metric table (value = A - B)."""
+    return [{"name": row["name"], **row["difference"],
+             "reference": f"A {row['a']['value']:.4g}, B {row['b']['value']:.4g}" if row["a"] and row["b"] else None,
+             "note": row["verdict"]} for row in result["rows"]]
+
+
+def compare_command(a_dir: str, b_dir: str, out: str | None, n_boot: int) -> int:
+    """`knnd compare A B`: print the paired table and write it as JSON (default A/compare-<B's name>.json)."""
+    if n_boot < 50:
+        raise UsageError(f"--bootstrap must be at least 50, got {n_boot}")
+    a_result, a = load_evaluation(Path(a_dir))
+    b_result, b = load_evaluation(Path(b_dir))
+    result = compare(a_result, a, b_result, b, n_boot)
+    result["a"]["folder"], result["b"]["folder"] = str(Path(a_dir).resolve()), str(Path(b_dir).resolve())
+    path = Path(out) if out else Path(a_dir) / f"compare-{Path(b_dir).resolve().name}.json"
+    write_json(path, result)
+    print_comparison(result, Path(a_dir).name, Path(b_dir).name)
+    print(f"compare: written to {path}", file=sys.stderr)
+    return 0
