@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from typing import Any
@@ -14,6 +15,10 @@ import yaml
 class ConfigError(ValueError):
     """A bad key, type or value in the configuration (CLI exit code 2)."""
 
+
+# A number in plain decimal or scientific notation. YAML 1.1 (PyYAML) reads `1e-4` and `5E3` (no dot) as strings,
+# so a number field accepts such a string; float() alone would also let "nan", "inf", "1_0" and " 1" through.
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -70,17 +75,18 @@ def _coerce(key: str, hint, value, meta) -> Any:
     if value is None:
         if type(None) in allowed:
             return None
-        raise ConfigError(f"{key} must not be null: give a {_type_name(allowed)}")
+        raise ConfigError(f"{key} must not be null: give {_article(_type_name(allowed))}")
     for t in allowed:
         if t is type(None):
             continue
         ok, coerced = _matches(t, value)
         if ok:
-            if t is float and not math.isfinite(coerced):  # nan passes every min/max comparison
-                raise ConfigError(_not_finite_message(key, coerced, meta, nullable=type(None) in allowed))
+            if t is float and not math.isfinite(coerced):  # nan passes every min/max comparison; "1e999" is inf
+                raise ConfigError(_not_finite_message(key, value, meta, nullable=type(None) in allowed))
             _check_limits(key, coerced, meta)
             return coerced
-    raise ConfigError(f"{key} must be a {_type_name(allowed)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key} must be {_article(_type_name(allowed))}, got {value!r} ({type(value).__name__})"
+                      + _digits_hint(allowed, value))
 
 
 def _matches(t, value) -> tuple[bool, Any]:
@@ -89,6 +95,8 @@ def _matches(t, value) -> tuple[bool, Any]:
     if t is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if t is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value):
+            return True, float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if t is str:
@@ -107,6 +115,21 @@ def _not_finite_message(key: str, value: float, meta, nullable: bool) -> str:
     span = (f" from {low} to {high}" if low is not None and high is not None else f" of at least {low}" if low is not None
             else f" of at most {high}" if high is not None else "")
     return f"{key} must be a finite number, got {value!r}: give a number{span}{', or null' if nullable else ''}"
+
+
+def _digits_hint(allowed, value) -> str:
+    """An integer field given 1e3 or 1000.0: say how to write it (no silent rounding or float-to-int coercion)."""
+    if int not in allowed or float in allowed or isinstance(value, bool):
+        return ""
+    if not (isinstance(value, float) or isinstance(value, str) and _DECIMAL.fullmatch(value)):
+        return ""
+    number = float(value)
+    example = f", e.g. {int(number)}" if math.isfinite(number) and number.is_integer() else ""
+    return f": write a whole number in plain digits{example}"
+
+
+def _article(name: str) -> str:
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 def _type_name(allowed) -> str:

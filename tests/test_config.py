@@ -29,6 +29,75 @@ def test_int_accepted_where_float_expected():
     assert load_config(None, ["download.timeout=3"]).download.timeout == 3.0
 
 
+@pytest.mark.parametrize("key, text, value", [
+    ("train.lr", "1e-4", 1e-4), ("train.lr", "5E3", 5000.0), ("train.lr", "+3e0", 3.0), ("train.lr", "2.5e-3", 2.5e-3),
+    ("train.lr", ".5e1", 5.0), ("train.lr", "1.", 1.0), ("dedup.cosine_threshold", "-2e-1", -0.2),
+    ("dedup.cosine_threshold", "-2E+0", None), ("train.minutes", "1e+1", 10.0), ("download.max_image_area", "1e6", 1e6),
+])
+def test_scientific_notation_without_a_dot_is_a_number(key, text, value, tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-4 and 5E3 as strings; a number field takes them as the float they spell,
+    from --set, from a file, and quoted in a file; the limits still apply to the number."""
+    section, leaf = key.split(".")
+    (tmp_path / "plain.yaml").write_text(f"{section}:\n  {leaf}: {text}\n")
+    (tmp_path / "quoted.yaml").write_text(f"{section}:\n  {leaf}: '{text}'\n")
+    for load in (lambda: load_config(None, [f"{key}={text}"]), lambda: load_config(tmp_path / "plain.yaml"),
+                 lambda: load_config(tmp_path / "quoted.yaml")):
+        if value is None:
+            with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be at least -1\.0, got -2\.0$"):
+                load()
+            continue
+        got = getattr(getattr(load(), section), leaf)
+        assert got == value and type(got) is float
+
+
+def test_lr_1e_4_from_the_cli_and_a_user_file(tmp_path, capsys):
+    """The reported bug: `--set train.lr=1e-4` and `lr: 1e-4` in stages.yaml were refused as '1e-4' (str)."""
+    assert yaml.safe_load("lr: 1e-4") == {"lr": "1e-4"}  # the YAML 1.1 behaviour the fix works around
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4
+    (tmp_path / "stages.yaml").write_text("train:\n  lr: 1e-4\npack:\n  vq_lr: 3E-4\n")
+    cfg = load_config(tmp_path / "stages.yaml", ["evaluate.guidance=2e0"])
+    assert (cfg.train.lr, cfg.pack.vq_lr, cfg.evaluate.guidance) == (1e-4, 3e-4, 2.0)
+    assert main(["status", "--set", "train.lr=abc", "--set", f"workdir={tmp_path / 'w'}"]) == 2
+    assert "train.lr must be a number, got 'abc' (str)" in capsys.readouterr().err
+
+
+def test_with_values_still_takes_typed_numbers_and_refuses_nan():
+    """evaluate's --guidance/--steps (argparse float/int) reach the config through with_values."""
+    import math
+
+    from pipeline.config import with_values
+
+    cfg = with_values(Config(), {"evaluate.guidance": 1e-4, "evaluate.steps": 7})
+    assert (cfg.evaluate.guidance, cfg.evaluate.steps) == (1e-4, 7)
+    with pytest.raises(ConfigError, match=r"^evaluate\.guidance must be a finite number, got nan"):
+        with_values(Config(), {"evaluate.guidance": math.nan})
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.lr=abc"], r"^train\.lr must be a number, got 'abc' \(str\)$"),
+    (["train.lr=1e-4x"], r"^train\.lr must be a number, got '1e-4x' \(str\)$"),
+    (["train.lr=1_0e-4"], r"^train\.lr must be a number, got '1_0e-4' \(str\)$"),
+    (["train.lr=1e-"], r"^train\.lr must be a number, got '1e-' \(str\)$"),
+    (["train.lr=e5"], r"^train\.lr must be a number, got 'e5' \(str\)$"),
+    (["train.lr=nan"], r"^train\.lr must be a number, got 'nan' \(str\)$"),
+    (["train.lr=inf"], r"^train\.lr must be a number, got 'inf' \(str\)$"),
+    (["train.lr=-Infinity"], r"^train\.lr must be a number, got '-Infinity' \(str\)$"),
+    (["train.lr=.nan"], r"^train\.lr must be a finite number, got nan: give a number of at least 0\.0$"),
+    (["train.lr=1e999"], r"^train\.lr must be a finite number, got '1e999': give a number of at least 0\.0$"),
+    (["train.minutes=-1e999"], r"^train\.minutes must be a finite number, got '-1e999': give a number of at least 0\.0, or null$"),
+    (["train.lr=-1e-4"], r"^train\.lr must be at least 0\.0, got -0\.0001$"),
+    (["train.steps=1e3"], r"^train\.steps must be an integer, got '1e3' \(str\): write a whole number in plain digits, e\.g\. 1000$"),
+    (["train.steps=1000.0"], r"^train\.steps must be an integer, got 1000\.0 \(float\): write a whole number in plain digits, e\.g\. 1000$"),
+    (["train.k=2.5e0"], r"^train\.k must be an integer, got '2\.5e0' \(str\): write a whole number in plain digits$"),
+    (["train.steps=many"], r"^train\.steps must be an integer, got 'many' \(str\)$"),
+])
+def test_numbers_that_are_refused(override, message):
+    """Only plain decimal/scientific text becomes a float: nan/inf spelled out, hex, underscores stay strings and are
+    refused (0x10 is YAML 1.1 for 16, as before); an integer field does not round 1e3 or 1000.0 but says how to write it."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)
+
+
 @pytest.mark.parametrize("override, message", [
     (["embed.batchsize=3"], r"unknown config key embed\.batchsize: did you mean embed\.batch_size\?"),
     (["nosuchsection.x=1"], r"unknown config key nosuchsection"),
