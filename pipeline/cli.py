@@ -85,7 +85,8 @@ def cmd_sample(args) -> int:
         seed=conf.seed if args.seed is None else args.seed,
         images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn, neighbours_only=args.neighbours_only,
         init_image=args.init_image, strength=args.strength if args.init_image else 1.0,
-        allow_other_clip=args.allow_other_clip, where=args.where, unconditional=args.unconditional or 0)
+        allow_other_clip=args.allow_other_clip, where=args.where, unconditional=args.unconditional or 0,
+        scheduler=args.scheduler or conf.scheduler)
     sample_into(cfg, request, args.checkpoint, args.index, args.out)
     return 0
 
@@ -112,7 +113,7 @@ def cmd_evaluate(args) -> int:
 
     return evaluate_command(_config(args), args.checkpoint, args.index, args.out, k=args.k, no_knn=args.no_knn,
                             neighbours_only=args.neighbours_only, allow_other_clip=args.allow_other_clip,
-                            where_filter=args.where, guidance=args.guidance, steps=args.steps,
+                            where_filter=args.where, guidance=args.guidance, steps=args.steps, scheduler=args.scheduler,
                             samples_from=args.samples_from)
 
 
@@ -170,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint to load (default: the latest in train/checkpoints)")
     p.add_argument("-k", type=int, help="neighbours per prompt")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    p.add_argument("--steps", type=int, help="DDIM steps")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], help="sampler: ddpm (ancestral) or ddim (default: sample.scheduler)")
     p.add_argument("--seed", type=int, help="seed of the initial noise")
     p.add_argument("--out", help="output folder (default: a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>[-N] per call; "
                                  "`knnd run sample` writes <workdir>/sample)")
@@ -191,11 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint file or folder (default: the latest in train/checkpoints)")
     p.add_argument("--index", help="index directory to retrieve from (default: this workdir's index/)")
     p.add_argument("--out", help="output folder (default: <workdir>/evaluate_cli/<checkpoint>-<index>-k<k>-g<guidance>"
-                   "-s<steps>, with -noknn, -neighbours-only or -where-<digest> where they apply)")
+                   "-s<steps>, with -noknn, -neighbours-only, -ddim or -where-<digest> where they apply)")
     p.add_argument("-k", type=int, help="neighbours per prompt (default: evaluate.k, else sample.k)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: evaluate.guidance); "
                    "the best scale falls as a model trains, so compare a few")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: evaluate.steps)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: evaluate.steps)")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], help="sampler: ddpm (ancestral) or ddim (default: evaluate.scheduler)")
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
     p.add_argument("--neighbours-only", action="store_true",
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")

@@ -33,8 +33,8 @@ from pipeline.runner import StageRun, UsageError, atomic_path, read_json, resolv
 
 
 NO_KNN_BASELINE = "no_knn"  # the evaluate stage's folder for its text-alone baseline
-CONDITION_KEYS = ("checkpoint", "step", "index", "k", "no_knn", "neighbours_only", "where", "steps", "guidance", "seed",
-                  "images_per_prompt", "sampling_seconds")
+CONDITION_KEYS = ("checkpoint", "step", "index", "k", "no_knn", "neighbours_only", "where", "steps", "scheduler",
+                  "guidance", "seed", "images_per_prompt", "sampling_seconds")
 
 
 @dataclass
@@ -129,7 +129,8 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
         sel = prompt_of[s:s + conf.batch_size]
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + conf.batch_size]]
         out.append(diffusion.sample(sampler.model, torch.from_numpy(emb[sel]), steps=conf.steps, guidance=conf.guidance,
-                                    generator=generators, neighbour_mask=torch.from_numpy(mask[sel])))
+                                    generator=generators, neighbour_mask=torch.from_numpy(mask[sel]),
+                                    scheduler=conf.scheduler))
         print(f"evaluate: sampled {s + len(sel)}/{len(prompt_of)} images ({time.time() - start:.0f} s)", file=sys.stderr)
     return {"images": np.concatenate(out), "prompt_of": prompt_of, "rows": rows, "sims": sims,
             "seconds": round(time.time() - start, 1)}
@@ -288,7 +289,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
                "index": str(setup.index_dir.resolve()), "k": 0 if setup.no_knn else setup.k, "no_knn": setup.no_knn,
                "neighbours_only": setup.neighbours_only and not setup.no_knn,
                "where": None if setup.no_knn else setup.where,
-               "steps": conf.steps, "guidance": conf.guidance, "seed": conf.seed,
+               "steps": conf.steps, "scheduler": conf.scheduler, "guidance": conf.guidance, "seed": conf.seed,
                "images_per_prompt": conf.images_per_prompt, "encoder": encoder.name,
                "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
     if setup.samples_from:  # the samples' own condition and sampling, not this call's
@@ -362,14 +363,14 @@ def run(stage: StageRun) -> dict:
 def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
                      no_knn: bool = False, neighbours_only: bool = False, allow_other_clip: bool = False,
                      where_filter: str | None = None, guidance: float | None = None, steps: int | None = None,
-                     samples_from: str | None = None) -> int:
+                     samples_from: str | None = None, scheduler: str | None = None) -> int:
     """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts; `guidance` and
     `steps` stand in for evaluate.guidance / evaluate.steps (validated like `--set`)."""
     from pipeline.config import with_values
     from pipeline.generation import resolve_checkpoint
 
-    cfg = with_values(cfg, {f"evaluate.{key}": value for key, value in (("guidance", guidance), ("steps", steps))
-                            if value is not None})
+    cfg = with_values(cfg, {f"evaluate.{key}": value for key, value in
+                            (("guidance", guidance), ("steps", steps), ("scheduler", scheduler)) if value is not None})
     path = resolve_checkpoint(cfg, checkpoint)
     index_dir = Path(index or cfg.sample.index or stage_dir(cfg, "index"))
     if not (index_dir / "index_infos.json").exists():
@@ -385,6 +386,7 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
         raise UsageError("--no-knn and --where exclude each other: --where filters the neighbours, --no-knn has none")
     name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
     name += f"-g{cfg.evaluate.guidance:g}-s{cfg.evaluate.steps}"  # a sweep over either keeps every result
+    name += "" if cfg.evaluate.scheduler == "ddpm" else f"-{cfg.evaluate.scheduler}"
     if where_filter:  # one folder per filter: a short digest of its text
         name += "-where-" + hashlib.blake2b(where_filter.encode(), digest_size=4).hexdigest()
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name

@@ -115,7 +115,7 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
     references = []
     if a.real is not None and "to_real" in a_result and "to_real" in b_result:
         references.append(("held-out images", a.real, a_result["to_real"], b_result["to_real"]))
-    for name in a.databases.keys() & b.databases.keys():
+    for name in [name for name in a.databases if name in b.databases]:
         label = f"database {Path(name).parent.name}/{Path(name).name}"
         references.append((label, a.databases[name], a_result["databases"][name], b_result["databases"][name]))
     set_boot = max(50, n_boot // 5)  # each replicate recomputes a covariance square root

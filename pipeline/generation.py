@@ -36,6 +36,7 @@ class SampleRequest:
     allow_other_clip: bool = False  # sample against an index of another CLIP (same dimension)
     where: str | None = None  # neighbours only among images whose metadata satisfies this filter
     unconditional: int = 0  # RDM's unconditional mode: this many random database embeddings as the queries
+    scheduler: str = "ddpm"  # ddpm (ancestral) or ddim
     query_rows: list[int] | None = None  # (filled by Sampler.pseudo_queries) the index rows behind the prompts
 
     def validate(self) -> None:
@@ -183,11 +184,11 @@ class Sampler:
             mask[:, 0] = False
         images = diffusion.sample(self.model, emb, steps=request.steps, guidance=request.guidance, generator=generators,
                                   init_image=init, strength=request.strength if init_pixels is not None else 1.0,
-                                  neighbour_mask=mask, progress=progress)
+                                  neighbour_mask=mask, progress=progress, scheduler=request.scheduler)
         records = []
         for i in range(n):
             records.append({"prompt": prompt, "index_in_prompt": i, "seed": request.seed + i,
-                            "guidance": request.guidance, "steps": request.steps,
+                            "guidance": request.guidance, "steps": request.steps, "scheduler": request.scheduler,
                             "k": len(record["neighbour_keys"]), "no_knn": request.no_knn,
                             "neighbours_only": request.neighbours_only, **record,
                             "init_image": str(Path(request.init_image).resolve()) if request.init_image else None,
@@ -302,7 +303,7 @@ def generate(sampler: Sampler, request: SampleRequest, out: Path, done=None, ski
 def request_from_config(conf) -> SampleRequest:
     """The sample: section as a request (the stage's, and the demo's swapped-index sampling)."""
     return SampleRequest(prompts=list(conf.prompts), k=conf.k, guidance=conf.guidance, steps=conf.steps,
-                         seed=conf.seed, images_per_prompt=conf.images_per_prompt)
+                         seed=conf.seed, images_per_prompt=conf.images_per_prompt, scheduler=conf.scheduler)
 
 
 def sample_into(cfg, request: SampleRequest, checkpoint: str | None = None, index: str | None = None,

@@ -233,7 +233,8 @@ class Service:
             steps=number_field(values, "steps", d["steps"], 1, MAX_STEPS),
             seed=number_field(values, "seed", d["seed"], 0, MAX_SEED),
             images_per_prompt=number_field(values, "images", d["images"], 1, MAX_IMAGES),
-            no_knn=bool_field(values, "no_knn"), neighbours_only=bool_field(values, "neighbours_only"))
+            no_knn=bool_field(values, "no_knn"), neighbours_only=bool_field(values, "neighbours_only"),
+            scheduler=d.get("scheduler", "ddpm"))
         request.where = where_field(values, db, 0 if request.no_knn else request.k)
         if request.no_knn and request.neighbours_only:
             raise BadInput("neighbours_only", "no_knn and neighbours_only exclude each other (the first drops the "
@@ -310,7 +311,7 @@ def make_service(cfg, index_dirs: list[str] | None = None, checkpoint: str | Non
     databases = load_databases(dirs, found, resolve_device(cfg), allow_other_clip)
     conf = cfg.sample
     defaults = {"k": max(1, conf.k), "guidance": min(conf.guidance, MAX_GUIDANCE), "steps": min(conf.steps, MAX_STEPS),
-                "seed": conf.seed, "images": min(conf.images_per_prompt, MAX_IMAGES)}
+                "seed": conf.seed, "images": min(conf.images_per_prompt, MAX_IMAGES), "scheduler": conf.scheduler}
     if found is not None:
         defaults["k"] = min(defaults["k"], sample_k_max(databases[0]))
     return Service(databases, defaults)

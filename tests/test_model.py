@@ -185,7 +185,9 @@ def test_training_targets():
         torch.testing.assert_close(target, expected)
 
 
-def test_batched_sampling_with_per_image_generators_equals_one_at_a_time():
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_batched_sampling_with_per_image_generators_equals_one_at_a_time(scheduler):
+    """Also for ancestral (ddpm) sampling, whose every step draws fresh noise from each image's own generator."""
     import torch
 
     from model.denoiser import KnnDenoiser, ModelConfig
@@ -194,9 +196,11 @@ def test_batched_sampling_with_per_image_generators_equals_one_at_a_time():
     torch.manual_seed(0)
     model = KnnDenoiser(ModelConfig.tiny()).eval()
     emb = torch.randn(1, model.config.k + 1, model.config.clip_dim)
-    one = [sample(model, emb, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(s))[0] for s in (7, 8)]
-    both = sample(model, emb.expand(2, -1, -1), steps=4, guidance=3.0,
+    one = [sample(model, emb, steps=4, guidance=3.0, generator=torch.Generator().manual_seed(s), scheduler=scheduler)[0]
+           for s in (7, 8)]
+    both = sample(model, emb.expand(2, -1, -1), steps=4, guidance=3.0, scheduler=scheduler,
                   generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
+    assert not np.array_equal(both[0], both[1])
     for a, b in zip(one, both):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batch numerics may round one step apart
 

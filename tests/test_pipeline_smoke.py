@@ -44,6 +44,7 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     swapped = Image.open(work / "sample_swap" / "grid.png")
     assert grid.size == swapped.size and grid.size[1] >= 4 * 32
     main_records = [json.loads(line) for line in (work / "sample" / "samples.jsonl").read_text().splitlines()]
+    assert {r["scheduler"] for r in main_records} == {"ddpm"}  # sample.scheduler's default, recorded per image
     swap_records = [json.loads(line) for line in (work / "sample_swap" / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in main_records] == [r["prompt"] for r in swap_records]
     swap_keys = {k for r in swap_records for k in r["neighbour_keys"]}
@@ -112,6 +113,12 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     swept = sorted((work / "evaluate_cli").glob("*/metrics.json"))
     assert [json.loads(m.read_text())["guidance"] for m in swept] == [1.5, 2.0]
     assert [m.parent.name.rsplit("-", 2)[1:] for m in swept] == [["g1.5", "s3"], ["g2", "s3"]]
+    # the deterministic sampler, into its own folder: other images from the same noise
+    assert main(["evaluate", "-c", str(work / "stages.yaml"), "--guidance", "2", "--steps", "3", "--scheduler", "ddim"]) == 0
+    ddim = sorted((work / "evaluate_cli").glob("*-g2-s3-ddim"))
+    assert len(ddim) == 1 and json.loads((ddim[0] / "metrics.json").read_text())["scheduler"] == "ddim"
+    with np.load(ddim[0] / "samples.npz") as a, np.load(swept[1].parent / "samples.npz") as b:
+        assert a["images"].shape == b["images"].shape and not np.array_equal(a["images"], b["images"])
     # a second run finds everything up to date and redoes nothing
     capsys.readouterr()
     assert main(argv) == 0

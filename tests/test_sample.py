@@ -23,7 +23,7 @@ from pipeline.synthetic import write_embed_output
 from test_train_stage import write_pack
 
 TINY = os.path.abspath(TINY_CLIP)
-RECORD_FIELDS = {"prompt", "prompt_index", "index_in_prompt", "seed", "image", "guidance", "steps", "k", "no_knn",
+RECORD_FIELDS = {"prompt", "prompt_index", "index_in_prompt", "seed", "image", "guidance", "steps", "scheduler", "k", "no_knn",
                  "neighbours_only",
                  "neighbour_keys", "neighbour_captions", "similarities", "init_image", "strength", "index_dir",
                  "checkpoint"}
