@@ -11,6 +11,7 @@ from pipeline.files import atomic_path
 from pipeline.grids import write_grid
 
 GRID_PROMPTS = 16
+SAMPLERS = {"ddpm": "ancestral (DDPM)", "ddim": "DDIM"}  # evaluations before the scheduler key were DDIM
 REPORT_NEIGHBOURS = 5
 
 
@@ -62,7 +63,8 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, sampler
                         "real": real_by_prompt.get(p), "neighbours": neighbours})
     summary = [("checkpoint", f"{result['checkpoint']} (step {result['step']})"), ("index", result["index"]),
                ("condition", condition_text(result)),
-               ("sampling", f"{result['steps']} DDIM steps, guidance {result['guidance']}, seed {result['seed']}, "
+               ("sampling", f"{result['steps']} {SAMPLERS[result.get('scheduler', 'ddim')]} steps, guidance {result['guidance']}, "
+                            f"seed {result['seed']}, "
                             f"{result['images_per_prompt']} image(s) per prompt, {result['sampling_seconds']} s"),
                ("evaluation encoder", result["encoder"]), ("prompts", f"{result['prompts']} (showing {shown})")]
     report = {"title": f"knnd evaluate: step {result['step']}, {Path(result['index']).parent.name}/{Path(result['index']).name}",
