@@ -204,21 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")
     _add_allow_other_clip(p, "grade against an index")
     p.add_argument("--where", help='neighbours only among images whose metadata satisfies this SQL filter (DuckDB)')
-    p.add_argument("--samples-from", help="grade the samples of an earlier evaluation folder (e.g. under another "
-                   "evaluate.encoder, or to write its features.npz); samples nothing")
+    p.add_argument("--samples-from", help="grade the samples of an earlier evaluation folder again (e.g. under another "
+                   "evaluate.encoder, or to write its features.npz), into that folder unless --out; samples nothing")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+    add_compare_parser(sub)
+    add_edit_parser(sub)
+    add_serve_parser(sub)
+    return parser
+
+
+def add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="two evaluations of the same prompts and noise, paired image by image: A - B")
     p.add_argument("a", help="evaluation folder A (e.g. with neighbours)")
     p.add_argument("b", help="evaluation folder B (e.g. --no-knn, another index or checkpoint)")
     p.add_argument("--out", help="JSON file to write (default: A/compare-<B's folder name>.json)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over prompts (default 1000)")
     p.set_defaults(func=cmd_compare)
-
-    add_edit_parser(sub)
-    add_serve_parser(sub)
-    return parser
 
 
 def add_edit_parser(sub) -> None:

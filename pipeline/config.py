@@ -18,16 +18,24 @@ from pipeline.config_parse import ConfigError, build, parse_override, set_nested
 from pipeline.sizes import parse_bytes
 
 __all__ = ["Config", "ConfigError", "load_config", "with_overrides", "check_config", "section", "output_fingerprint",
-           "fingerprint_hash", "to_dict", "opt"]
+           "legacy_fingerprint", "fingerprint_hash", "to_dict", "opt"]
 
 
-def opt(default, help: str, *, choices=None, min=None, max=None, runtime: bool = False):
+_UNSET = object()
+
+
+def opt(default, help: str, *, choices=None, min=None, max=None, runtime: bool = False, before=_UNSET):
     """A config field with its one-line help, its allowed values, and whether it changes output.
 
     `runtime=True` marks knobs (threads, batch sizes, worker counts) that change speed but
     not the stage's output, so changing them does not make a finished stage "changed".
+    `before`: for a key added after stages were built with other behaviour, the value that gives
+    that behaviour (sample.scheduler: ddim): an output whose fingerprint lacks the key was made with
+    it, so it is up to date only while the key holds that value (without `before`: its default).
     """
     meta = {"help": help, "choices": choices, "min": min, "max": max, "runtime": runtime}
+    if before is not _UNSET:
+        meta["before"] = before
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -201,7 +209,8 @@ class SampleConfig:
     guidance: float = opt(8.0, "classifier-free guidance scale (paper: 8)", min=0.0)
     steps: int = opt(100, "denoising steps", min=1)
     scheduler: str = opt("ddpm", "sampler: ddpm (ancestral: fresh noise at every step; on the demo model FD to held-out images "
-                              "0.172 -> 0.096 at equal prompt accuracy, 25 steps) or ddim (deterministic, eta 0)", choices=SCHEDULERS)
+                              "0.172 -> 0.096 at equal prompt accuracy, 25 steps) or ddim (deterministic, eta 0)", choices=SCHEDULERS,
+                         before="ddim")
     seed: int = opt(0, "seed of the initial noise")
     images_per_prompt: int = opt(4, "samples per prompt", min=1)
     index: str | None = opt(None, "index directory to retrieve from (null: this workdir's)")
@@ -214,7 +223,8 @@ class EvaluateConfig:
     images_per_prompt: int = opt(1, "samples per prompt (image j of a prompt uses seed + j)", min=1)
     k: int = opt(10, "neighbours per prompt; 0 conditions on the text alone (--no-knn)", min=0)
     steps: int = opt(25, "denoising steps", min=1)
-    scheduler: str = opt("ddpm", "sampler: ddpm (ancestral) or ddim (deterministic), as sample.scheduler", choices=SCHEDULERS)
+    scheduler: str = opt("ddpm", "sampler: ddpm (ancestral) or ddim (deterministic), as sample.scheduler", choices=SCHEDULERS,
+                         before="ddim")
     guidance: float = opt(3.0, "classifier-free guidance scale", min=0.0)
     seed: int = opt(0, "seed of the prompt sample and of the initial noise")
     encoder: str | None = opt(None, "evaluation CLIP: open_clip name or model-config JSON (null: the embed stage's CLIP)")
@@ -223,7 +233,8 @@ class EvaluateConfig:
     database_images: int = opt(1000, "images of each compared database (FD/KID to the database)", min=10)
     compare_index: list[str] = opt([], "more index folders whose databases the samples are compared with (FD/KID)")
     no_knn_baseline: bool = opt(True, "also sample the same prompts and noise from the text alone (k = 0, into "
-                                "evaluate/no_knn/) and report neighbours - text alone, paired image by image")
+                                "evaluate/no_knn/) and report neighbours - text alone, paired image by image",
+                                before=False)
     report_prompts: int = opt(48, "prompts shown in report.html", min=1)
     bootstrap: int = opt(500, "bootstrap resamples over prompts for the 95 % intervals", min=50)
     batch_size: int = opt(64, "images per sampling batch", min=1, runtime=True)
@@ -333,6 +344,16 @@ def output_fingerprint(obj) -> dict:
             continue
         value = getattr(obj, f.name)
         out[f.name] = output_fingerprint(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def legacy_fingerprint(cls) -> dict:
+    """What a key missing from an older output's fingerprint stood for: the section's defaults, with
+    each key's `before` value where it has one (see `opt`)."""
+    out = output_fingerprint(cls())
+    for f in dataclasses.fields(cls):
+        if "before" in f.metadata and f.name in out:
+            out[f.name] = f.metadata["before"]
     return out
 
 

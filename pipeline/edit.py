@@ -139,7 +139,8 @@ def edit_into(cfg, request: EditRequest, checkpoint: str | None = None, index: s
     emb = torch.from_numpy(emb).expand(n, *emb.shape[1:]).contiguous()
     generators = [torch.Generator().manual_seed(request.seed + i) for i in range(n)]
     after = diffusion.sample(sampler.model, emb, steps=request.steps, guidance=request.guidance, generator=generators,
-                             image_cond=np.repeat(image_input[None], n, axis=0))
+                             image_cond=np.repeat(image_input[None], n, axis=0),
+                             scheduler="ddim")  # edits were measured with DDIM only (README, Local manipulation)
     folder = Path(out) if out else new_folder(Path(cfg.workdir) / "edit_cli")
     folder.mkdir(parents=True, exist_ok=True)
     save_png(folder / "before.png", before)

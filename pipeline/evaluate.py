@@ -27,15 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluate_compare import Graded, compare, load_evaluation, print_comparison, save_features
-from pipeline.evaluate_outputs import print_metrics, summary_line, write_grid_and_samples, write_html
-from pipeline.runner import StageRun, UsageError, atomic_path, read_json, resolve_device, stage_dir, write_json
+from pipeline.evaluate_compare import Graded, compare, load_evaluation, print_comparison
+from pipeline.evaluate_outputs import print_metrics, summary_line, write_outputs
+from pipeline.evaluate_regrade import earlier_condition, regrade_command, reuse_samples
+from pipeline.runner import StageRun, UsageError, read_json, resolve_device, stage_dir
 
 
 NO_KNN_BASELINE = "no_knn"  # the evaluate stage's folder for its text-alone baseline
-CONDITION_KEYS = ("checkpoint", "step", "index", "k", "no_knn", "neighbours_only", "where", "steps", "scheduler",
-                  "guidance", "seed", "images_per_prompt", "sampling_seconds")
-
 
 @dataclass
 class EvalSetup:
@@ -136,21 +134,6 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
             "seconds": round(time.time() - start, 1)}
 
 
-def reuse_samples(folder: Path, prompts: int) -> dict:
-    """generate()'s result, read back from an earlier evaluation's samples.npz (e.g. to grade the
-    same images with another evaluation encoder)."""
-    path = Path(folder) / "samples.npz"
-    if not path.exists():
-        raise UsageError(f"{path} does not exist: evaluate into {folder} first")
-    with np.load(path, allow_pickle=False) as data:
-        generated = {key: data[key] for key in ("images", "prompt_of", "rows", "sims")}
-        generated["seconds"] = float(data["seconds"])
-    if len(generated["rows"]) != prompts:
-        raise UsageError(f"{path} holds samples of {len(generated['rows'])} prompts, this evaluation has {prompts}: "
-                         f"evaluate the same prompt set")
-    return generated
-
-
 def noise_seed(seed: int, prompt: int, image: int) -> int:
     return int(np.random.SeedSequence([seed, prompt, image]).generate_state(1, np.uint32)[0])
 
@@ -191,7 +174,7 @@ def text_features(bundle, prompts: list[str]) -> np.ndarray:
 
 def interval(estimate_low_high) -> dict:
     value, low, high = (float(x) for x in estimate_low_high)
-    return {"value": round(value, 4), "low": round(low, 4), "high": round(high, 4)}
+    return {"value": round(value, 6), "low": round(low, 6), "high": round(high, 6)}  # KID lives near 1e-5
 
 
 def per_image_metrics(feats: np.ndarray, text: np.ndarray, prompt_of: np.ndarray, train: np.ndarray, n_boot: int) -> dict:
@@ -251,7 +234,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     encoder = load_encoder(conf, sampler.retriever.infos, setup.index_dir, device)  # a bad encoder fails before sampling
     print(f"evaluate: {len(prompts)} prompts x {conf.images_per_prompt} images, k={0 if setup.no_knn else setup.k}, "
           f"{conf.steps} steps, guidance {conf.guidance}, index {setup.index_dir}", file=sys.stderr)
-    generated = reuse_samples(setup.samples_from, len(prompts)) if setup.samples_from else generate(sampler, prompts, setup, conf)
+    generated = reuse_samples(setup.samples_from, prompts) if setup.samples_from else generate(sampler, prompts, setup, conf)
     text = text_features(encoder, prompts)
     fake = image_features(encoder, generated["images"])
     train_images = training_images(cfg, conf.train_images, conf.seed)
@@ -299,22 +282,6 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
         result["paired"] = {setup.baseline.name: compare(result, graded, *load_evaluation(setup.baseline), conf.bootstrap)}
     write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf, graded)
     return result
-
-
-def earlier_condition(folder: Path) -> dict:
-    earlier = read_json(Path(folder) / "metrics.json", "Give a folder written by `knnd evaluate`.")
-    return {key: earlier[key] for key in CONDITION_KEYS if key in earlier}
-
-
-def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf, graded: Graded) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_features(out, graded)
-    with atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{key: generated[key] for key in ("images", "prompt_of", "rows", "sims", "seconds")})
-    write_json(out / "metrics.json", result)
-    write_grid_and_samples(out, prompts, generated, conf.images_per_prompt)
-    write_html(out, result, prompts, generated, real_images, sampler, conf)
-    print(f"evaluate: metrics in {out / 'metrics.json'}, report {out / 'report.html'}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -369,6 +336,12 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     from pipeline.config import with_values
     from pipeline.generation import resolve_checkpoint
 
+    if samples_from:
+        given = [flag for flag, value in (("-k", k), ("--no-knn", no_knn or None), ("--neighbours-only", neighbours_only or None),
+                                          ("--where", where_filter), ("--guidance", guidance), ("--steps", steps),
+                                          ("--scheduler", scheduler), ("--checkpoint", checkpoint), ("--index", index))
+                 if value is not None]
+        return regrade_command(cfg, samples_from, out, allow_other_clip, given)
     cfg = with_values(cfg, {f"evaluate.{key}": value for key, value in
                             (("guidance", guidance), ("steps", steps), ("scheduler", scheduler)) if value is not None})
     path = resolve_checkpoint(cfg, checkpoint)
@@ -392,7 +365,7 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
     result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn,
                                      neighbours_only=neighbours_only, allow_other_clip=allow_other_clip,
-                                     where=where_filter, samples_from=Path(samples_from) if samples_from else None))
+                                     where=where_filter))
     print_metrics(result)
     print(f"report: {folder / 'report.html'}")
     return 0

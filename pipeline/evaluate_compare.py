@@ -55,7 +55,7 @@ def load_evaluation(folder: Path) -> tuple[dict, Graded]:
                          f"`knnd evaluate` or `knnd run evaluate`")
     if not (folder / FEATURES).exists():
         raise UsageError(f"{folder} has no {FEATURES} (evaluations before 2026-11-30 did not write it): re-grade its "
-                         f"samples with `knnd evaluate --samples-from {folder} --out {folder}`")
+                         f"samples with `knnd evaluate -c <its workdir's stages.yaml> --samples-from {folder}`")
     with np.load(folder / FEATURES, allow_pickle=False) as data:
         names = [str(n) for n in data["database_names"]]
         graded = Graded(generated=data["generated"], prompt_of=data["prompt_of"], text=data["text"],
@@ -90,11 +90,15 @@ def _verdict(low: float, high: float, higher_is_better: bool) -> str:
 
 
 def _row(name: str, higher: bool, a_ci: dict | None, b_ci: dict | None, diff) -> dict:
-    value, low, high = (round(float(x), 6) for x in diff)
+    value, low, high = (float(x) for x in diff)  # the verdict from the unrounded interval
     overlap = None if a_ci is None or b_ci is None else bool(a_ci["low"] <= b_ci["high"] and b_ci["low"] <= a_ci["high"])
     return {"name": name, "higher_is_better": higher, "a": a_ci, "b": b_ci,
-            "difference": {"value": value, "low": low, "high": high},
+            "difference": {"value": round(value, 8), "low": round(low, 8), "high": round(high, 8)},
             "verdict": _verdict(low, high, higher), "unpaired_overlap": overlap}
+
+
+def _same(x: np.ndarray | None, y: np.ndarray | None) -> bool:
+    return x is not None and y is not None and x.shape == y.shape and np.allclose(x, y, atol=1e-4)
 
 
 def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -> dict:
@@ -112,25 +116,38 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
                          metrics.bootstrap_ci(acc_a[k] - acc_b[k], groups, n_boot=n_boot)))
     clip = metrics.clip_score(a.generated, a.text, groups) - metrics.clip_score(b.generated, a.text, groups)
     rows.append(_row("CLIP score", True, ga["clip_score"], gb["clip_score"], metrics.bootstrap_ci(clip, groups, n_boot=n_boot)))
-    references = []
-    if a.real is not None and "to_real" in a_result and "to_real" in b_result:
-        references.append(("held-out images", a.real, a_result["to_real"], b_result["to_real"]))
-    for name in [name for name in a.databases if name in b.databases]:
+    references, skipped = [], []  # a set metric is paired only against a reference both were measured with
+    if a.real is not None or b.real is not None:
+        if _same(a.real, b.real) and "to_real" in a_result and "to_real" in b_result:
+            references.append(("held-out images", a.real, a_result["to_real"], b_result["to_real"]))
+        else:
+            skipped.append("held-out images (only one has them, or other pictures)")
+    for name in dict.fromkeys([*a.databases, *b.databases]):
         label = f"database {Path(name).parent.name}/{Path(name).name}"
-        references.append((label, a.databases[name], a_result["databases"][name], b_result["databases"][name]))
+        if _same(a.databases.get(name), b.databases.get(name)):
+            references.append((label, a.databases[name], a_result["databases"][name], b_result["databases"][name]))
+        else:
+            skipped.append(f"{label} (only one was compared with it, or with other pictures of it)")
     set_boot = max(50, n_boot // 5)  # each replicate recomputes a covariance square root
     for label, reference, a_set, b_set in references:
         for key, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance)):
             rows.append(_row(f"{key.upper()} to {label}", False, a_set[key], b_set[key],
                              metrics.bootstrap_paired_difference_ci(a.generated, b.generated, groups, reference, fn,
                                                                     n_boot=set_boot)))
-    return {"a": {"checkpoint": a_result["checkpoint"], "index": a_result["index"], "condition": condition_text(a_result)},
-            "b": {"checkpoint": b_result["checkpoint"], "index": b_result["index"], "condition": condition_text(b_result)},
-            "prompts": a_result["prompts"], "images": a_result["images"], "bootstrap": n_boot, "rows": rows}
+    return {"a": _side(a_result), "b": _side(b_result), "prompts": a_result["prompts"], "images": a_result["images"],
+            "bootstrap": n_boot, "rows": rows, "skipped": skipped}
+
+
+def _side(result: dict) -> dict:
+    return {"checkpoint": result["checkpoint"], "step": result.get("step"), "index": result["index"],
+            "condition": condition_text(result),
+            "sampling": f"{result['steps']} {result.get('scheduler', 'ddim')} steps, guidance {result['guidance']:g}"}
 
 
 def print_comparison(result: dict, a_name: str = "A", b_name: str = "B") -> None:
-    print(f"\npaired: A = {a_name}: {result['a']['condition']}\n        B = {b_name}: {result['b']['condition']}\n"
+    a, b = result["a"], result["b"]
+    print(f"\npaired: A = {a_name}: {a['condition']}; {a['sampling']}; step {a['step']}\n"
+          f"        B = {b_name}: {b['condition']}; {b['sampling']}; step {b['step']}\n"
           f"        {result['prompts']} prompts, {result['images']} images each, same noise")
     print(f"{'metric':<36} {'A':>9} {'B':>9} {'A - B':>9}  {'95 % interval':<22} verdict")
     for row in result["rows"]:
@@ -139,6 +156,8 @@ def print_comparison(result: dict, a_name: str = "A", b_name: str = "B") -> None
             " (unpaired intervals overlap)" if row["unpaired_overlap"] else " (unpaired intervals apart)")
         print(f"{row['name']:<36} {a['value'] if a else float('nan'):>9.4g} {b['value'] if b else float('nan'):>9.4g} "
               f"{d['value']:>9.4g}  [{d['low']:.4g}, {d['high']:.4g}]".ljust(92) + f" {row['verdict']}{overlap}")
+    for what in result.get("skipped", []):
+        print(f"not compared: {what}")
 
 
 def report_rows(result: dict) -> list[dict]:

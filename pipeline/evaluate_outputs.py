@@ -2,17 +2,35 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.evaluate_compare import condition_text, report_rows
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, write_json
 from pipeline.grids import write_grid
 
 GRID_PROMPTS = 16
 SAMPLERS = {"ddpm": "ancestral (DDPM)", "ddim": "DDIM"}  # evaluations before the scheduler key were DDIM
 REPORT_NEIGHBOURS = 5
+
+
+def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf, graded) -> None:
+    """Everything an evaluation leaves; metrics.json goes first, so a crash never leaves the old one
+    beside new features or samples."""
+    from pipeline.evaluate_compare import save_features
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    save_features(out, graded)
+    with atomic_path(out / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, prompts=np.array(prompts, dtype=str),
+                 **{key: generated[key] for key in ("images", "prompt_of", "rows", "sims", "seconds")})
+    write_grid_and_samples(out, prompts, generated, conf.images_per_prompt)
+    write_html(out, result, prompts, generated, real_images, sampler, conf)
+    write_json(out / "metrics.json", result)
+    print(f"evaluate: metrics in {out / 'metrics.json'}, report {out / 'report.html'}", file=sys.stderr)
 
 
 def write_grid_and_samples(out: Path, prompts: list[str], generated: dict, per_prompt: int) -> Path:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import Config, fingerprint_hash, output_fingerprint, section, to_dict
+from pipeline.config import Config, fingerprint_hash, legacy_fingerprint, output_fingerprint, section, to_dict
 # Errors, atomic writes and JSON live in pipeline.files (no stage owns them); re-exported for callers.
 from pipeline.files import StageError, UsageError, atomic_path, file_hash, read_json, write_json  # noqa: F401
 
@@ -198,9 +198,10 @@ def content_hash(path: Path) -> str:
 
 
 def _changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
-    """'key: old -> new' for each differing key; with `defaults`, a key the old fingerprint lacks
-    (added to the config since) counts only when its new value is not its default, and one the new
-    fingerprint lacks (made a runtime knob since) does not count."""
+    """'key: old -> new' for each differing key; with `defaults` (config.legacy_fingerprint), a key
+    the old fingerprint lacks (added to the config since) counts only when its new value is not what
+    the key's absence meant (its `before` value, else its default), and one the new fingerprint lacks
+    (made a runtime knob since) does not count."""
     keys = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
@@ -235,7 +236,7 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
         previous = read_json(out / STATE, f"Rebuild with `knnd run {name} --force`.")
     changed = []
     if previous is not None and previous.get("config_hash") != cfg_hash:
-        changed = _changed_keys(previous.get("fingerprint", {}), state["fingerprint"], output_fingerprint(type(conf)()))
+        changed = _changed_keys(previous.get("fingerprint", {}), state["fingerprint"], legacy_fingerprint(type(conf)))
         if not changed:  # only keys added since (at their defaults) or made runtime knobs since
             cfg_hash = state["config_hash"] = previous["config_hash"]
     if previous is not None:

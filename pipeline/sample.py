@@ -1,4 +1,4 @@
-"""sample stage and `knnd sample`: prompts -> CLIP text embedding -> k neighbours -> guided DDIM -> PNGs.
+"""sample stage and `knnd sample`: prompts -> CLIP text embedding -> k neighbours -> guided denoising (sample.scheduler) -> PNGs.
 
 For a prompt t: f_txt(t) from the CLIP that embedded the index's images, its k nearest images in
 the index, and the condition y = (f_txt(t), d_1 .. d_k) built from their stored image embeddings;

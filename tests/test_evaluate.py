@@ -120,7 +120,8 @@ def _evaluation(generated, prompt_of, text, real, seed=0):
     from pipeline.evaluate_compare import Graded
 
     result = {"prompts": len(text), "images": len(generated), "images_per_prompt": 2, "seed": seed, "encoder": "enc",
-              "checkpoint": "c.pt", "index": "/i", "k": 4, "no_knn": False,
+              "checkpoint": "c.pt", "step": 10, "index": "/i", "k": 4, "no_knn": False, "steps": 25, "guidance": 3.0,
+              "scheduler": "ddpm",
               "generated": per_image_metrics(generated, text, prompt_of, real, 100),
               "to_real": set_metrics(generated, prompt_of, real, 100), "databases": {}}
     return result, Graded(generated, prompt_of, text, real)
@@ -157,6 +158,26 @@ def test_compare_is_the_image_by_image_difference_with_verdicts_and_overlap():
     assert same["CLIP score"]["verdict"] == "no difference these prompts can see" and same["CLIP score"]["unpaired_overlap"]
 
 
+def test_compare_pairs_set_metrics_only_against_references_both_share():
+    from pipeline.evaluate import interval
+    from pipeline.evaluate_compare import compare
+
+    rng = np.random.default_rng(2)
+    text, prompt_of = np.eye(6, 8, dtype=np.float32), np.repeat(np.arange(6), 2)
+    real = text + 0.1 * rng.standard_normal((6, 8)).astype(np.float32)
+    db, other_db = rng.standard_normal((20, 8)).astype(np.float32), rng.standard_normal((20, 8)).astype(np.float32)
+    a_result, a = _evaluation(text[prompt_of] + 0.1, prompt_of, text, real)
+    b_result, b = _evaluation(text[prompt_of] - 0.1, prompt_of, text, real + 0.5)  # other held-out pictures
+    a.databases, b.databases = {"/x/main": db, "/x/only_a": db}, {"/x/main": db, "/x/swap": other_db}
+    for result, graded in ((a_result, a), (b_result, b)):
+        result["databases"] = {name: {"fd": interval((1, 0, 2)), "kid": interval((1, 0, 2))} for name in graded.databases}
+    out = compare(a_result, a, b_result, b, 100)
+    assert [row["name"] for row in out["rows"]][3:] == ["FD to database x/main", "KID to database x/main"]
+    assert out["skipped"] == ["held-out images (only one has them, or other pictures)",
+                              "database x/only_a (only one was compared with it, or with other pictures of it)",
+                              "database x/swap (only one was compared with it, or with other pictures of it)"]
+
+
 def test_compare_refuses_evaluations_that_are_not_paired(tmp_path, capsys):
     from pipeline.cli import main
     from pipeline.evaluate_compare import FEATURES, compare, save_features
@@ -180,7 +201,7 @@ def test_compare_refuses_evaluations_that_are_not_paired(tmp_path, capsys):
     (tmp_path / "b" / FEATURES).unlink()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'b'} has no features.npz" in err and f"--samples-from {tmp_path / 'b'} --out {tmp_path / 'b'}" in err
+    assert f"{tmp_path / 'b'} has no features.npz" in err and f"--samples-from {tmp_path / 'b'}`" in err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
     assert "is not an evaluation folder (no metrics.json)" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--bootstrap", "10"]) == 2

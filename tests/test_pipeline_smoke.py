@@ -107,6 +107,15 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
                  "--out", str(tmp_path / "regraded")]) == 0
     regraded = json.loads((tmp_path / "regraded" / "metrics.json").read_text())
     assert regraded["generated"] == no_knn["generated"] and regraded["k"] == 0 and regraded["no_knn"]
+    capsys.readouterr()  # sampling flags, and prompts other than the samples were drawn for, are refused
+    assert main(["evaluate", "-c", str(work / "stages.yaml"), "--samples-from", str(tmp_path / "noknn"), "--guidance", "2",
+                 "-k", "2"]) == 2
+    assert "--samples-from grades saved samples, so -k, --guidance cannot apply" in capsys.readouterr().err
+    others = tmp_path / "others.txt"
+    others.write_text("".join(f"another prompt {i}\n" for i in range(metrics["prompts"])))
+    for sets in (["--set", "evaluate.max_prompts=3"], ["--set", f"evaluate.prompts={others}"]):
+        assert main(["evaluate", "-c", str(work / "stages.yaml"), "--samples-from", str(tmp_path / "noknn"), *sets]) == 2
+        assert "were drawn for other prompts than this evaluation's" in capsys.readouterr().err
     # a guidance sweep into the default folders: one per scale, none overwriting another
     for g in ("1.5", "2"):
         assert main(["evaluate", "-c", str(work / "stages.yaml"), "--guidance", g, "--steps", "3"]) == 0

@@ -79,6 +79,28 @@ def test_a_key_added_since_a_stage_ran_counts_only_off_its_default(tmp_path, fak
         run_stage("download", cfg(tmp_path, "download.min_image_size=8"))
 
 
+def test_a_key_whose_absence_meant_other_behaviour_makes_old_outputs_changed():
+    """sample.scheduler and evaluate.scheduler came with ancestral sampling as the default: outputs
+    from before were DDIM, so their fingerprints (without the key) are up to date only with ddim, and
+    evaluate's no-kNN baseline did not exist (before=False)."""
+    from pipeline.config import EvaluateConfig, SampleConfig, legacy_fingerprint, output_fingerprint
+    from pipeline.runner import _changed_keys
+
+    for section in (SampleConfig, EvaluateConfig):
+        old = output_fingerprint(section())
+        del old["scheduler"]
+        old.pop("no_knn_baseline", None)
+        changed = _changed_keys(old, output_fingerprint(section()), legacy_fingerprint(section))
+        assert "scheduler: None -> 'ddpm'" in changed
+        assert ("no_knn_baseline: None -> True" in changed) == (section is EvaluateConfig)
+        assert _changed_keys(old, output_fingerprint(section(scheduler="ddim", no_knn_baseline=False) if section is
+                                                     EvaluateConfig else section(scheduler="ddim")),
+                             legacy_fingerprint(section)) == []
+    old = output_fingerprint(SampleConfig())
+    del old["seed"]  # a key without `before`: its absence meant its default
+    assert _changed_keys(old, output_fingerprint(SampleConfig()), legacy_fingerprint(SampleConfig)) == []
+
+
 def test_status_pending_done_stale(tmp_path, fake_stages):
     c = cfg(tmp_path)
     assert stage_status(c, "download") == ("pending", "")
