@@ -169,3 +169,11 @@ def test_ablate_quick_on_the_tiny_demo(tiny_demo, tmp_path):
         assert f"## {title}" in text
     assert "| k0-text | 38.2 (no kNN) |" in text and "34.1 (concatenation)" in text
     assert all((docs / "ablation" / f"{name}.png").exists() for name in expected)
+    # an evaluation cached from before ancestral sampling (DDIM) is drawn again, not mixed in
+    stale = tmp_path / "abl" / "evaluations" / "k1-knn" / "metrics.json"
+    old = json.loads(stale.read_text())
+    del old["scheduler"]
+    stale.write_text(json.dumps(old))
+    assert ablate.main(["--quick", "--demo", str(work), "--workdir", str(tmp_path / "abl"), "--docs", str(docs),
+                        "--sections", "k"]) == 0
+    assert json.loads(stale.read_text())["scheduler"] == "ddpm"

@@ -191,7 +191,11 @@ def evaluated(s: Settings, name: str, encoder: str = "a") -> dict:
     variant, options = evaluations(s)[name]
     out = s.workdir / "evaluations" / (name if encoder == "a" else f"{name}@b")
     if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
+        cached = json.loads((out / "metrics.json").read_text())
+        if cached.get("scheduler", "ddim") == config(s, s.demo, []).evaluate.scheduler:
+            return cached
+        shutil.rmtree(out)  # drawn with another sampler (DDIM, before ancestral sampling): not comparable
+        (s.workdir / "paired.json").unlink(missing_ok=True)
     samples_from = None
     sets = []
     if encoder == "b":
