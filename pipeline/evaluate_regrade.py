@@ -26,7 +26,7 @@ def earlier(folder: Path) -> dict:
 
 def earlier_condition(folder: Path) -> dict:
     result = earlier(folder)
-    return {key: result[key] for key in CONDITION_KEYS if key in result}
+    return {"scheduler": "ddim"} | {key: result[key] for key in CONDITION_KEYS if key in result}  # no key: drawn with DDIM
 
 
 def reuse_samples(folder: Path, prompts: list[str]) -> dict:

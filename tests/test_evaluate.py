@@ -209,3 +209,13 @@ def test_compare_refuses_evaluations_that_are_not_paired(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "c.json")]) == 0
     written = json.loads((tmp_path / "c.json").read_text())
     assert written["a"]["folder"] == str((tmp_path / "a").resolve()) and len(written["rows"]) == 5
+
+
+def test_an_evaluation_from_before_the_scheduler_key_was_drawn_with_ddim(tmp_path):
+    from pipeline.evaluate_regrade import earlier_condition
+    from pipeline.runner import write_json
+
+    write_json(tmp_path / "metrics.json", {"k": 10, "no_knn": False, "steps": 25, "guidance": 3.0, "prompts": 5})
+    assert earlier_condition(tmp_path) == {"scheduler": "ddim", "k": 10, "no_knn": False, "steps": 25, "guidance": 3.0}
+    write_json(tmp_path / "metrics.json", {"k": 0, "scheduler": "ddpm"})
+    assert earlier_condition(tmp_path) == {"scheduler": "ddpm", "k": 0}
