@@ -11,7 +11,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import SCHEDULERS, ConfigError, load_config  # noqa: E402
 from pipeline.report import print_table  # noqa: E402
 from pipeline.runner import StageError, UsageError, run_stage, stage_status  # noqa: E402
 from pipeline.stages import STAGES  # noqa: E402
@@ -149,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "work/demo-discrete with --backbone discrete)")
     p.add_argument("--backbone", choices=["continuous", "discrete"], default="continuous",
                    help="continuous: the U-Net over pixels; discrete: VQ tokens and the token transformer")
-    p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's "
-                   "budget); with the continuous backbone, 30 or more also sample and evaluate at guidance 1.5, not 3")
+    p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
     p.add_argument("--limit", type=int, default=None, help="use only N stickers, spread over the set (quick runs)")
     p.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
     p.add_argument("--force", action="store_true", help="rebuild the stages after download (e.g. after changing --set values)")
@@ -172,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, help="neighbours per prompt")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--scheduler", choices=["ddpm", "ddim"], help="sampler: ddpm (ancestral) or ddim (default: sample.scheduler)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler: ddpm (ancestral) or ddim (default: sample.scheduler)")
     p.add_argument("--seed", type=int, help="seed of the initial noise")
     p.add_argument("--out", help="output folder (default: a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>[-N] per call; "
                                  "`knnd run sample` writes <workdir>/sample)")
@@ -196,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "-s<steps>, with -noknn, -neighbours-only, -ddim or -where-<digest> where they apply)")
     p.add_argument("-k", type=int, help="neighbours per prompt (default: evaluate.k, else sample.k)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: evaluate.guidance); "
-                   "the best scale falls as a model trains, so compare a few")
+                   "the best scale depends on the model and the sampler, so compare a few")
     p.add_argument("--steps", type=int, help="denoising steps (default: evaluate.steps)")
-    p.add_argument("--scheduler", choices=["ddpm", "ddim"], help="sampler: ddpm (ancestral) or ddim (default: evaluate.scheduler)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler: ddpm (ancestral) or ddim (default: evaluate.scheduler)")
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
     p.add_argument("--neighbours-only", action="store_true",
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")

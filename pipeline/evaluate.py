@@ -48,6 +48,16 @@ class EvalSetup:
     where: str | None = None  # neighbours only among images whose metadata satisfies this filter
     samples_from: Path | None = None  # an earlier evaluation's folder: grade its samples.npz, sample nothing
     baseline: Path | None = None  # an evaluation of the same prompts and noise to compare with, paired (metrics["paired"])
+    memo: dict | None = None  # shared by evaluations of one stage run: the reference pictures are embedded once
+
+
+def _memo(setup: EvalSetup, key, make):
+    """make(), or what an evaluation sharing setup.memo already made for `key`."""
+    if setup.memo is None:
+        return make()
+    if key not in setup.memo:
+        setup.memo[key] = make()
+    return setup.memo[key]
 
 
 # --------------------------------------------------------------------------- prompts and real images
@@ -237,20 +247,20 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     generated = reuse_samples(setup.samples_from, prompts) if setup.samples_from else generate(sampler, prompts, setup, conf)
     text = text_features(encoder, prompts)
     fake = image_features(encoder, generated["images"])
-    train_images = training_images(cfg, conf.train_images, conf.seed)
-    train = image_features(encoder, train_images)
+    train = _memo(setup, "train", lambda: image_features(encoder, training_images(cfg, conf.train_images, conf.seed)))
     result = {"prompts": len(prompts), "images": int(len(fake)), "chance@1": round(1 / len(prompts), 4),
               "chance@5": round(min(5, len(prompts)) / len(prompts), 4),
               "generated": per_image_metrics(fake, text, generated["prompt_of"], train, conf.bootstrap)}
     real_images = None  # {prompt: uint8 image} of the held-out images that still decode
-    loaded = DatabaseImages(stage_dir(cfg, "embed")).load(held_rows, size) if held_rows is not None else {}
+    loaded = _memo(setup, "held", lambda: DatabaseImages(stage_dir(cfg, "embed")).load(held_rows, size)
+                   if held_rows is not None else {})
     real_prompt_of = np.array([p for p, r in enumerate(held_rows) if r in loaded], np.int64) if loaded else None
     if real_prompt_of is not None and len(real_prompt_of) < 2:
         print(f"evaluate: only {len(real_prompt_of)} held-out image(s) decode: no real-image figures", file=sys.stderr)
         real_prompt_of = None
     if real_prompt_of is not None:
         real_images = {int(p): loaded[held_rows[p]] for p in real_prompt_of}
-        real = image_features(encoder, np.stack(list(real_images.values())))
+        real = _memo(setup, "real", lambda: image_features(encoder, np.stack(list(real_images.values()))))
         result["real"] = per_image_metrics(real, text, real_prompt_of, train, conf.bootstrap)
         result["ratio"] = {f"prompt_accuracy@{k}": round(result["generated"][f"prompt_accuracy@{k}"]["value"]
                                                          / max(result["real"][f"prompt_accuracy@{k}"]["value"], 1e-9), 4)
@@ -263,8 +273,12 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     result["databases"], database_features = {}, {}
     databases = list(dict.fromkeys(Path(d).resolve() for d in [setup.index_dir, *conf.compare_index]))
     for index_dir in databases:
-        db_images, name = database_sample(index_dir, size, conf.database_images, conf.seed)
-        db = database_features[name] = image_features(encoder, db_images)
+        def embed_database():  # called at once by _memo, so index_dir is this iteration's
+            images, name = database_sample(index_dir, size, conf.database_images, conf.seed)
+            return name, image_features(encoder, images)
+
+        name, db = _memo(setup, ("database", index_dir), embed_database)
+        database_features[name] = db
         result["databases"][name] = {"images": len(db), **{m: interval(metrics.bootstrap_pair_ci(
             fake, db, generated["prompt_of"], np.arange(len(db)), fn, max(50, conf.bootstrap // 5)))
             for m, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance))}}
@@ -315,10 +329,11 @@ def run(stage: StageRun) -> dict:
     checkpoint, index_dir = stage.input_dirs["train"] / train["checkpoint"], stage.input_dirs["index"]
     baseline = stage.dir / NO_KNN_BASELINE if stage.conf.no_knn_baseline and k > 0 else None
     stage.plan(1)
+    memo = {}  # the baseline and the main evaluation share the training, held-out and database pictures' features
     if baseline:  # the same prompts and noise from the text alone, first: the main evaluation compares with it
-        evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=baseline, k=0, no_knn=True))
+        evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=baseline, k=0, no_knn=True, memo=memo))
     result = evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=stage.dir, k=k, no_knn=k == 0,
-                                     baseline=baseline))
+                                     baseline=baseline, memo=memo))
     stage.mark_done(0, {"prompts": result["prompts"]})
     print_metrics(result)
     if baseline:

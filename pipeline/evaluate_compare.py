@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import SCHEDULER_BEFORE
 from pipeline.runner import UsageError, atomic_path, read_json, write_json
 
 FEATURES = "features.npz"
@@ -141,7 +142,7 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
 def _side(result: dict) -> dict:
     return {"checkpoint": result["checkpoint"], "step": result.get("step"), "index": result["index"],
             "condition": condition_text(result),
-            "sampling": f"{result['steps']} {result.get('scheduler', 'ddim')} steps, guidance {result['guidance']:g}"}
+            "sampling": f"{result['steps']} {result.get('scheduler', SCHEDULER_BEFORE)} steps, guidance {result['guidance']:g}"}
 
 
 def print_comparison(result: dict, a_name: str = "A", b_name: str = "B") -> None:

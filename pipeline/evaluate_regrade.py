@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import SCHEDULER_BEFORE
 from pipeline.runner import UsageError, read_json
 
 # what the saved samples were drawn with: taken from their metrics.json, never from this call
 CONDITION_KEYS = ("checkpoint", "step", "index", "k", "no_knn", "neighbours_only", "where", "steps", "scheduler",
                   "guidance", "seed", "images_per_prompt", "sampling_seconds")
-SAMPLING_FLAGS = ("-k", "--no-knn", "--neighbours-only", "--where", "--guidance", "--steps", "--scheduler", "--checkpoint",
-                  "--index")
 
 
 def earlier(folder: Path) -> dict:
@@ -26,7 +25,7 @@ def earlier(folder: Path) -> dict:
 
 def earlier_condition(folder: Path) -> dict:
     result = earlier(folder)
-    return {"scheduler": "ddim"} | {key: result[key] for key in CONDITION_KEYS if key in result}  # no key: drawn with DDIM
+    return {"scheduler": SCHEDULER_BEFORE} | {key: result[key] for key in CONDITION_KEYS if key in result}
 
 
 def reuse_samples(folder: Path, prompts: list[str]) -> dict:

@@ -234,7 +234,7 @@ class Service:
             seed=number_field(values, "seed", d["seed"], 0, MAX_SEED),
             images_per_prompt=number_field(values, "images", d["images"], 1, MAX_IMAGES),
             no_knn=bool_field(values, "no_knn"), neighbours_only=bool_field(values, "neighbours_only"),
-            scheduler=d.get("scheduler", "ddpm"))
+            scheduler=d["scheduler"])
         request.where = where_field(values, db, 0 if request.no_knn else request.k)
         if request.no_knn and request.neighbours_only:
             raise BadInput("neighbours_only", "no_knn and neighbours_only exclude each other (the first drops the "
