@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, help="neighbours per prompt")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler: ddpm (ancestral) or ddim (default: sample.scheduler)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler: sde-dpmsolver++, ddpm (ancestral) or ddim (default: sample.scheduler)")
     p.add_argument("--seed", type=int, help="seed of the initial noise")
     p.add_argument("--out", help="output folder (default: a new <workdir>/sample_cli/<YYYYmmdd-HHMMSS>[-N] per call; "
                                  "`knnd run sample` writes <workdir>/sample)")
@@ -192,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint file or folder (default: the latest in train/checkpoints)")
     p.add_argument("--index", help="index directory to retrieve from (default: this workdir's index/)")
     p.add_argument("--out", help="output folder (default: <workdir>/evaluate_cli/<checkpoint>-<index>-k<k>-g<guidance>"
-                   "-s<steps>, with -noknn, -neighbours-only, -ddim or -where-<digest> where they apply)")
+                   "-s<steps>, with -noknn, -neighbours-only, -ddpm, -ddim or -where-<digest> where they apply)")
     p.add_argument("-k", type=int, help="neighbours per prompt (default: evaluate.k, else sample.k)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: evaluate.guidance); "
                    "the best scale depends on the model and the sampler, so compare a few")
     p.add_argument("--steps", type=int, help="denoising steps (default: evaluate.steps)")
-    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler: ddpm (ancestral) or ddim (default: evaluate.scheduler)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler: sde-dpmsolver++, ddpm (ancestral) or ddim (default: evaluate.scheduler)")
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
     p.add_argument("--neighbours-only", action="store_true",
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")

@@ -13,7 +13,7 @@ from pipeline.files import atomic_path, write_json
 from pipeline.grids import write_grid
 
 GRID_PROMPTS = 16
-SAMPLERS = {"ddpm": "ancestral (DDPM)", "ddim": "DDIM"}  # the report's words for evaluate.scheduler
+SAMPLERS = {"sde-dpmsolver++": "DPM-Solver++ (2M SDE)", "ddpm": "ancestral (DDPM)", "ddim": "DDIM"}  # the report's words for evaluate.scheduler
 REPORT_NEIGHBOURS = 5
 
 

@@ -36,7 +36,7 @@ class SampleRequest:
     allow_other_clip: bool = False  # sample against an index of another CLIP (same dimension)
     where: str | None = None  # neighbours only among images whose metadata satisfies this filter
     unconditional: int = 0  # RDM's unconditional mode: this many random database embeddings as the queries
-    scheduler: str = "ddpm"  # ddpm (ancestral) or ddim
+    scheduler: str = "sde-dpmsolver++"  # or ddpm (ancestral) or ddim (config.SCHEDULERS)
     query_rows: list[int] | None = None  # (filled by Sampler.pseudo_queries) the index rows behind the prompts
 
     def validate(self) -> None:

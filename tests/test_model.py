@@ -142,7 +142,7 @@ def test_guidance_batches_cond_and_uncond_like_separate_calls():
     torch.testing.assert_close(out, uncond + 8.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "sde-dpmsolver++"])
 def test_sampling_is_deterministic_per_seed(scheduler):
     model = make_model()
     emb = random_emb(model.config)
@@ -157,17 +157,52 @@ def test_sampling_is_deterministic_per_seed(scheduler):
     assert not np.array_equal(first, run(1))
 
 
-def test_init_image_with_small_strength_returns_about_the_init_image():
+class ZeroNoise(torch.nn.Module):
+    """Predicts zero noise everywhere: its x_0 estimate x_t / sqrt(alpha_bar) is huge at high noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.config, self.weight = ModelConfig.tiny(), torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, emb, drop=None, mask=None):
+        return torch.zeros_like(x) + 0 * self.weight
+
+
+def test_dpm_solver_clips_its_x0_estimate_as_the_other_samplers_do(monkeypatch):
+    """Without thresholding at 1.0, DPM-Solver++ carries the blown-up x_0 to the end: every pixel saturates
+    (what made it draw noise on the demo model); with it, like ddpm's clip_sample, most pixels do not."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    import model.diffusion as diffusion
+
+    model = ZeroNoise()
+    emb = torch.zeros(2, model.config.k + 1, model.config.clip_dim)
+
+    def saturated(scheduler: str) -> float:
+        images = sample(model, emb, steps=10, guidance=1.0, generator=torch.Generator().manual_seed(0), scheduler=scheduler)
+        return float(np.isin(images, [0, 255]).mean())
+
+    assert saturated("sde-dpmsolver++") < 0.6
+    assert saturated("ddpm") < 0.6
+    config = model.config
+    unclipped = DPMSolverMultistepScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                                            prediction_type=config.prediction_type, algorithm_type="sde-dpmsolver++")
+    monkeypatch.setattr(diffusion, "make_scheduler", lambda *args: unclipped)
+    assert saturated("sde-dpmsolver++") == 1.0
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "sde-dpmsolver++"])
+def test_init_image_with_small_strength_returns_about_the_init_image(scheduler):
     model = make_model()
     emb = random_emb(model.config)
     init = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     generator = torch.Generator().manual_seed(0)
-    assert np.array_equal(sample(model, emb, steps=50, init_image=init, strength=0.0), init)
+    assert np.array_equal(sample(model, emb, steps=50, init_image=init, strength=0.0, scheduler=scheduler), init)
     edited = sample(model, emb, steps=50, guidance=1.0, init_image=init, strength=0.02,
-                    generator=generator)
+                    generator=generator, scheduler=scheduler)
     assert np.abs(edited.astype(int) - init).mean() < 6
     fresh = sample(model, emb, steps=50, guidance=1.0, init_image=init, strength=1.0,
-                   generator=generator)
+                   generator=generator, scheduler=scheduler)
     assert np.abs(fresh.astype(int) - init).mean() > 30
 
 
@@ -185,9 +220,9 @@ def test_training_targets():
         torch.testing.assert_close(target, expected)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "sde-dpmsolver++"])
 def test_batched_sampling_with_per_image_generators_equals_one_at_a_time(scheduler):
-    """Also for ancestral (ddpm) sampling, whose every step draws fresh noise from each image's own generator."""
+    """Also for the stochastic samplers, whose every step draws fresh noise from each image's own generator."""
     import torch
 
     from model.denoiser import KnnDenoiser, ModelConfig

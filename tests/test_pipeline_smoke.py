@@ -44,7 +44,7 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     swapped = Image.open(work / "sample_swap" / "grid.png")
     assert grid.size == swapped.size and grid.size[1] >= 4 * 32
     main_records = [json.loads(line) for line in (work / "sample" / "samples.jsonl").read_text().splitlines()]
-    assert {r["scheduler"] for r in main_records} == {"ddpm"}  # sample.scheduler's default, recorded per image
+    assert {r["scheduler"] for r in main_records} == {"sde-dpmsolver++"}  # sample.scheduler's default, recorded per image
     swap_records = [json.loads(line) for line in (work / "sample_swap" / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in main_records] == [r["prompt"] for r in swap_records]
     swap_keys = {k for r in swap_records for k in r["neighbour_keys"]}
@@ -169,11 +169,11 @@ def test_ablate_quick_on_the_tiny_demo(tiny_demo, tmp_path):
         assert f"## {title}" in text
     assert "| k0-text | 38.2 (no kNN) |" in text and "34.1 (concatenation)" in text
     assert all((docs / "ablation" / f"{name}.png").exists() for name in expected)
-    # an evaluation cached from before ancestral sampling (DDIM) is drawn again, not mixed in
+    # an evaluation cached from before the scheduler key (DDIM) is drawn again, not mixed in
     stale = tmp_path / "abl" / "evaluations" / "k1-knn" / "metrics.json"
     old = json.loads(stale.read_text())
     del old["scheduler"]
     stale.write_text(json.dumps(old))
     assert ablate.main(["--quick", "--demo", str(work), "--workdir", str(tmp_path / "abl"), "--docs", str(docs),
                         "--sections", "k"]) == 0
-    assert json.loads(stale.read_text())["scheduler"] == "ddpm"
+    assert json.loads(stale.read_text())["scheduler"] == "sde-dpmsolver++"

@@ -113,16 +113,16 @@ def test_space_to_depth_that_does_not_fit_the_image_is_a_clear_error():
         ModelConfig.demo(resolution=32, space_to_depth=3)
 
 
-def test_demo_samples_ancestrally_at_guidance_3_for_any_budget_and_yields_to_an_explicit_setting(tmp_path):
-    """`knnd demo` samples and evaluates with the ddpm (ancestral) scheduler at guidance 3 after its default
-    budget and after --minutes 60 (measured: with ancestral sampling 3 leads on prompt accuracy at 60
-    minutes, where DDIM needed 1.5); --set still decides."""
+def test_demo_samples_stochastically_at_guidance_3_for_any_budget_and_yields_to_an_explicit_setting(tmp_path):
+    """`knnd demo` samples and evaluates with the default stochastic scheduler (sde-dpmsolver++) at guidance 3
+    after its default budget and after --minutes 60 (measured: with ancestral sampling 3 leads on prompt
+    accuracy at 60 minutes, where DDIM needed 1.5); --set still decides."""
     from pipeline.demo import demo_config
 
     def settings(*sets):
         cfg = demo_config(tmp_path, tmp_path / "urls.parquet", tmp_path / "encoder", list(sets))
         return cfg.sample.guidance, cfg.evaluate.guidance, cfg.sample.scheduler, cfg.evaluate.scheduler
 
-    assert settings() == (3.0, 3.0, "ddpm", "ddpm")
-    assert settings("train.minutes=60") == (3.0, 3.0, "ddpm", "ddpm")
-    assert settings("train.minutes=60", "sample.guidance=1.5", "evaluate.scheduler=ddim") == (1.5, 3.0, "ddpm", "ddim")
+    assert settings() == (3.0, 3.0, "sde-dpmsolver++", "sde-dpmsolver++")
+    assert settings("train.minutes=60") == (3.0, 3.0, "sde-dpmsolver++", "sde-dpmsolver++")
+    assert settings("train.minutes=60", "sample.guidance=1.5", "evaluate.scheduler=ddim") == (1.5, 3.0, "sde-dpmsolver++", "ddim")

@@ -91,7 +91,7 @@ def test_a_key_whose_absence_meant_other_behaviour_makes_old_outputs_changed():
         del old["scheduler"]
         old.pop("no_knn_baseline", None)
         changed = _changed_keys(old, output_fingerprint(section()), legacy_fingerprint(section))
-        assert "scheduler: None -> 'ddpm'" in changed
+        assert "scheduler: None -> 'sde-dpmsolver++'" in changed
         assert ("no_knn_baseline: None -> True" in changed) == (section is EvaluateConfig)
         assert _changed_keys(old, output_fingerprint(section(scheduler="ddim", no_knn_baseline=False) if section is
                                                      EvaluateConfig else section(scheduler="ddim")),

@@ -132,7 +132,7 @@ def test_info_lists_indexes_limits_and_defaults(work):
     assert [ix["name"] for ix in info["indexes"]] == work["indexes"]
     assert [ix["sample_k_max"] for ix in info["indexes"]] == [3, 3]
     assert info["model"]["k"] == 3 and info["model"]["resolution"] == 16
-    assert info["defaults"] == {"k": 3, "guidance": 3.0, "steps": 2, "seed": 3, "images": 2, "scheduler": "ddpm"}
+    assert info["defaults"] == {"k": 3, "guidance": 3.0, "steps": 2, "seed": 3, "images": 2, "scheduler": "sde-dpmsolver++"}
     assert info["queue"]["max_waiting"] == 16
 
 
