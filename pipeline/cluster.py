@@ -9,6 +9,7 @@ evaluation) keeps `runner.resolve_device`.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 
 from pipeline.files import StageError, UsageError
@@ -73,14 +74,23 @@ def count_nodes(ids) -> dict[str, int]:
     return dict(sorted(Counter(i for i in ids if i).items()))
 
 
-def release(actors) -> None:
-    """Kill a stage's actors now that its work is done, so their CPUs (and GPUs) are free for the next
-    stage at once: a handle going out of scope frees them only later, and a stage that starts meanwhile
-    would find those nodes busy and crowd onto the others."""
+def release(actors, timeout: float = 10.0) -> None:
+    """Kill a stage's actors (one CPU each, as embed's encoders and neighbours' workers take) now that
+    its work is done, and wait, at most `timeout` seconds, until the cluster counts their CPUs free, so
+    the next stage finds every node free: a handle going out of scope frees them only later, ray.kill
+    returns before the nodes take the CPUs back, and a stage that starts meanwhile crowds onto the
+    nodes that look free (the 3-node test saw pack's 4 tasks on one node, twice)."""
     import ray
 
+    if not actors:
+        return
+    # the views lag: the free count read now may be high, so never wait for more than the cluster has
+    expected = min(ray.available_resources().get("CPU", 0.0) + len(actors), ray.cluster_resources().get("CPU", 0.0))
     for actor in actors:
         ray.kill(actor)
+    deadline = time.monotonic() + timeout  # bounded: on a shared cluster other jobs may take them at once
+    while ray.available_resources().get("CPU", 0.0) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def ray_tasks(cfg, fn, calls: dict, on_error):

@@ -4,6 +4,7 @@ No CUDA code runs: only the checks and the device choice."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -82,3 +83,28 @@ def test_without_ray_address_this_machine_decides_as_before(tmp_path, capsys):
                  "--set", "train.use_gpu=true"]) == 2
     assert "train.use_gpu is true but no CUDA device is visible: set train.use_gpu=false" in capsys.readouterr().err
     assert work_device(load_config(None, [f"workdir={tmp_path}"])) == "cpu"
+
+
+def test_released_actors_cpus_are_free_when_release_returns(cluster):
+    """The next stage's SPREAD tasks must see every node's CPUs free, not the ones a killed actor still holds."""
+    import ray
+
+    from pipeline.cluster import release
+
+    if not ray.is_initialized():  # the tests above may have joined it already
+        ray.init(address=cluster.address, logging_level="warning")
+
+    @ray.remote(num_cpus=1)
+    class Busy:
+        def ping(self):
+            return 1
+
+    total = ray.cluster_resources()["CPU"]
+    actors = [Busy.remote() for _ in range(int(total))]  # every CPU taken
+    assert ray.get([a.ping.remote() for a in actors]) == [1] * len(actors)
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0.0) > 0 and time.monotonic() < deadline:  # the view lags
+        time.sleep(0.05)
+    assert ray.available_resources().get("CPU", 0.0) == 0.0
+    release(actors)
+    assert ray.available_resources().get("CPU", 0.0) == total
