@@ -126,7 +126,7 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     assert main(["evaluate", "-c", str(work / "stages.yaml"), "--guidance", "2", "--steps", "3", "--scheduler", "ddim"]) == 0
     ddim = sorted((work / "evaluate_cli").glob("*-g2-s3-ddim"))
     assert len(ddim) == 1 and json.loads((ddim[0] / "metrics.json").read_text())["scheduler"] == "ddim"
-    assert "3 DDIM steps" in (ddim[0] / "report.html").read_text() and "ancestral (DDPM) steps" in report
+    assert "3 DDIM steps" in (ddim[0] / "report.html").read_text() and "DPM-Solver++ (2M SDE) steps" in report
     with np.load(ddim[0] / "samples.npz") as a, np.load(swept[1].parent / "samples.npz") as b:
         assert a["images"].shape == b["images"].shape and not np.array_equal(a["images"], b["images"])
     # a second run finds everything up to date and redoes nothing
