@@ -15,16 +15,16 @@ def make_scheduler(config: ModelConfig, kind: str = "ddpm"):
     (deterministic) or "sde-dpmsolver++" (DPM-Solver++ 2M, stochastic). Every one clips its x_0
     estimate to [-1, 1]; DPM-Solver++ needs that too (thresholding at 1.0): without it the x_0 it
     derives from the noise estimate at high noise blows up and the demo model draws noise."""
-    common = dict(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
-                  prediction_type=config.prediction_type)
-    if kind == "sde-dpmsolver++":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="sde-dpmsolver++", solver_order=2,
-                                           thresholding=True, sample_max_value=1.0)
-    schedulers = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
-    if kind not in schedulers:
-        raise ValueError(f"scheduler={kind!r}: use one of {sorted(schedulers) + ['sde-dpmsolver++']}")
     # "trailing" spacing starts sampling at t = T - 1 (pure noise), which few-step DDIM needs.
-    return schedulers[kind](**common, clip_sample=True, timestep_spacing="trailing")
+    clipped = dict(clip_sample=True, timestep_spacing="trailing")
+    schedulers = {"ddpm": (DDPMScheduler, clipped), "ddim": (DDIMScheduler, clipped),
+                  "sde-dpmsolver++": (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_order=2,
+                                                                       thresholding=True, sample_max_value=1.0))}
+    if kind not in schedulers:
+        raise ValueError(f"scheduler={kind!r}: use one of {sorted(schedulers)}")
+    cls, options = schedulers[kind]
+    return cls(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+               prediction_type=config.prediction_type, **options)
 
 
 def training_example(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))  # ablate_report beside this file, however this one was loaded
 
 import ablate_report  # noqa: E402
+from pipeline.config import SCHEDULER_BEFORE  # noqa: E402
 
 SECTIONS = ("knn", "k", "conditioning", "index_size", "swap", "recipe", "encoder")
 K_VALUES = (1, 5, 10, 32)
@@ -192,9 +193,9 @@ def evaluated(s: Settings, name: str, encoder: str = "a") -> dict:
     out = s.workdir / "evaluations" / (name if encoder == "a" else f"{name}@b")
     if (out / "metrics.json").exists():
         cached = json.loads((out / "metrics.json").read_text())
-        if cached.get("scheduler", "ddim") == config(s, s.demo, []).evaluate.scheduler:
+        if cached.get("scheduler", SCHEDULER_BEFORE) == config(s, s.demo, []).evaluate.scheduler:
             return cached
-        shutil.rmtree(out)  # drawn with another sampler (DDIM, before ancestral sampling): not comparable
+        shutil.rmtree(out)  # drawn with another sampler than evaluate.scheduler's: not comparable
         (s.workdir / "paired.json").unlink(missing_ok=True)
     samples_from = None
     sets = []
