@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import Config, to_dict, with_overrides
-from pipeline.demo_data import prepare_demo_source, serve_directory, write_url_list
+from pipeline.demo_data import prepare_demo_source, render_stickers, serve_directory, write_url_list
 from pipeline.runner import read_json, run_stage, stage_dir, stage_status
 
 ENCODER_CONFIG = Path(__file__).resolve().parent.parent / "model" / "configs" / "demo_clip.json"
@@ -32,11 +32,6 @@ GUIDANCE = 3.0
 PROMPTS = ["red heart", "smiling face", "green apple", "rocket"]
 MAIN_STAGES = ["dedup", "index", "neighbours", "pack", "train", "sample", "evaluate"]
 SWAP_STAGES = ["download", "embed", "dedup", "index"]
-
-
-def in_swap_subset(record: dict) -> bool:
-    """The second database: only the U+1F300-U+1F5FF block (nature, food, animals, objects)."""
-    return record["id"].split("-")[0][:3] in ("1F3", "1F4", "1F5")
 
 
 def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[str] = (),
@@ -90,20 +85,21 @@ def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = No
     workdir = workdir.resolve()
     print(f"demo: rendering OpenMoji stickers into {workdir / 'demo_source'}")
     stickers, records = prepare_demo_source(workdir, size=72, limit=limit)
+    # The second database: the same stickers in OpenMoji's black line art, another style to swap in.
+    swap_records = [dict(r, file=f"line/{r['file']}") for r in render_stickers(stickers / "line", 72, limit, style="line")]
     print(f"demo: {len(records)} stickers")
     url_list = workdir / "demo_source" / "urls.parquet"
     extra = list(set_args) + ([f"train.minutes={minutes}"] if minutes is not None else [])
     cfg = demo_config(workdir, url_list, workdir / "encoder", extra, backbone)
-    swap_list = workdir / "swap" / "demo_source" / "urls.parquet"
+    swap_list = workdir / "swap" / "demo_source" / "urls_line.parquet"  # named by style: an older demo's swap is stale
     swap_cfg = demo_config(workdir / "swap", swap_list, workdir / "encoder", extra, backbone)
     swap_cfg.embed.model, swap_cfg.embed.pretrained = cfg.embed.model, cfg.embed.pretrained
-    swap_cfg.dedup.holdout = 0.0  # the whole subset is the swapped database
+    swap_cfg.dedup.holdout = 0.0  # the whole line-art set is the swapped database
     _write_config(cfg, workdir)
-    swap_records = [r for r in records if in_swap_subset(r)]
     with_server(stickers, workdir, [(cfg, records, url_list), (swap_cfg, swap_records, swap_list)])
 
     train_encoder(cfg, workdir, encoder_minutes)
-    print(f"demo: database swapping: a second index over {len(swap_records)} stickers of U+1F300-U+1F5FF")
+    print(f"demo: database swapping: a second index over the {len(swap_records)} stickers in line art")
     for name in SWAP_STAGES[1:]:  # before the main stages: evaluate compares samples with both databases
         run_stage(name, swap_cfg, force=force)
     for name in ["embed"] + MAIN_STAGES:

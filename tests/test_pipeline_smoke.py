@@ -50,8 +50,12 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     swap_keys = {k for r in swap_records for k in r["neighbour_keys"]}
     import pyarrow.parquet as pq
 
-    swap_db = set(pq.read_table(sorted((work / "swap" / "embed" / "metadata").glob("*.parquet"))).column("key").to_pylist())
-    assert swap_keys <= swap_db  # the swapped samples were conditioned on the second database only
+    swap_meta = pq.read_table(sorted((work / "swap" / "embed" / "metadata").glob("*.parquet")))
+    assert swap_keys <= set(swap_meta.column("key").to_pylist())  # the swapped samples were conditioned on the second database only
+    # the second database is the same stickers in line art: no colour at all, where the main one has it
+    main_meta = pq.read_table(sorted((work / "embed" / "metadata").glob("*.parquet")))
+    assert sorted(swap_meta.column("caption").to_pylist()) == sorted(main_meta.column("caption").to_pylist())
+    assert set(swap_meta.column("colourfulness").to_pylist()) == {0.0} and max(main_meta.column("colourfulness").to_pylist()) > 20
     assert "grid.png" in out and "swapped database" in out
     # the index folder carries thumbnails of its stickers (as the pack stage decodes them), row-aligned
     from pipeline.images import DatabaseImages
