@@ -34,6 +34,11 @@ MAIN_STAGES = ["dedup", "index", "neighbours", "pack", "train", "sample", "evalu
 SWAP_STAGES = ["download", "embed", "dedup", "index"]
 
 
+def in_swap_subset(hexcode: str) -> bool:
+    """The second database's subset: the U+1F300-U+1F5FF block (nature, food, animals, objects)."""
+    return hexcode.split("-")[0][:3] in ("1F3", "1F4", "1F5")
+
+
 def demo_config(workdir: Path, url_list: Path, encoder: Path, overrides: list[str] = (),
                 backbone: str = "continuous") -> Config:
     """The demo's settings on top of the defaults, then the user's `--set` overrides (validated)."""
@@ -85,8 +90,9 @@ def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = No
     workdir = workdir.resolve()
     print(f"demo: rendering OpenMoji stickers into {workdir / 'demo_source'}")
     stickers, records = prepare_demo_source(workdir, size=72, limit=limit)
-    # The second database: the same stickers in OpenMoji's black line art, another style to swap in.
-    swap_records = [dict(r, file=f"line/{r['file']}") for r in render_stickers(stickers / "line", 72, limit, style="line")]
+    # The second database: another subset in another style, OpenMoji's black line art (README, "Neighbours that matter").
+    swap_records = [dict(r, file=f"line/{r['file']}")
+                    for r in render_stickers(stickers / "line", 72, limit, style="line", keep=in_swap_subset)]
     print(f"demo: {len(records)} stickers")
     url_list = workdir / "demo_source" / "urls.parquet"
     extra = list(set_args) + ([f"train.minutes={minutes}"] if minutes is not None else [])
@@ -99,7 +105,7 @@ def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = No
     with_server(stickers, workdir, [(cfg, records, url_list), (swap_cfg, swap_records, swap_list)])
 
     train_encoder(cfg, workdir, encoder_minutes)
-    print(f"demo: database swapping: a second index over the {len(swap_records)} stickers in line art")
+    print(f"demo: database swapping: a second index over {len(swap_records)} stickers of U+1F300-U+1F5FF in line art")
     for name in SWAP_STAGES[1:]:  # before the main stages: evaluate compares samples with both databases
         run_stage(name, swap_cfg, force=force)
     for name in ["embed"] + MAIN_STAGES:

@@ -167,12 +167,13 @@ def _spread(items: list, limit: int | None) -> list:
 
 
 def render_stickers(out_dir: Path, size: int = 72, limit: int | None = None, workers: int | None = None,
-                    style: str = "colour") -> list[dict]:
+                    style: str = "colour", keep=None) -> list[dict]:
     """Render the captioned OpenMoji SVGs to RGBA PNGs `out_dir/<hexcode>.png` of size x size, in
     `style` ("colour", or "line": the outlines alone, see `line_art`).
 
     Skips files already rendered at this size, so a rerun writes nothing. `limit` takes that many
-    stickers evenly spaced over the sorted hexcodes. `workers` processes render (default: all cores;
+    stickers evenly spaced over the sorted hexcodes; `keep(hexcode)`, when given, then picks a subset
+    of those (so a subset of a --limit run is a subset of its stickers). `workers` processes render (default: all cores;
     1 renders in this process). Returns {"id", "file", "caption"} records sorted by hexcode.
     """
     if style not in STYLES:
@@ -181,7 +182,7 @@ def render_stickers(out_dir: Path, size: int = 72, limit: int | None = None, wor
     hexcodes = sorted(p.name.removesuffix(".svg") for p in svg_dir.glob("*.svg"))
     captions = {h: sticker_caption(h) for h in hexcodes}
     named = [h for h in hexcodes if captions[h]]
-    chosen = _spread(named, limit)
+    chosen = [h for h in _spread(named, limit) if keep is None or keep(h)]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,13 @@ def test_line_art_is_the_black_outline_alone(tmp_path, hexcode):
     assert not line_on[32, 32] and colour_on[32, 32]  # the middle of the shape is empty in line art
 
 
+def test_keep_picks_a_subset_of_the_limited_stickers(rendered, tmp_path):
+    _, records = rendered
+    picked = render_stickers(tmp_path, size=SIZE, limit=LIMIT, workers=1, keep=lambda h: h.startswith("1F"))
+    assert picked == [r for r in records if r["id"].startswith("1F")] and 0 < len(picked) < len(records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [r["file"] for r in picked]  # nothing else rendered
+
+
 def test_unknown_style_is_refused_before_rendering(tmp_path):
     with pytest.raises(ValueError, match=r"sticker style 'sketch' is not one of colour, line"):
         render_stickers(tmp_path, size=SIZE, limit=2, style="sketch")
