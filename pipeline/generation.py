@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import DEFAULT_SCHEDULER
 from pipeline.files import StageError, UsageError
 from pipeline.runner import resolve_device
 from pipeline.grids import slugs, write_grid, write_images, write_records
@@ -36,7 +37,7 @@ class SampleRequest:
     allow_other_clip: bool = False  # sample against an index of another CLIP (same dimension)
     where: str | None = None  # neighbours only among images whose metadata satisfies this filter
     unconditional: int = 0  # RDM's unconditional mode: this many random database embeddings as the queries
-    scheduler: str = "sde-dpmsolver++"  # or ddpm (ancestral) or ddim (config.SCHEDULERS)
+    scheduler: str = DEFAULT_SCHEDULER  # or ddpm (ancestral) or ddim (config.SCHEDULERS)
     query_rows: list[int] | None = None  # (filled by Sampler.pseudo_queries) the index rows behind the prompts
 
     def validate(self) -> None:
