@@ -36,11 +36,10 @@ def cell_of_ids(ivf: faiss.IndexIVF, n_ids: int) -> np.ndarray:
 
 
 def near_cell_map(index: faiss.Index, n_ids: int, min_nlist: int | None = None) -> np.ndarray | None:
-    """``cell_of_ids`` for a CPU ``IVF,Flat`` with an HNSW coarse quantizer of at least ``min_nlist`` cells
-    (default ``NEAR_MIN_NLIST``; the indexes ``bulk_search`` scores list by list, whose assignment costs
-    most); None for any other."""
-    inner = faiss.downcast_index(index)
-    if type(inner) is not faiss.IndexIVFFlat or not isinstance(faiss.downcast_index(inner.quantizer), faiss.IndexHNSW):
+    """``cell_of_ids`` for a CPU IVF (``IVF,Flat``, or ``OPQ,IVF,PQ`` through its wrapper) with an HNSW
+    coarse quantizer of at least ``min_nlist`` cells (default ``NEAR_MIN_NLIST``); None for any other."""
+    inner = faiss.try_extract_index_ivf(index)
+    if inner is None or not isinstance(faiss.downcast_index(inner.quantizer), faiss.IndexHNSW):
         return None
     if inner.nlist < (NEAR_MIN_NLIST if min_nlist is None else min_nlist):
         return None
@@ -52,7 +51,7 @@ class NearCells:
     of ``faiss_search.bulk_search`` for queries that are these embed rows."""
 
     def __init__(self, index: faiss.Index, own_of_id: np.ndarray, ef: int = NEAR_EF):
-        self.ivf = faiss.downcast_index(index)
+        self.ivf = faiss.extract_index_ivf(index)
         self.graph = faiss.downcast_index(self.ivf.quantizer)
         self.own_of_id, self.ef = own_of_id, ef
         self.centroids = self.ivf.quantizer.reconstruct_n(0, self.ivf.nlist)
@@ -71,28 +70,30 @@ class NearCells:
 
 
 class NearCellAssigner:
-    """``search(xq, nprobe)``: (None, each query's nprobe best cells), found from its own cell (-1: exactly)."""
+    """``search(xq, nprobe)``: each query's nprobe best cells, found from its own cell (-1: exactly), with
+    their scores. ``xq`` in the IVF's space (after any OPQ in front of it)."""
 
     def __init__(self, cells: NearCells, own: np.ndarray):
         self.cells, self.own = cells, own
 
-    def search(self, xq: np.ndarray, nprobe: int) -> tuple[None, np.ndarray]:
+    def search(self, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, cells) [n, nprobe] in faiss's convention: inner product descending or squared L2 ascending."""
         c = self.cells
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         nprobe = min(nprobe, c.ivf.nlist)
+        dist = np.empty((len(xq), nprobe), np.float32)
         assign = np.empty((len(xq), nprobe), np.int64)
         known = np.flatnonzero(self.own >= 0)
         if len(known):
-            assign[known] = self._from_own(xq[known], self.own[known], nprobe)
+            dist[known], assign[known] = self._from_own(xq[known], self.own[known], nprobe)
         unknown = np.flatnonzero(self.own < 0)
         if len(unknown):
-            assign[unknown] = c.exact().search(xq[unknown], nprobe)[1]
-        return None, assign
+            dist[unknown], assign[unknown] = c.exact().search(xq[unknown], nprobe)
+        return dist, assign
 
-    def _from_own(self, xq: np.ndarray, own: np.ndarray, nprobe: int) -> np.ndarray:
+    def _from_own(self, xq: np.ndarray, own: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         c, n = self.cells, len(xq)
         diff = xq - c.centroids[own]
-        # faiss's convention for the own cell's score: similarity (inner product) or squared distance (L2)
         own_d = np.einsum("nd,nd->n", xq, c.centroids[own]) if c.inner_product else np.einsum("nd,nd->n", diff, diff)
         dist = np.empty((n, nprobe), np.float32)
         found = np.empty((n, nprobe), np.int64)
@@ -103,8 +104,8 @@ class NearCellAssigner:
                                faiss.swig_ptr(dist), faiss.swig_ptr(found), 1, 1, params)
         # the search leaves its entry point out of what it returns: put the own cell back in its place
         cand = np.concatenate([own[:, None].astype(np.int64), found], axis=1)
-        score = np.concatenate([own_d[:, None], dist], axis=1).astype(np.float64)
-        score = score if c.inner_product else -score
-        score[:, 1:][(found < 0) | (found == own[:, None])] = -np.inf
-        best = np.argsort(-score, axis=1, kind="stable")[:, :nprobe]
-        return np.take_along_axis(cand, best, axis=1)
+        value = np.concatenate([own_d[:, None], dist], axis=1).astype(np.float32)
+        rank = value.astype(np.float64) if c.inner_product else -value.astype(np.float64)
+        rank[:, 1:][(found < 0) | (found == own[:, None])] = -np.inf
+        best = np.argsort(-rank, axis=1, kind="stable")[:, :nprobe]
+        return np.take_along_axis(value, best, axis=1), np.take_along_axis(cand, best, axis=1)

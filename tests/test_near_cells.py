@@ -81,11 +81,38 @@ def test_l2_indexes_rank_cells_by_distance():
     assert np.mean(np.sort(assign, axis=1) == np.sort(exact, axis=1)) >= 0.995
 
 
-def test_only_a_cpu_ivf_flat_over_a_graph_of_enough_cells_gets_a_map(data):
+def test_only_an_ivf_over_a_graph_of_enough_cells_gets_a_map(data):
     rows, n = data["rows"][:3000], int(data["rows"].max()) + 1
     assert near_cell_map(faiss.IndexFlatIP(8), n, min_nlist=0) is None
     assert near_cell_map(ivf_flat_index(data), n, min_nlist=0) is None  # IVF128,Flat: a flat quantizer is exact
-    assert near_cell_map(build("IVF16_HNSW32,PQ4", data["database"][:3000], rows, n_train=3000), n, min_nlist=0) is None
+    assert near_cell_map(build("IVF16,PQ4", data["database"][:3000], rows, n_train=3000), n, min_nlist=0) is None
     graph = build("IVF16_HNSW32,Flat", data["database"][:3000], rows, n_train=3000)
     assert near_cell_map(graph, n, min_nlist=0) is not None
     assert near_cell_map(graph, n, min_nlist=17) is None and near_cell_map(graph, n, min_nlist=16) is not None
+
+
+@pytest.fixture(scope="module")
+def opq(data):
+    index = build("OPQ8_32,IVF128_HNSW32,PQ8", data["database"], data["rows"], n_train=5000)
+    faiss.extract_index_ivf(index).nprobe = 8
+    return index
+
+
+@pytest.mark.parametrize("which, batch", [("opq", 4000), ("ivf", 50)])
+def test_opq_ivf_pq_and_small_batches_search_the_cells_found_from_the_own_cell(data, ivf, opq, which, batch):
+    """OPQ in front of an IVF-PQ (the paper's factory), and IVF,Flat batches too small to score list by list:
+    bulk_search searches each query's cells from near_cells (faiss's search_preassigned), and finds what
+    the same index finds with exact assignment over every centroid."""
+    index = opq if which == "opq" else ivf
+    queries, rows = data["database"][:batch], data["rows"][:batch]
+    inner = faiss.extract_index_ivf(index)
+    near = NearCells(index, near_cell_map(index, int(data["rows"].max()) + 1, min_nlist=0)).for_rows(rows)
+    found = faiss_search.bulk_search(index, queries, K, near)
+    exact = faiss_search.preassigned_search(index, queries, K, faiss_build.centroid_index(inner))
+    graph = faiss.downcast_index(inner.quantizer).hnsw
+    before, graph.efSearch = graph.efSearch, 1024  # the graph searched exhaustively: exact assignment
+    plain = faiss_search.search(index, queries, K)
+    graph.efSearch = before
+    np.testing.assert_array_equal(exact[1], plain[1])
+    np.testing.assert_allclose(exact[0], plain[0], rtol=1e-5)
+    assert faiss_search.recall_at_k(found[1], exact[1], K) >= 0.99
