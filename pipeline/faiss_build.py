@@ -22,7 +22,6 @@ from collections.abc import Iterable
 
 import faiss
 import numpy as np
-from faiss.contrib.ivf_tools import add_preassigned
 
 from pipeline.sizes import format_bytes, parse_bytes
 
@@ -362,7 +361,8 @@ def _quantizer_ef(ivf: faiss.IndexIVF | None, ef: int):
     if not isinstance(quantizer, faiss.IndexHNSW):
         yield
         return
-    before, quantizer.hnsw.efSearch = quantizer.hnsw.efSearch, max(quantizer.hnsw.efSearch, ef)
+    before = quantizer.hnsw.efSearch
+    quantizer.hnsw.efSearch = max(before, ef)
     try:
         yield
     finally:
@@ -372,8 +372,8 @@ def _quantizer_ef(ivf: faiss.IndexIVF | None, ef: int):
 def exact_assigner(ivf: faiss.IndexIVF) -> faiss.IndexFlat | None:
     """``centroid_index`` where brute force beats the HNSW quantizer (at most ``EXACT_COARSE_MAX_NLIST``
     cells); None for a flat quantizer (already exact) or a larger graph."""
-    graph = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW) and ivf.nlist <= EXACT_COARSE_MAX_NLIST
-    return centroid_index(ivf) if graph else None
+    hnsw = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+    return centroid_index(ivf) if hnsw and ivf.nlist <= EXACT_COARSE_MAX_NLIST else None
 
 
 def centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
@@ -383,18 +383,17 @@ def centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
     return flat
 
 
-def pretransformed(index: faiss.Index, x: np.ndarray) -> np.ndarray:
-    """``x`` through the transforms (OPQ, PCA) an ``IndexPreTransform`` applies before its IVF; else ``x``."""
-    wrapper = faiss.downcast_index(index)
-    for i in range(wrapper.chain.size() if isinstance(wrapper, faiss.IndexPreTransform) else 0):
-        x = faiss.downcast_VectorTransform(wrapper.chain.at(i)).apply(x)
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def _add_preassigned(index: faiss.Index, ivf: faiss.IndexIVF, assigner: faiss.Index, x: np.ndarray,
-                     ids: np.ndarray) -> None:
+def _add_preassigned(
+    index: faiss.Index, ivf: faiss.IndexIVF, assigner: faiss.Index, x: np.ndarray, ids: np.ndarray
+) -> None:
     """Add to ``index`` what ``index.add_with_ids`` would, with the cell assignment done by ``assigner``."""
-    transformed = pretransformed(index, x)
-    _, cells = assigner.search(transformed, 1)
-    add_preassigned(ivf, transformed, cells.ravel(), ids)
+    from faiss.contrib.ivf_tools import add_preassigned
+
+    transformed = x
+    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+        wrapper = faiss.downcast_index(index)
+        for i in range(wrapper.chain.size()):
+            transformed = faiss.downcast_VectorTransform(wrapper.chain.at(i)).apply(transformed)
+    _, cells = assigner.search(np.ascontiguousarray(transformed, dtype=np.float32), 1)
+    add_preassigned(ivf, np.ascontiguousarray(transformed, dtype=np.float32), cells.ravel(), ids)
     index.ntotal = ivf.ntotal  # wrappers keep their own count

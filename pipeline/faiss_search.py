@@ -17,7 +17,7 @@ import numpy as np
 from faiss.contrib.big_batch_search import BigBatchSearcher, BlockComputer
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from pipeline.faiss_build import METRIC, as_float32, exact_assigner, innermost_index, on_gpu, pretransformed, resolve_gpu
+from pipeline.faiss_build import METRIC, as_float32, exact_assigner, innermost_index, on_gpu, resolve_gpu
 
 # faiss-gpu IVFPQ limits (faiss/gpu/impl/IVFPQ.cu, PQScanMultiPassNoPrecomputed.cuh).
 GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
@@ -104,15 +104,12 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
     query. It pays when the batch is large next to nlist (the neighbours stage queries every indexed
     vector); other index types, GPU indexes and small batches go to ``search``. PQ codes are left out
     on purpose: big_batch_search scores residuals, which is wrong for inner product. ``coarse``
-    (``exact_coarse``, or near_cells' search from each query's own cell) assigns the queries to cells
-    in place of the index's HNSW quantizer. Where the list-by-list path does not apply (other IVF types,
-    OPQ in front, small batches), a ``coarse`` still assigns the cells, through ``preassigned_search``.
+    (``exact_coarse``) assigns the queries to cells in place of the index's HNSW quantizer: the exact
+    nearest cells, where the graph finds most of them, so the results can only be nearer.
     """
     inner = faiss.downcast_index(index)  # no wrapper: an OPQ or IDMap in front goes to search
     q = as_float32(queries, index.d)
     if type(inner) is not faiss.IndexIVFFlat or len(q) * inner.nprobe < BULK_MIN_QUERIES_PER_LIST * inner.nlist:
-        if coarse is not None and faiss.try_extract_index_ivf(index) is not None:
-            return preassigned_search(index, q, k, coarse)
         return search(index, q, k)
     searcher = _QuietSearcher(inner, q, k)
     searcher.coarse = coarse
@@ -126,18 +123,6 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
         searcher.add_results_to_heap(q_subset, sims, cell_ids, found)
     searcher.rh.finalize()
     sims, ids = searcher.rh.D, searcher.rh.I
-    sims[ids < 0] = -np.inf
-    return sims, ids
-
-
-def preassigned_search(index: faiss.Index, queries: np.ndarray, k: int, coarse) -> tuple[np.ndarray, np.ndarray]:
-    """``search`` on a CPU IVF (any transform in front of it applied first) in the cells that ``coarse``
-    gives: ``coarse.search(x, nprobe)`` -> (scores, cells) in the IVF's space and faiss's convention."""
-    ivf = faiss.extract_index_ivf(index)
-    x = pretransformed(index, as_float32(queries, index.d))
-    scores, cells = coarse.search(x, ivf.nprobe)
-    sims, ids = ivf.search_preassigned(x, k, np.ascontiguousarray(cells, dtype=np.int64),
-                                       np.ascontiguousarray(scores, dtype=np.float32))
     sims[ids < 0] = -np.inf
     return sims, ids
 

@@ -9,9 +9,7 @@ not the current config's, so a re-run after editing dedup.* never mixes two rule
 Ray actors (one per CPU by default, each with one faiss thread) hold the index, memory-mapped so
 they share its pages, and take embed shards one at a time. Their start-up (process, imports, index
 mmap, metadata) is not waited for: shards are queued on them at once, and the driver reads what it
-needs meanwhile: the neighbours.where rows, and for an `IVF,Flat` index with an HNSW quantizer each
-image's cell, where its search for cells starts (pipeline.near_cells): a cost per query flat in N.
-The manifest's `nodes` counts the shards each Ray node did.
+needs (the neighbours.where rows) meanwhile. The manifest's `nodes` counts the shards each Ray node did.
 """
 from __future__ import annotations
 
@@ -79,7 +77,6 @@ class NeighbourWorker:
         self.k, self.candidates, self.batch_size = k, candidates, batch_size
         self.thresholds = (cosine_threshold, manhattan_threshold)
         self.allowed = allowed  # bool by embed row (neighbours.where), or None
-        self.near = None  # pipeline.near_cells.NearCells, from the driver's cell map with the first shard
         self.n_kept = int(self.keep.sum())
         self.node = node_id()
 
@@ -88,8 +85,7 @@ class NeighbourWorker:
         rows = np.zeros((len(q_rows), self.k), np.int64)
         todo, c = np.arange(len(q_rows)), self.candidates
         while len(todo):
-            coarse = None if self.near is None else self.near.for_rows(q_rows[todo])
-            s, r = self.retriever.search(queries[todo], min(c, self.n_kept), bulk=True, coarse=coarse)
+            s, r = self.retriever.search(queries[todo], min(c, self.n_kept), bulk=True)
             if self.allowed is not None:  # neighbours.where: a filtered-out candidate counts as none
                 r = np.where((r >= 0) & self.allowed[np.maximum(r, 0)], r, -1)
             s, r, ok = select_neighbours(s, r, q_rows[todo], self.bits[q_rows[todo]], self.bits, self.k, *self.thresholds)
@@ -136,17 +132,12 @@ class NeighbourWorker:
 
         return time.time()
 
-    def process(self, shard: dict, embed_dir: str, allowed=None, cells=None) -> tuple[int, int, str]:  # the Ray actor method
-        """Write one shard's lists; (shard, rows, this actor's Ray node). `allowed`: neighbours.where's mask;
-        `cells`: near_cells.near_cell_map's output or None; both sent with the work because the driver
-        computes them while the actors start."""
+    def process(self, shard: dict, embed_dir: str, allowed=None) -> tuple[int, int, str]:  # the Ray actor method
+        """Write one shard's lists; (shard, rows, this actor's Ray node). `allowed`: neighbours.where's mask,
+        sent with the work because the driver computes it while the actors start."""
         if self.failure is not None:
             raise self.failure
         self.allowed = allowed
-        if cells is not None and self.near is None:
-            from pipeline.near_cells import NearCells
-
-            self.near = NearCells(self.retriever.index, cells)
         return (*self(shard, embed_dir), self.node)
 
 
@@ -198,27 +189,6 @@ def allowed_rows(stage: StageRun):
     return ray.put(row_mask(rows, int(embed["rows"])))
 
 
-def cell_map(stage: StageRun):
-    """A Ray reference to near_cells.near_cell_map of the stage's index (every image's cell), or None where
-    the index is not a CPU `IVF,Flat` over an HNSW quantizer or asks for exact re-ranking."""
-    import ray
-
-    from pipeline import faiss_ondisk
-    from pipeline.files import read_json
-    from pipeline.near_cells import near_cell_map
-
-    index_dir = stage.input_dirs["index"]
-    infos = read_json(index_dir / "index_infos.json")
-    if infos.get("refine") or "HNSW" not in str(infos.get("factory", "HNSW")):
-        return None  # refine_search takes no coarse assignment; no graph, no map (skip reading the index)
-    try:
-        index = faiss_ondisk.load_index(index_dir / "image.index", mmap=True)
-    except (OSError, RuntimeError):
-        return None  # the actors open it too and report what is wrong in the Retriever's words
-    cells = near_cell_map(index, int(stage.inputs["embed"]["rows"]))
-    return None if cells is None else ray.put(cells)
-
-
 def run(stage: StageRun) -> dict:
     import ray
     from ray.util import ActorPool
@@ -237,7 +207,6 @@ def run(stage: StageRun) -> dict:
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")
     timing = {"actors": 0, "images_this_run": 0}
-    cells = None
     if todo:
         clock = RunClock()
         n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"], shared=bool(cfg.ray.address)), len(todo))
@@ -245,11 +214,10 @@ def run(stage: StageRun) -> dict:
         actors = [worker.remote(*args) for _ in range(n_actors)]
         ready = [a.ready.remote() for a in actors]  # read at the end: the shards queue behind start-up
         allowed = allowed_rows(stage)  # while the actors start (process, imports, index mmap, metadata)
-        cells = cell_map(stage)
         pool = ActorPool(actors)
         embed_dir = str(stage.input_dirs["embed"].resolve())
         with stage_errors_unwrapped():
-            for shard, count, node in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir, allowed, cells), todo):
+            for shard, count, node in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir, allowed), todo):
                 stage.mark_done(shard, {"rows": count, "node": node})
                 progress.update(1, count)
                 clock.items += count
@@ -262,8 +230,6 @@ def run(stage: StageRun) -> dict:
         "items": total,
         "counts": {"images": total, "shards": len(shards)},
         "k": conf.k,
-        # this run's cell assignment: from each image's own cell through the centroid graph, or the index's own
-        "cell_assignment": "own cell, graph" if cells is not None else "index",
         "nodes": count_nodes(stats[s["shard"]].get("node", "") for s in shards),  # {Ray node: shards done there}
         "shards": [{"shard": s["shard"], "rows": stats[s["shard"]]["rows"],
                     "neighbours": f"neighbours_{s['shard']:05d}.parquet"} for s in shards],

@@ -62,15 +62,14 @@ class Retriever:
                              f"{self.dim}-dimensional ones: use an index built with the same CLIP model")
 
     def search(self, queries: np.ndarray, k: int, where: str | None = None,
-               bulk: bool = False, coarse=None) -> tuple[np.ndarray, np.ndarray]:
+               bulk: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(sims descending, rows) of the k nearest indexed images; exact re-ranking when the index asks for it.
         `where` (a metadata filter, pipeline.filters): the k nearest that satisfy it (filtered inside faiss).
-        `bulk`: a large batch (the neighbours stage): IVF,Flat indexes score it list by list (same results);
-        `coarse` assigns its queries to cells there (pipeline.near_cells; default: exact over all centroids)."""
+        `bulk`: a large batch (the neighbours stage): IVF,Flat indexes score it list by list (same results)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.check_dim(queries.shape[1], "the query")
         if where is None:
-            return self._search(queries, k, bulk, coarse=coarse)
+            return self._search(queries, k, bulk)
         allowed = self.allowed(where, at_least=k)
         n = int(self.infos.get("n") or len(self.index_rows()))
         if not faiss_build.on_gpu(self.index):
@@ -92,14 +91,13 @@ class Retriever:
         """bulk_search's exact cell assignment (faiss_search.exact_coarse), built at the first bulk search."""
         return faiss_search.exact_coarse(self.index)
 
-    def _search(self, queries: np.ndarray, k: int, bulk: bool = False, params=None,
-                coarse=None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, bulk: bool = False, params=None) -> tuple[np.ndarray, np.ndarray]:
         """`params`: faiss SearchParameters (a filter); `bulk` applies without them."""
         if self.infos.get("refine"):
             return faiss_search.refine_search(self.index, self.embeddings, queries, k,
                                               self.infos.get("refine_k_factor", 4), params=params)
         if bulk and params is None:
-            return faiss_search.bulk_search(self.index, queries, k, coarse or self._bulk_coarse)
+            return faiss_search.bulk_search(self.index, queries, k, self._bulk_coarse)
         return faiss_search.search(self.index, queries, k, params=params)
 
     def _filtered_search(self, queries: np.ndarray, k: int, where: str,

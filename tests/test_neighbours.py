@@ -1,7 +1,6 @@
 """neighbours stage: brute-force equality on an exact index, recall on IVF+PQ, exclusions, resume."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -257,28 +256,3 @@ def test_back_to_back_runs_get_an_actor_per_cpu(source, tmp_path, ray_local):
     counts = [run_stage("neighbours", cfg, force=True)["timing"]["actors"] for _ in range(2)]
     shards = len(list((work / "neighbours").glob("neighbours_*.parquet")))
     assert counts == [min(int(ray.cluster_resources()["CPU"]), shards)] * 2 and counts[0] > 1
-
-
-def test_cells_found_from_each_images_own_cell_give_the_lists_exact_assignment_gives(source, tmp_path, ray_local,
-                                                                                     monkeypatch):
-    """An IVF over an HNSW graph of its centroids: with near_cells' map (every image's cell, the start of
-    its graph search for cells) the stage writes the lists that exact assignment over every centroid
-    writes, and its manifest says which way the cells were found."""
-    from pipeline import near_cells
-
-    sets = ["dedup.cosine_threshold=0.99", "index.factory=IVF64_HNSW32,Flat", "index.nprobe=4", "neighbours.k=5",
-            "neighbours.candidates=8"]
-    works = {}
-    for name, min_nlist in (("exact", 10**9), ("near", 0)):
-        monkeypatch.setattr(near_cells, "NEAR_MIN_NLIST", min_nlist)
-        works[name] = w = tmp_path / name
-        prepare(source, w)
-        run_stage("index", load_config(None, stage_args(w, *sets)))
-        run_stage("neighbours", load_config(None, stage_args(w, *sets)))
-    manifests = {name: json.loads((w / "neighbours" / "manifest.json").read_text()) for name, w in works.items()}
-    assert manifests["near"]["cell_assignment"] == "own cell, graph"
-    assert manifests["exact"]["cell_assignment"] == "index"
-    near, exact = read_all(works["near"]), read_all(works["exact"])
-    assert (near["row"] == exact["row"]).all()
-    same = np.mean([list(a) == list(b) for a, b in zip(near["neighbour_rows"], exact["neighbour_rows"])])
-    assert same >= 0.99, same
