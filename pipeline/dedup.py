@@ -12,7 +12,8 @@ the duplicate pairs among the vectors assigned to it, holding only that partitio
 (pipeline.dedup_pairs), and writes them to its own file, so a re-run resumes per partition. With
 one partition (up to `partition_size` images) and no Ray running or configured, both steps run in
 this process. The pairs (few) are then grouped here by the paper's per-item rule, in key order (not
-row order, which img2dataset's threads do not fix): an item not yet removed is kept and removes
+row order, which img2dataset's threads do not fix; only the keys of images in a pair are read, and
+keep.parquet is written shard by shard: pipeline.dedup_group): an item not yet removed is kept and removes
 every later item it is a duplicate of, so each removed
 item names a kept item it is itself similar to (no chains: A ~ B ~ C keeps C when A and C are not
 duplicates).
@@ -37,9 +38,9 @@ import numpy as np
 from pipeline.cluster import count_nodes, ray_tasks
 from pipeline.dedup_pairs import pairs_path, partition_pairs, read_pairs
 from pipeline.dedup_partitions import assign_shard, partition_count, save_array, shard_assigned, train_centroids
-from pipeline.duplicates import remove_in_row_order
-from pipeline.embeddings import Embeddings, read_metadata
-from pipeline.runner import Progress, StageError, StageRun, atomic_path
+from pipeline.dedup_group import REASONS, holdout_rows, rank_removals, write_keep
+from pipeline.embeddings import Embeddings
+from pipeline.runner import Progress, StageError, StageRun
 
 
 def run_tasks(stage: StageRun, distributed: bool, fn, calls: dict, what: str):
@@ -84,24 +85,7 @@ def find_pairs(stage: StageRun, emb: Embeddings, parts: int, todo: list[int], di
         progress.update(1, stats["members"])
 
 
-def remove_in_key_order(keys, pairs: np.ndarray, sims: np.ndarray, reasons: np.ndarray):
-    """remove_in_row_order with the items ranked by key instead of row: which of two duplicates is kept
-    then depends on the images, not on the order img2dataset's threads wrote a shard in, so two
-    downloads of one URL list (or a cluster and a single machine) dedup alike. Same return values,
-    indexed by row."""
-    n = len(keys)
-    by_key = np.argsort(np.asarray(keys, dtype=object).astype(str), kind="stable")  # rows in key order
-    rank = np.empty(n, np.int64)
-    rank[by_key] = np.arange(n)
-    removed, dup_rank, similarity, reason = remove_in_row_order(n, rank[pairs], sims, reasons)
-    duplicate_of = np.where(dup_rank[rank] >= 0, by_key[np.maximum(dup_rank[rank], 0)], -1)
-    return removed[rank], duplicate_of, similarity[rank], reason[rank]
-
-
 def run(stage: StageRun) -> dict:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     conf = stage.conf
     embed_dir = stage.input_dirs["embed"]
     emb = Embeddings(embed_dir, stage.inputs["embed"])
@@ -114,36 +98,22 @@ def run(stage: StageRun) -> dict:
         assign(stage, emb, parts, distributed)
         find_pairs(stage, emb, parts, todo, distributed)
     pairs, sims, reasons = read_pairs(stage.dir / "pairs", parts)
-    keys = read_metadata(embed_dir, stage.inputs["embed"], ["key"])["key"]
-    removed, duplicate_of, similarity, edge_reason = remove_in_key_order(keys, pairs, sims, reasons)
-    representative = ~removed
-    holdout = holdout_mask(keys, representative, conf.holdout, conf.holdout_max)
-    keep = representative & ~holdout
-    names = np.array(["cosine", "phash"])
-    reason = np.where(removed, names[np.maximum(edge_reason, 0)], np.where(holdout, "holdout", ""))
-    table = pa.table({
-        "key": pa.array(keys, pa.string()),
-        "row": pa.array(np.arange(n, dtype=np.int64)),
-        "keep": pa.array(keep),
-        "duplicate_of": pa.array(duplicate_of, mask=representative),
-        "reason": pa.array(reason, pa.string(), mask=keep),
-        "similarity": pa.array(similarity, pa.float32(), mask=representative),
-        "holdout": pa.array(holdout),
-    })
-    with atomic_path(stage.dir / "keep.parquet") as tmp:
-        pq.write_table(table, tmp)
+    manifest = stage.inputs["embed"]
+    removal = rank_removals(embed_dir, manifest, pairs, sims, reasons)
+    holdout = holdout_rows(embed_dir, manifest, removal, conf.holdout, conf.holdout_max)
+    kept = write_keep(stage.dir / "keep.parquet", embed_dir, manifest, removal, holdout)
     shutil.rmtree(stage.dir / "parts", ignore_errors=True)
-    if conf.holdout > 0 and holdout.sum() < 2:
-        print(f"dedup: only {int(holdout.sum())} image(s) held out for evaluation (dedup.holdout {conf.holdout}): "
+    if conf.holdout > 0 and len(holdout) < 2:
+        print(f"dedup: only {len(holdout)} image(s) held out for evaluation (dedup.holdout {conf.holdout}): "
               f"`knnd run evaluate` needs at least 2; raise dedup.holdout or set evaluate.prompts")
-    by_reason = {name: int((removed & (edge_reason == i)).sum()) for i, name in enumerate(names)}
+    by_reason = {name: int((removal.reason == i).sum()) for i, name in enumerate(REASONS)}
     tasks = [stage.done_stats()[p] for p in range(parts)]
     return {
         "items": n,
-        "counts": {"images": n, "kept": int(keep.sum()), "removed": int(removed.sum()), "holdout": int(holdout.sum()),
-                   "groups": int(len(np.unique(duplicate_of[removed]))), **{f"removed_{k}": v for k, v in by_reason.items()}},
+        "counts": {"images": n, "kept": kept, "removed": len(removal.rows), "holdout": len(holdout),
+                   "groups": len(np.unique(removal.duplicate_of)), **{f"removed_{k}": v for k, v in by_reason.items()}},
         "removed_by_reason": by_reason,
-        "kept": int(keep.sum()),
+        "kept": kept,
         "partitions": parts,
         "partition_members": {"max": max(t["members"] for t in tasks), "min": min(t["members"] for t in tasks)},
         "queries": sum(t["queries"] for t in tasks),
@@ -156,22 +126,3 @@ def run(stage: StageRun) -> dict:
         "thresholds": {"cosine": conf.cosine_threshold, "manhattan": conf.manhattan_threshold},
         "output": "keep.parquet",
     }
-
-
-def holdout_mask(keys, representative: np.ndarray, fraction: float, most: int) -> np.ndarray:
-    """The representatives whose key hashes (blake2b, 64 bits) below fraction * 2^64: about `fraction`
-    of them, the same keys whatever the row order, and an item held out stays held out when the data
-    grows. Beyond `most`, the `most` smallest hashes are kept (then growth can move a few back)."""
-    import hashlib
-
-    rows = np.nonzero(representative)[0]
-    mask = np.zeros(len(representative), bool)
-    if fraction <= 0 or most <= 0 or not len(rows):
-        return mask
-    digests = np.array([int.from_bytes(hashlib.blake2b(str(keys[r]).encode(), digest_size=8).digest(), "big")
-                        for r in rows], dtype=np.uint64)
-    below = np.nonzero(digests < np.uint64(min(int(fraction * 2 ** 64), 2 ** 64 - 1)))[0]
-    if len(below) > most:
-        below = below[np.argsort(digests[below], kind="stable")[:most]]
-    mask[rows[below]] = True
-    return mask

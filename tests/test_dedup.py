@@ -140,7 +140,7 @@ def test_duplicates_are_resolved_in_key_order_not_row_order():
     """Rows 0..3 hold keys d, c, b, a; pairs (0,1) and (1,2) and (2,3) chain. In key order a (row 3)
     is kept and removes b (row 2); c (row 1) is then kept (its only kept neighbour b is gone) and
     removes d (row 0). The same rows in any order give the same keep set by key."""
-    from pipeline.dedup import remove_in_key_order
+    from pipeline.dedup_group import remove_in_key_order
 
     pairs = np.array([[0, 1], [1, 2], [2, 3]])
     sims, reasons = np.array([0.96, 0.97, 0.98], np.float32), np.zeros(3, np.int8)
@@ -158,3 +158,53 @@ def test_duplicates_are_resolved_in_key_order_not_row_order():
     assert {keys[i]: keys[d2[i]] for i in np.flatnonzero(r2)} == {"b": "a", "d": "c"}
     empty = remove_in_key_order(["x", "y"], np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8))
     assert not empty[0].any() and (empty[1] == -1).all()
+
+
+def reference_keep_table(keys, pairs, sims, reasons, fraction, most):
+    """keep.parquet as the stage built it before it streamed: every row's key in memory at once."""
+    import pyarrow as pa
+
+    from pipeline.dedup_group import holdout_mask, remove_in_key_order
+
+    removed, duplicate_of, similarity, edge_reason = remove_in_key_order(keys, pairs, sims, reasons)
+    holdout = holdout_mask(keys, ~removed, fraction, most)
+    keep = ~removed & ~holdout
+    reason = np.where(removed, np.array(["cosine", "phash"])[np.maximum(edge_reason, 0)],
+                      np.where(holdout, "holdout", ""))
+    return pa.table({"key": pa.array(keys, pa.string()), "row": pa.array(np.arange(len(keys), dtype=np.int64)),
+                     "keep": pa.array(keep), "duplicate_of": pa.array(duplicate_of, mask=~removed),
+                     "reason": pa.array(reason, pa.string(), mask=keep),
+                     "similarity": pa.array(similarity, pa.float32(), mask=~removed), "holdout": pa.array(holdout)})
+
+
+@pytest.mark.parametrize("fraction, most", [(0.1, 1000), (0.3, 7), (0.0, 1000)])
+def test_streamed_grouping_writes_the_in_memory_reference(tmp_path, fraction, most):
+    """keep.parquet written shard by shard, reading only the keys of paired images, equals the
+    in-memory rule's table row for row: shuffled keys (so key order is not row order), chains across
+    shards, pHash edges, a repeated key, shards without pairs, and the hold-out cap."""
+    from pipeline.dedup_group import holdout_rows, rank_removals, write_keep
+
+    rng = np.random.default_rng(3)
+    n = 230
+    keys = [f"{i:05d}" for i in rng.permutation(n)]
+    keys[17] = keys[150]  # two images under one key: ties are broken by row, as before
+    manifest = write_embed_output(tmp_path, unit(rng.normal(size=(n, 8))), shard_size=40, keys=keys)
+    paired = rng.choice(np.r_[0:80, 120:n], size=(90, 2))  # rows 80..119 (one whole shard) in no pair
+    paired = paired[paired[:, 0] != paired[:, 1]]
+    pairs = np.concatenate([paired, [[5, 6], [6, 7], [7, 8], [39, 40], [40, 160]]]).astype(np.int64)
+    sims = rng.uniform(0.9, 1.0, len(pairs)).astype(np.float32)
+    reasons = (rng.random(len(pairs)) < 0.3).astype(np.int8)
+    embed = tmp_path / "embed"
+    removal = rank_removals(embed, manifest, pairs, sims, reasons)
+    holdout = holdout_rows(embed, manifest, removal, fraction, most)
+    kept = write_keep(tmp_path / "keep.parquet", embed, manifest, removal, holdout)
+    written = pq.read_table(tmp_path / "keep.parquet")
+    expected = reference_keep_table(keys, pairs, sims, reasons, fraction, most)
+    assert written.num_rows == n and written.column("row").to_pylist() == list(range(n))
+    for name in expected.column_names:
+        assert written.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    assert kept == sum(expected.column("keep").to_pylist())
+    assert 0 < len(removal.rows) < n and len(holdout) == sum(expected.column("holdout").to_pylist())
+    assert (len(holdout) == most) == (fraction == 0.3)  # the cap bites where it should
+    none = rank_removals(embed, manifest, np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8))
+    assert len(none.rows) == 0 and len(none.duplicate_of) == 0

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.dedup import holdout_mask
+from pipeline.dedup_group import holdout_mask
 from pipeline.embeddings import read_holdout
 from pipeline.evaluate import prompt_set
 from pipeline.runner import UsageError, run_stage
