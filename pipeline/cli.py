@@ -114,7 +114,7 @@ def cmd_evaluate(args) -> int:
     return evaluate_command(_config(args), args.checkpoint, args.index, args.out, k=args.k, no_knn=args.no_knn,
                             neighbours_only=args.neighbours_only, allow_other_clip=args.allow_other_clip,
                             where_filter=args.where, guidance=args.guidance, steps=args.steps, scheduler=args.scheduler,
-                            samples_from=args.samples_from)
+                            samples_from=args.samples_from, baseline=args.baseline)
 
 
 def cmd_compare(args) -> int:
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-knn", action="store_true", help="condition on the text embedding alone")
     p.add_argument("--neighbours-only", action="store_true",
                    help="condition on the retrieved neighbours alone (the text only retrieves them)")
+    p.add_argument("--baseline", action="store_true", help="also sample the same prompts and noise from the text alone "
+                   "(into <out>/no_knn) and report the paired difference, as `knnd run evaluate` does")
     _add_allow_other_clip(p, "grade against an index")
     p.add_argument("--where", help='neighbours only among images whose metadata satisfies this SQL filter (DuckDB)')
     p.add_argument("--samples-from", help="grade the samples of an earlier evaluation folder again (e.g. under another "

@@ -346,16 +346,18 @@ def run(stage: StageRun) -> dict:
 def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | None, k: int | None = None,
                      no_knn: bool = False, neighbours_only: bool = False, allow_other_clip: bool = False,
                      where_filter: str | None = None, guidance: float | None = None, steps: int | None = None,
-                     samples_from: str | None = None, scheduler: str | None = None) -> int:
+                     samples_from: str | None = None, scheduler: str | None = None, baseline: bool = False) -> int:
     """`knnd evaluate`: any checkpoint against any index, on this workdir's held-out prompts; `guidance` and
-    `steps` stand in for evaluate.guidance / evaluate.steps (validated like `--set`)."""
+    `steps` stand in for evaluate.guidance / evaluate.steps (validated like `--set`). `baseline` first samples
+    the same prompts and noise from the text alone (into <out>/no_knn, as the stage does) and pairs with it."""
     from pipeline.config import with_values
     from pipeline.generation import resolve_checkpoint
 
     if samples_from:
         given = [flag for flag, value in (("-k", k), ("--no-knn", no_knn or None), ("--neighbours-only", neighbours_only or None),
                                           ("--where", where_filter), ("--guidance", guidance), ("--steps", steps),
-                                          ("--scheduler", scheduler), ("--checkpoint", checkpoint), ("--index", index))
+                                          ("--scheduler", scheduler), ("--checkpoint", checkpoint), ("--index", index),
+                                          ("--baseline", baseline or None))
                  if value is not None]
         return regrade_command(cfg, samples_from, out, allow_other_clip, given)
     cfg = with_values(cfg, {f"evaluate.{key}": value for key, value in
@@ -373,15 +375,24 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
         raise UsageError("--no-knn and --neighbours-only exclude each other: the first drops the neighbours, the second the text")
     if no_knn and where_filter:
         raise UsageError("--no-knn and --where exclude each other: --where filters the neighbours, --no-knn has none")
+    if baseline and (no_knn or k == 0):
+        raise UsageError("--baseline compares the neighbours with the text alone; with --no-knn or -k 0 there are no "
+                         "neighbours to compare: drop --baseline")
     name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
     name += f"-g{cfg.evaluate.guidance:g}-s{cfg.evaluate.steps}"  # a sweep over either keeps every result
     name += "" if cfg.evaluate.scheduler == DEFAULT_SCHEDULER else f"-{cfg.evaluate.scheduler}"  # the default adds nothing
     if where_filter:  # one folder per filter: a short digest of its text
         name += "-where-" + hashlib.blake2b(where_filter.encode(), digest_size=4).hexdigest()
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
+    memo, paired_with = {}, folder / NO_KNN_BASELINE if baseline else None
+    if paired_with:
+        evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=paired_with, k=0, no_knn=True,
+                                allow_other_clip=allow_other_clip, memo=memo))
     result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn,
                                      neighbours_only=neighbours_only, allow_other_clip=allow_other_clip,
-                                     where=where_filter))
+                                     where=where_filter, baseline=paired_with, memo=memo))
     print_metrics(result)
+    if paired_with:
+        print_comparison(result["paired"][NO_KNN_BASELINE], "with neighbours", "text alone")
     print(f"report: {folder / 'report.html'}")
     return 0

@@ -101,7 +101,7 @@ def test_evaluate_guidance_and_steps_flags_are_typed_and_validated(tmp_path, cap
     assert "evaluate.steps" in capsys.readouterr().err
 
 
-def test_evaluate_no_knn_with_where_is_a_usage_error(tmp_path, capsys):
+def test_evaluate_flag_conflicts_are_usage_errors(tmp_path, capsys):
     (tmp_path / "ck.pt").write_bytes(b"")
     (tmp_path / "index").mkdir()
     (tmp_path / "index" / "index_infos.json").write_text("{}")
@@ -109,6 +109,10 @@ def test_evaluate_no_knn_with_where_is_a_usage_error(tmp_path, capsys):
                  "--checkpoint", str(tmp_path / "ck.pt"), "--index", str(tmp_path / "index"),
                  "--no-knn", "--where", "score > 0.5"]) == 2
     assert "--no-knn and --where exclude each other" in capsys.readouterr().err
+    assert main(["evaluate", "--set", f"workdir={tmp_path}", "--set", "evaluate.compare_index=[]",
+                 "--checkpoint", str(tmp_path / "ck.pt"), "--index", str(tmp_path / "index"),
+                 "--no-knn", "--baseline"]) == 2
+    assert "with --no-knn or -k 0 there are no neighbours to compare: drop --baseline" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- paired comparison (knnd compare)

@@ -96,9 +96,14 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     assert main(["evaluate", "--no-knn", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "noknn")]) == 0
     no_knn = json.loads((tmp_path / "noknn" / "metrics.json").read_text())
     assert no_knn["k"] == 0 and no_knn["prompts"] == metrics["prompts"] and no_knn["checkpoint"] == metrics["checkpoint"]
-    assert main(["evaluate", "--neighbours-only", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "nbo")]) == 0
+    capsys.readouterr()  # --baseline: the text alone first, on the same prompts and noise, then the paired table
+    assert main(["evaluate", "--neighbours-only", "--baseline", "-c", str(work / "stages.yaml"),
+                 "--out", str(tmp_path / "nbo")]) == 0
     only = json.loads((tmp_path / "nbo" / "metrics.json").read_text())
     assert only["neighbours_only"] and only["k"] == 4 and not metrics["neighbours_only"]
+    assert json.loads((tmp_path / "nbo" / "no_knn" / "metrics.json").read_text())["generated"] == no_knn["generated"]
+    assert only["paired"]["no_knn"]["b"]["condition"] == "text embedding alone (--no-knn)"
+    assert "paired: A = with neighbours" in capsys.readouterr().out
     # `knnd compare`: the CLI's --no-knn evaluation draws the stage baseline's images, so the same paired table
     capsys.readouterr()
     assert main(["compare", str(work / "evaluate"), str(tmp_path / "noknn"), "--bootstrap", "500"]) == 0
