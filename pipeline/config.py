@@ -199,7 +199,9 @@ class TrainConfig:
     seed: int = opt(0, "seed for initialisation, data order and noise")
 
 
-SCHEDULERS = ["sde-dpmsolver++", "ddpm", "ddim"]  # diffusers schedulers the sampler steps with (model.diffusion.make_scheduler)
+# diffusers schedulers the sampler steps with (model.diffusion.make_scheduler), with the report's words for them
+SCHEDULER_WORDS = {"sde-dpmsolver++": "DPM-Solver++ (2M SDE)", "ddpm": "ancestral (DDPM)", "ddim": "DDIM"}
+SCHEDULERS = list(SCHEDULER_WORDS)
 DEFAULT_SCHEDULER = "sde-dpmsolver++"  # sample.scheduler's and evaluate.scheduler's default, and a SampleRequest's
 SCHEDULER_BEFORE = "ddim"  # what samples and evaluations from before the scheduler key were drawn with
 

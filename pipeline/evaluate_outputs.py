@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import SCHEDULER_BEFORE
+from pipeline.config import SCHEDULER_BEFORE, SCHEDULER_WORDS
 from pipeline.evaluate_compare import condition_text, report_rows
 from pipeline.files import atomic_path, write_json
 from pipeline.grids import write_grid
 
 GRID_PROMPTS = 16
-SAMPLERS = {"sde-dpmsolver++": "DPM-Solver++ (2M SDE)", "ddpm": "ancestral (DDPM)", "ddim": "DDIM"}  # the report's words for evaluate.scheduler
 REPORT_NEIGHBOURS = 5
 
 
@@ -82,7 +81,7 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, sampler
                         "real": real_by_prompt.get(p), "neighbours": neighbours})
     summary = [("checkpoint", f"{result['checkpoint']} (step {result['step']})"), ("index", result["index"]),
                ("condition", condition_text(result)),
-               ("sampling", f"{result['steps']} {SAMPLERS[result.get('scheduler', SCHEDULER_BEFORE)]} steps, guidance {result['guidance']}, "
+               ("sampling", f"{result['steps']} {SCHEDULER_WORDS[result.get('scheduler', SCHEDULER_BEFORE)]} steps, guidance {result['guidance']}, "
                             f"seed {result['seed']}, "
                             f"{result['images_per_prompt']} image(s) per prompt, {result['sampling_seconds']} s"),
                ("evaluation encoder", result["encoder"]), ("prompts", f"{result['prompts']} (showing {shown})")]
