@@ -130,6 +130,9 @@ class NeighboursConfig:
     batch_size: int = opt(8192, "queries per search batch", min=1, runtime=True)
     actors: str | int = opt("auto", '"auto" (one per CPU, as memory allows) or a number of Ray actors holding the index',
                             runtime=True)
+    gpus_per_actor: float = opt(0.0, "share of a GPU each actor takes to assign its queries to IVF cells by brute force "
+                                "(faiss-gpu; 0.25: four actors per GPU, as many actors as the GPUs hold); 0: on the CPU",
+                                min=0.0, max=1.0, runtime=True)
 
 
 @dataclass

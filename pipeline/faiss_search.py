@@ -17,7 +17,7 @@ import numpy as np
 from faiss.contrib.big_batch_search import BigBatchSearcher, BlockComputer
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from pipeline.faiss_build import METRIC, as_float32, exact_assigner, innermost_index, on_gpu, resolve_gpu
+from pipeline.faiss_build import METRIC, as_float32, centroid_index, exact_assigner, innermost_index, on_gpu, resolve_gpu
 
 # faiss-gpu IVFPQ limits (faiss/gpu/impl/IVFPQ.cu, PQScanMultiPassNoPrecomputed.cuh).
 GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
@@ -110,6 +110,8 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
     inner = faiss.downcast_index(index)  # no wrapper: an OPQ or IDMap in front goes to search
     q = as_float32(queries, index.d)
     if type(inner) is not faiss.IndexIVFFlat or len(q) * inner.nprobe < BULK_MIN_QUERIES_PER_LIST * inner.nlist:
+        if coarse is not None and faiss.try_extract_index_ivf(index) is not None:
+            return preassigned_search(index, q, k, coarse)  # e.g. OPQ+IVF+PQ with a GPU assigning the cells
         return search(index, q, k)
     searcher = _QuietSearcher(inner, q, k)
     searcher.coarse = coarse
@@ -127,12 +129,33 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
     return sims, ids
 
 
-def exact_coarse(index: faiss.Index) -> faiss.Index | None:
+def exact_coarse(index: faiss.Index, use_gpu: bool = False) -> faiss.Index | None:
     """For ``bulk_search``: a flat copy of a CPU IVF's centroids when its quantizer is an HNSW graph of at
     most ``faiss_build.EXACT_COARSE_MAX_NLIST`` of them (``exact_assigner``; build it once per index). At
-    3M vectors, 4.5k against 2.3k queries/s through the graph on 2 threads, at recall@10 0.949 against 0.944."""
+    3M vectors, 4.5k against 2.3k queries/s through the graph on 2 threads, at recall@10 0.949 against 0.944.
+    ``use_gpu``: every IVF's centroids (any quantizer, any nlist, OPQ+IVF+PQ too) in a flat index on this
+    process's GPUs (faiss-gpu; under Ray, those of the actor): brute force over millions of centroids is
+    what a GPU does well, and the cost a CPU pays per query grows with nlist (README, Performance)."""
+    if use_gpu:
+        ivf = faiss.try_extract_index_ivf(index)
+        return None if ivf is None else faiss.index_cpu_to_all_gpus(centroid_index(ivf))
     inner = faiss.downcast_index(index)
     return exact_assigner(inner) if type(inner) is faiss.IndexIVFFlat else None
+
+
+def preassigned_search(index: faiss.Index, queries: np.ndarray, k: int, coarse: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """``search`` on a CPU IVF (OPQ or any transform in front applied first) in the cells that ``coarse``
+    (a flat index of the centroids, on a GPU or not) finds: faiss's ``search_preassigned``."""
+    ivf = faiss.extract_index_ivf(index)
+    x = as_float32(queries, index.d)
+    wrapper = faiss.downcast_index(index)
+    for i in range(wrapper.chain.size() if isinstance(wrapper, faiss.IndexPreTransform) else 0):
+        x = np.ascontiguousarray(faiss.downcast_VectorTransform(wrapper.chain.at(i)).apply(x), dtype=np.float32)
+    scores, cells = coarse.search(x, ivf.nprobe)
+    sims, ids = ivf.search_preassigned(x, k, np.ascontiguousarray(cells, dtype=np.int64),
+                                       np.ascontiguousarray(scores, dtype=np.float32))
+    sims[ids < 0] = -np.inf
+    return sims, ids
 
 
 class _QuietSearcher(BigBatchSearcher):
@@ -209,18 +232,23 @@ def refine_search(
     k_factor: int = 4,
     batch_size: int = 1024,
     params=None,
+    coarse: faiss.Index | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search k·k_factor candidates, re-rank them exactly with the stored embeddings, keep the top k.
 
     Text queries sit off the image distribution, where PQ distance errors reorder neighbours; the
     exact re-ranking recovers the order the coarse cells already found (SPEC stage 4, ``refine``).
+    ``coarse`` (``exact_coarse``; not with ``params``) assigns the candidates' cells, as in ``bulk_search``.
     """
     q = as_float32(queries, index.d)
     sims = np.empty((len(q), k), dtype=np.float32)
     rows = np.empty((len(q), k), dtype=np.int64)
     for start in range(0, len(q), batch_size):  # bounds the [batch, k·k_factor, d] gather
         block = q[start : start + batch_size]
-        _, candidates = index.search(block, k * k_factor, params=params)
+        if coarse is not None and params is None:
+            candidates = preassigned_search(index, block, k * k_factor, coarse)[1]
+        else:
+            _, candidates = index.search(block, k * k_factor, params=params)
         block_sims, block_rows = rerank(embeddings, block, candidates, k)
         sims[start : start + len(block)], rows[start : start + len(block)] = block_sims, block_rows
     return sims, rows

@@ -30,6 +30,8 @@ def check(cfg) -> None:
         if cfg.neighbours.k >= kept:
             raise UsageError(f"neighbours.k ({cfg.neighbours.k}) must be smaller than the number of kept images ({kept}): "
                              f"lower neighbours.k")
+    if cfg.neighbours.gpus_per_actor:
+        gpu_actor_count(cfg)  # no GPU to share: refused before the stage starts
     if cfg.neighbours.where:  # before anything is written: unknown columns and bad syntax
         from pipeline.filters import check_where_on_embed
 
@@ -50,7 +52,7 @@ class NeighbourWorker:
     """Holds the index; `__call__(shard)` writes that shard's neighbour lists."""
 
     def __init__(self, index_dir: str, embed_dir: str, dedup_dir: str, out_dir: str, k: int, candidates: int,
-                 cosine_threshold: float, manhattan_threshold: int, batch_size: int, allowed=None):
+                 cosine_threshold: float, manhattan_threshold: int, batch_size: int, gpu_assign: bool = False):
         from pathlib import Path
 
         from pipeline.cluster import node_id
@@ -63,7 +65,7 @@ class NeighbourWorker:
         faiss.omp_set_num_threads(1)  # one actor per CPU: threads inside an actor would oversubscribe
         self.failure = None
         try:
-            self.retriever = Retriever(index_dir)
+            self.retriever = Retriever(index_dir, gpu_assign=gpu_assign)
         except (StageError, UsageError) as e:  # raised by process(): Ray keeps a task's exception, an
             self.failure = e  # actor start-up's reaches the driver only as the text of an ActorDiedError
             return
@@ -76,7 +78,7 @@ class NeighbourWorker:
         self.out = Path(out_dir)
         self.k, self.candidates, self.batch_size = k, candidates, batch_size
         self.thresholds = (cosine_threshold, manhattan_threshold)
-        self.allowed = allowed  # bool by embed row (neighbours.where), or None
+        self.allowed = None  # bool by embed row (neighbours.where), or None: sent with each shard
         self.n_kept = int(self.keep.sum())
         self.node = node_id()
 
@@ -161,6 +163,24 @@ def actor_count(actors: str | int, rows: int, shared: bool = False) -> int:
                       ACTOR_BASE_BYTES + ACTOR_ROW_BYTES * rows)
 
 
+def gpu_actor_count(cfg) -> int:
+    """How many actors neighbours.gpus_per_actor fits on the GPUs: the Ray cluster's at `ray.address`
+    (the driver may have none), else the ones faiss sees here. None is a UsageError."""
+    from pipeline.cluster import cluster_resources, describe
+
+    share, resources = cfg.neighbours.gpus_per_actor, cluster_resources(cfg)
+    if resources is not None:
+        gpus, where = resources.get("GPU", 0), describe(cfg, resources)
+    else:
+        import faiss
+
+        gpus, where = faiss.get_num_gpus(), "faiss sees no GPU on this machine (a GPU and the faiss-gpu package are needed)"
+    if gpus < share:
+        raise UsageError(f"neighbours.gpus_per_actor is {share:g} but {where}: set neighbours.gpus_per_actor=0 "
+                         f"to assign cells on the CPU")
+    return int(gpus / share + 1e-9)
+
+
 def dedup_thresholds(stage: StageRun) -> tuple[float, int]:
     """(cosine, manhattan) of the dedup run that wrote keep.parquet, from its manifest."""
     thresholds = stage.inputs["dedup"].get("thresholds")
@@ -203,14 +223,16 @@ def run(stage: StageRun) -> dict:
     # absolute: Ray workers need not share the driver's working directory
     args = (str(stage.input_dirs["index"].resolve()), str(stage.input_dirs["embed"].resolve()),
             str(stage.input_dirs["dedup"].resolve()), str(stage.dir.resolve()),
-            conf.k, conf.candidates, cosine, manhattan, conf.batch_size)
+            conf.k, conf.candidates, cosine, manhattan, conf.batch_size, conf.gpus_per_actor > 0)
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")
     timing = {"actors": 0, "images_this_run": 0}
     if todo:
         clock = RunClock()
         n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"], shared=bool(cfg.ray.address)), len(todo))
-        worker = ray.remote(NeighbourWorker).options(num_cpus=1, scheduling_strategy="SPREAD")
+        if conf.gpus_per_actor:  # an actor waiting for a GPU share that never frees would hold its shard
+            n_actors = min(n_actors, gpu_actor_count(cfg))
+        worker = ray.remote(NeighbourWorker).options(num_cpus=1, num_gpus=conf.gpus_per_actor, scheduling_strategy="SPREAD")
         actors = [worker.remote(*args) for _ in range(n_actors)]
         ready = [a.ready.remote() for a in actors]  # read at the end: the shards queue behind start-up
         allowed = allowed_rows(stage)  # while the actors start (process, imports, index mmap, metadata)

@@ -23,10 +23,11 @@ from pipeline.index_files import METADATA, THUMBNAILS, VECTORS, IndexVectors
 class Retriever:
     """A loaded (memory-mapped) index plus the embeddings and metadata behind it."""
 
-    def __init__(self, index_dir: str | Path, queries: str = "image"):
+    def __init__(self, index_dir: str | Path, queries: str = "image", gpu_assign: bool = False):
         """`queries`: "image" (database items, as neighbours sends) or "text" (prompts): IVF/HNSW indexes
-        search each with the nprobe/efSearch the index stage tuned for it."""
-        self.dir = Path(index_dir)
+        search each with the nprobe/efSearch the index stage tuned for it. `gpu_assign`: bulk searches
+        assign their queries to IVF cells on this process's GPU (neighbours.gpus_per_actor)."""
+        self.dir, self.gpu_assign = Path(index_dir), gpu_assign
         infos_path = self.dir / "index_infos.json"
         if not infos_path.exists():
             raise UsageError(f"{self.dir} is not an index directory (no index_infos.json): "
@@ -89,13 +90,14 @@ class Retriever:
     @functools.cached_property
     def _bulk_coarse(self):
         """bulk_search's exact cell assignment (faiss_search.exact_coarse), built at the first bulk search."""
-        return faiss_search.exact_coarse(self.index)
+        return faiss_search.exact_coarse(self.index, self.gpu_assign)
 
     def _search(self, queries: np.ndarray, k: int, bulk: bool = False, params=None) -> tuple[np.ndarray, np.ndarray]:
         """`params`: faiss SearchParameters (a filter); `bulk` applies without them."""
         if self.infos.get("refine"):
             return faiss_search.refine_search(self.index, self.embeddings, queries, k,
-                                              self.infos.get("refine_k_factor", 4), params=params)
+                                              self.infos.get("refine_k_factor", 4), params=params,
+                                              coarse=self._bulk_coarse if bulk and params is None else None)
         if bulk and params is None:
             return faiss_search.bulk_search(self.index, queries, k, self._bulk_coarse)
         return faiss_search.search(self.index, queries, k, params=params)

@@ -209,6 +209,41 @@ def test_bulk_search_falls_back_where_it_cannot_help(data, ivf_pq):
                                       faiss_search.search(index, queries, K)[1])
 
 
+@pytest.mark.parametrize("factory, batch", [("OPQ8_32,IVF64,PQ8", 2000), ("IVF64,Flat", 40)])
+def test_bulk_search_with_a_coarse_assigner_searches_its_cells_on_any_ivf(data, factory, batch):
+    """Where the list-by-list path does not apply (OPQ+IVF+PQ, the paper's factory; batches too small),
+    a coarse assigner (on a GPU under neighbours.gpus_per_actor; a CPU flat copy here) still picks the
+    cells, through faiss's search_preassigned: over a flat quantizer's own centroids that is exactly what
+    index.search finds."""
+    index = build(factory, data["database"], data["rows"], n_train=5000)
+    faiss_search.set_nprobe(index, 8)
+    queries = data["database"][:batch]
+    coarse = faiss_build.centroid_index(faiss.extract_index_ivf(index))
+    want_sims, want_rows = faiss_search.search(index, queries, K)
+    sims, rows = faiss_search.bulk_search(index, queries, K, coarse)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
+    assert (rows[:, 0] == data["rows"][:batch]).mean() > 0.5  # a database vector mostly finds itself first
+    few = faiss.extract_index_ivf(index)
+    few.nprobe = 1  # one cell: fewer than k found are padded as search pads them
+    sims, rows = faiss_search.bulk_search(index, queries, 5000, coarse)
+    assert (rows == -1).any() and np.isneginf(sims[rows == -1]).all()
+    np.testing.assert_array_equal(rows, faiss_search.search(index, queries, 5000)[1])
+
+
+def test_refine_search_with_a_coarse_assigner_equals_refine_search(data, ivf_pq):
+    """An index built with index.refine: the candidates come from the coarse assigner's cells (the
+    neighbours stage's bulk search), then the same exact re-ranking."""
+    faiss_search.set_nprobe(ivf_pq, 8)
+    queries, embeddings = data["queries"][:200], data["embeddings"]
+    coarse = faiss_build.centroid_index(faiss.extract_index_ivf(ivf_pq))
+    want = faiss_search.refine_search(ivf_pq, embeddings, queries, K)
+    got = faiss_search.refine_search(ivf_pq, embeddings, queries, K, coarse=coarse)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert faiss_search.recall_at_k(got[1], data["true_ids"][:200], K) > 0.8
+
+
 def test_nprobe_sets_the_hnsw_quantizer_search_depth(data):
     """faiss searches an HNSW quantizer with efSearch = max(efSearch, nprobe); its default 16 loses
     the right cells. Setting nprobe (also through the OPQ wrapper) raises it to max(64, 2 x nprobe)."""

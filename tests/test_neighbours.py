@@ -256,3 +256,23 @@ def test_back_to_back_runs_get_an_actor_per_cpu(source, tmp_path, ray_local):
     counts = [run_stage("neighbours", cfg, force=True)["timing"]["actors"] for _ in range(2)]
     shards = len(list((work / "neighbours").glob("neighbours_*.parquet")))
     assert counts == [min(int(ray.cluster_resources()["CPU"]), shards)] * 2 and counts[0] > 1
+
+
+def test_gpu_cell_assignment_without_a_gpu_is_refused_before_the_stage(tmp_path, monkeypatch):
+    """neighbours.gpus_per_actor asks for GPU shares: on a machine where faiss sees no GPU (this one)
+    the stage stops before any work, naming the setting and the fix; on a cluster it counts the
+    cluster's GPUs: as many actors as the shares fit."""
+    from pipeline import neighbours
+    from pipeline.config import load_config
+    from pipeline.runner import UsageError
+
+    cfg = load_config(None, [f"workdir={tmp_path}", "neighbours.gpus_per_actor=0.25"])
+    with pytest.raises(UsageError, match=r"neighbours.gpus_per_actor is 0.25 but faiss sees no GPU on this machine "
+                                         r".*set neighbours.gpus_per_actor=0"):
+        neighbours.check(cfg)
+    monkeypatch.setattr("pipeline.cluster.cluster_resources", lambda cfg: {"CPU": 64, "GPU": 2})
+    assert neighbours.gpu_actor_count(cfg) == 8
+    monkeypatch.setattr("pipeline.cluster.cluster_resources", lambda cfg: {"CPU": 64})
+    with pytest.raises(UsageError, match="offers 64 CPUs and 0 GPUs: set neighbours.gpus_per_actor=0"):
+        neighbours.gpu_actor_count(cfg)
+    neighbours.check(load_config(None, [f"workdir={tmp_path}"]))  # the default assigns on the CPU: no question

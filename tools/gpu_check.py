@@ -7,6 +7,9 @@
    EMA weights of chosen steps are written as slim checkpoints (model_config + ema) that
    `knnd sample`/`knnd evaluate --checkpoint` load on any machine.
 3. Sampling on cuda (bf16 autocast) from the trained model.
+4. faiss-gpu cell assignment (neighbours.gpus_per_actor): an OPQ+IVF+PQ index searched with its
+   queries' cells found on the GPU (`faiss_search.exact_coarse(use_gpu=True)`) against the same
+   search with a CPU copy of the centroids: the same rows, and queries/s of each assignment.
 
     python tools/gpu_check.py --pack work/demo/pack --out OUT [--steps 17000] [--seconds 300]
 
@@ -97,6 +100,28 @@ def sample_cuda(checkpoint: Path, report: dict) -> None:
     print(json.dumps(report["sample_cuda"]), flush=True)
 
 
+def faiss_gpu_assign(report: dict) -> None:
+    import faiss
+
+    from pipeline import faiss_build, faiss_search
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200_000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss_build.train_index("OPQ16_64,IVF4096,PQ16", 64, x[:150_000], use_gpu=False)
+    faiss_build.add_batches(index, [(np.arange(len(x)), x)], use_gpu=False)
+    faiss.extract_index_ivf(index).nprobe = 16
+    gpu, cpu = faiss_search.exact_coarse(index, use_gpu=True), faiss_build.centroid_index(faiss.extract_index_ivf(index))
+    queries, times, found = x[:50_000], {}, {}
+    for name, coarse in (("gpu", gpu), ("cpu", cpu)):
+        start = time.perf_counter()
+        found[name] = faiss_search.bulk_search(index, queries, 10, coarse)[1]
+        times[name] = round(len(queries) / (time.perf_counter() - start), 1)
+    report["faiss_gpu_assign"] = {"gpus": faiss.get_num_gpus(), "same_rows": float((found["gpu"] == found["cpu"]).mean()),
+                                  "queries_per_s": times}
+    print(json.dumps(report["faiss_gpu_assign"]), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pack", type=Path, required=True)
@@ -113,6 +138,7 @@ def main(argv=None) -> int:
         args.pack, Path("/tmp/knnd_gpu_train"), args.out, args.steps, args.seconds,
         [int(s) for s in args.keep.split(",")], report))))
     sections.append(("sample_cuda", lambda: sample_cuda(last["ckpt"], report)))
+    sections.append(("faiss_gpu_assign", lambda: faiss_gpu_assign(report)))
     for name, run in sections:
         try:
             run()
