@@ -17,13 +17,13 @@ import numpy as np
 from faiss.contrib.big_batch_search import BigBatchSearcher, BlockComputer
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from pipeline.faiss_build import METRIC, as_float32, centroid_index, exact_assigner, innermost_index, on_gpu, resolve_gpu
+from pipeline.faiss_assign import GPU_MAX_K, gpu_centroid_index, preassigned_search
+from pipeline.faiss_build import METRIC, as_float32, exact_assigner, innermost_index, on_gpu, resolve_gpu
 
 # faiss-gpu IVFPQ limits (faiss/gpu/impl/IVFPQ.cu, PQScanMultiPassNoPrecomputed.cuh).
 GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 GPU_PQ_FLOAT16_LUT_ABOVE = 48  # 56, 64 and 96 bytes need float16 lookup tables
 GPU_PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
-GPU_MAX_K = 2048  # largest k and nprobe a GPU search accepts
 HNSW_MAX_EF = 4096  # the largest efSearch tried (tune_nprobe, filtered search)
 QUANTIZER_EF_MIN = 64  # efSearch of an HNSW coarse quantizer: at least this, and 2 x nprobe
 BULK_MIN_QUERIES_PER_LIST = 2  # bulk_search pays when a batch sends this many queries to an average list
@@ -102,10 +102,11 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
     faiss's contrib.big_batch_search groups the queries by the inverted lists they probe and scores
     each list against its queries in one matrix product, where ``index.search`` scans the list once per
     query. It pays when the batch is large next to nlist (the neighbours stage queries every indexed
-    vector); other index types, GPU indexes and small batches go to ``search``. PQ codes are left out
-    on purpose: big_batch_search scores residuals, which is wrong for inner product. ``coarse``
-    (``exact_coarse``) assigns the queries to cells in place of the index's HNSW quantizer: the exact
-    nearest cells, where the graph finds most of them, so the results can only be nearer.
+    vector); other index types, GPU indexes and small batches go to ``search``, or, given a ``coarse``
+    and an IVF, to ``preassigned_search``. PQ codes are left out on purpose: big_batch_search scores
+    residuals, which is wrong for inner product. ``coarse`` (``exact_coarse``) assigns the queries to
+    cells in place of the index's HNSW quantizer: the exact nearest cells, where the graph finds most
+    of them, so the results can only be nearer.
     """
     inner = faiss.downcast_index(index)  # no wrapper: an OPQ or IDMap in front goes to search
     q = as_float32(queries, index.d)
@@ -138,24 +139,9 @@ def exact_coarse(index: faiss.Index, use_gpu: bool = False) -> faiss.Index | Non
     what a GPU does well, and the cost a CPU pays per query grows with nlist (README, Performance)."""
     if use_gpu:
         ivf = faiss.try_extract_index_ivf(index)
-        return None if ivf is None else faiss.index_cpu_to_all_gpus(centroid_index(ivf))
+        return None if ivf is None else gpu_centroid_index(ivf)
     inner = faiss.downcast_index(index)
     return exact_assigner(inner) if type(inner) is faiss.IndexIVFFlat else None
-
-
-def preassigned_search(index: faiss.Index, queries: np.ndarray, k: int, coarse: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-    """``search`` on a CPU IVF (OPQ or any transform in front applied first) in the cells that ``coarse``
-    (a flat index of the centroids, on a GPU or not) finds: faiss's ``search_preassigned``."""
-    ivf = faiss.extract_index_ivf(index)
-    x = as_float32(queries, index.d)
-    wrapper = faiss.downcast_index(index)
-    for i in range(wrapper.chain.size() if isinstance(wrapper, faiss.IndexPreTransform) else 0):
-        x = np.ascontiguousarray(faiss.downcast_VectorTransform(wrapper.chain.at(i)).apply(x), dtype=np.float32)
-    scores, cells = coarse.search(x, ivf.nprobe)
-    sims, ids = ivf.search_preassigned(x, k, np.ascontiguousarray(cells, dtype=np.int64),
-                                       np.ascontiguousarray(scores, dtype=np.float32))
-    sims[ids < 0] = -np.inf
-    return sims, ids
 
 
 class _QuietSearcher(BigBatchSearcher):

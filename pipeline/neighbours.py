@@ -66,8 +66,14 @@ class NeighbourWorker:
         self.failure = None
         try:
             self.retriever = Retriever(index_dir, gpu_assign=gpu_assign)
+            if gpu_assign:  # a GPU problem surfaces here, with its cause, not at the first search
+                self.retriever.prepare_bulk()
         except (StageError, UsageError) as e:  # raised by process(): Ray keeps a task's exception, an
             self.failure = e  # actor start-up's reaches the driver only as the text of an ActorDiedError
+            return
+        except RuntimeError as e:
+            self.failure = StageError(f"neighbours.gpus_per_actor: {e}: set neighbours.gpus_per_actor=0 "
+                                      f"to assign cells on the CPU")
             return
         self.keep = read_keep(Path(dedup_dir))
         self.embeddings = emb = Embeddings(Path(embed_dir))  # the queries: every kept embed row
@@ -164,8 +170,9 @@ def actor_count(actors: str | int, rows: int, shared: bool = False) -> int:
 
 
 def gpu_actor_count(cfg) -> int:
-    """How many actors neighbours.gpus_per_actor fits on the GPUs: the Ray cluster's at `ray.address`
-    (the driver may have none), else the ones faiss sees here. None is a UsageError."""
+    """Before the stage: are there GPUs for neighbours.gpus_per_actor? The Ray cluster's at `ray.address`
+    (the driver may have none), else the ones faiss sees here. None is a UsageError; else how many
+    shares the GPUs hold in all."""
     from pipeline.cluster import cluster_resources, describe
 
     share, resources = cfg.neighbours.gpus_per_actor, cluster_resources(cfg)
@@ -179,6 +186,15 @@ def gpu_actor_count(cfg) -> int:
         raise UsageError(f"neighbours.gpus_per_actor is {share:g} but {where}: set neighbours.gpus_per_actor=0 "
                          f"to assign cells on the CPU")
     return int(gpus / share + 1e-9)
+
+
+def gpu_actor_slots(nodes: list[dict], available: dict, share: float) -> int:
+    """How many actors of one CPU and `share` of a GPU Ray can place now: per live node, the fewer of
+    its CPUs and its GPU shares (both on one node), summed; at most what is free in all (`available`).
+    More would wait for resources that never free, holding the shards queued on them."""
+    per_node = sum(min(int(n["Resources"].get("CPU", 0)), int(n["Resources"].get("GPU", 0) / share + 1e-9))
+                   for n in nodes if n.get("Alive"))
+    return min(per_node, int(available.get("CPU", 0)), int(available.get("GPU", 0) / share + 1e-9))
 
 
 def dedup_thresholds(stage: StageRun) -> tuple[float, int]:
@@ -231,7 +247,10 @@ def run(stage: StageRun) -> dict:
         clock = RunClock()
         n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"], shared=bool(cfg.ray.address)), len(todo))
         if conf.gpus_per_actor:  # an actor waiting for a GPU share that never frees would hold its shard
-            n_actors = min(n_actors, gpu_actor_count(cfg))
+            n_actors = min(n_actors, gpu_actor_slots(ray.nodes(), ray.available_resources(), conf.gpus_per_actor))
+            if n_actors < 1:
+                raise UsageError(f"neighbours.gpus_per_actor is {conf.gpus_per_actor:g} but Ray has no GPU share and "
+                                 f"CPU free on one node: free them, or set neighbours.gpus_per_actor=0")
         worker = ray.remote(NeighbourWorker).options(num_cpus=1, num_gpus=conf.gpus_per_actor, scheduling_strategy="SPREAD")
         actors = [worker.remote(*args) for _ in range(n_actors)]
         ready = [a.ready.remote() for a in actors]  # read at the end: the shards queue behind start-up

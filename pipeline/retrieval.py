@@ -87,6 +87,10 @@ class Retriever:
         taken = np.take_along_axis(ok, order, axis=1)
         return np.where(taken, sims, -np.inf).astype(sims.dtype), np.where(taken, rows, -1)
 
+    def prepare_bulk(self) -> None:
+        """Build the bulk searches' cell assigner now (on the GPU with `gpu_assign`), not at the first search."""
+        self._bulk_coarse  # noqa: B018 - a cached property: built once
+
     @functools.cached_property
     def _bulk_coarse(self):
         """bulk_search's exact cell assignment (faiss_search.exact_coarse), built at the first bulk search."""

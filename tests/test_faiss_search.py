@@ -209,7 +209,7 @@ def test_bulk_search_falls_back_where_it_cannot_help(data, ivf_pq):
                                       faiss_search.search(index, queries, K)[1])
 
 
-@pytest.mark.parametrize("factory, batch", [("OPQ8_32,IVF64,PQ8", 2000), ("IVF64,Flat", 40)])
+@pytest.mark.parametrize("factory, batch", [("OPQ8_32,IVF64,PQ8", 2000), ("IVF64,Flat", 12)])
 def test_bulk_search_with_a_coarse_assigner_searches_its_cells_on_any_ivf(data, factory, batch):
     """Where the list-by-list path does not apply (OPQ+IVF+PQ, the paper's factory; batches too small),
     a coarse assigner (on a GPU under neighbours.gpus_per_actor; a CPU flat copy here) still picks the
@@ -218,6 +218,7 @@ def test_bulk_search_with_a_coarse_assigner_searches_its_cells_on_any_ivf(data, 
     index = build(factory, data["database"], data["rows"], n_train=5000)
     faiss_search.set_nprobe(index, 8)
     queries = data["database"][:batch]
+    assert batch * 8 < faiss_search.BULK_MIN_QUERIES_PER_LIST * 64 or factory.startswith("OPQ")  # not list by list
     coarse = faiss_build.centroid_index(faiss.extract_index_ivf(index))
     want_sims, want_rows = faiss_search.search(index, queries, K)
     sims, rows = faiss_search.bulk_search(index, queries, K, coarse)
@@ -229,6 +230,22 @@ def test_bulk_search_with_a_coarse_assigner_searches_its_cells_on_any_ivf(data, 
     sims, rows = faiss_search.bulk_search(index, queries, 5000, coarse)
     assert (rows == -1).any() and np.isneginf(sims[rows == -1]).all()
     np.testing.assert_array_equal(rows, faiss_search.search(index, queries, 5000)[1])
+
+
+def test_gpu_cell_assigner_says_what_is_missing(ivf_pq, monkeypatch):
+    """Without faiss-gpu or a visible GPU (this machine), or with nprobe above what a GPU search returns,
+    the GPU assigner stops with the cause, before any search."""
+    with pytest.raises(RuntimeError, match="needs faiss-gpu and a GPU visible to each actor, but faiss here sees 0 GPUs"):
+        faiss_search.exact_coarse(ivf_pq, use_gpu=True)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    ivf = faiss.extract_index_ivf(ivf_pq)
+    before, ivf.nprobe = ivf.nprobe, 4096
+    try:
+        with pytest.raises(RuntimeError, match="nprobe 4096 exceeds the 2048 cells a GPU search returns"):
+            faiss_search.exact_coarse(ivf_pq, use_gpu=True)
+    finally:
+        ivf.nprobe = before
 
 
 def test_refine_search_with_a_coarse_assigner_equals_refine_search(data, ivf_pq):

@@ -266,6 +266,9 @@ def test_gpu_cell_assignment_without_a_gpu_is_refused_before_the_stage(tmp_path,
     from pipeline.config import load_config
     from pipeline.runner import UsageError
 
+    import faiss
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)  # as on this machine, also where faiss-gpu sees one
     cfg = load_config(None, [f"workdir={tmp_path}", "neighbours.gpus_per_actor=0.25"])
     with pytest.raises(UsageError, match=r"neighbours.gpus_per_actor is 0.25 but faiss sees no GPU on this machine "
                                          r".*set neighbours.gpus_per_actor=0"):
@@ -276,3 +279,18 @@ def test_gpu_cell_assignment_without_a_gpu_is_refused_before_the_stage(tmp_path,
     with pytest.raises(UsageError, match="offers 64 CPUs and 0 GPUs: set neighbours.gpus_per_actor=0"):
         neighbours.gpu_actor_count(cfg)
     neighbours.check(load_config(None, [f"workdir={tmp_path}"]))  # the default assigns on the CPU: no question
+
+
+def test_gpu_actors_fit_on_one_node_each_and_in_what_is_free():
+    """An actor needs its CPU and its GPU share on one node: a CPU-only node adds none; a node adds the
+    fewer of its CPUs and its shares; the total is capped by what Ray has free now."""
+    from pipeline.neighbours import gpu_actor_slots
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 16, "GPU": 8}},  # 32 shares of 0.25, but 16 CPUs
+             {"Alive": True, "Resources": {"CPU": 64}},              # no GPU: no actor
+             {"Alive": True, "Resources": {"CPU": 2, "GPU": 1}},     # 4 shares, 2 CPUs
+             {"Alive": False, "Resources": {"CPU": 8, "GPU": 8}}]    # gone
+    assert gpu_actor_slots(nodes, {"CPU": 90, "GPU": 9}, 0.25) == 18
+    assert gpu_actor_slots(nodes, {"CPU": 90, "GPU": 2}, 0.25) == 8  # other jobs hold 7 GPUs
+    assert gpu_actor_slots(nodes, {"CPU": 5, "GPU": 9}, 0.25) == 5
+    assert gpu_actor_slots(nodes[1:2], {"CPU": 64}, 0.5) == 0
