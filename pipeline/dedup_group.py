@@ -39,9 +39,13 @@ class Removal:
         return slice(lo, hi), self.rows[lo:hi] - start
 
 
-def shard_keys(embed_dir: Path, manifest: dict) -> Iterator[tuple[int, object]]:
-    """(first row, the shard's `key` column as an Arrow array), one embed shard at a time."""
+def shard_keys(embed_dir: Path, manifest: dict, rows: np.ndarray | None = None) -> Iterator[tuple[int, object]]:
+    """(first row, the shard's `key` column as an Arrow array), one embed shard at a time; with `rows`
+    (sorted), only the shards that hold one of them."""
     for shard in manifest["shards"]:
+        start = int(shard["row_offset"])
+        if rows is not None and np.searchsorted(rows, start) == np.searchsorted(rows, start + int(shard["rows"])):
+            continue
         table = read_metadata_table(embed_dir, {"shards": [shard]}, ["key"])
         yield int(shard["row_offset"]), table.column("key").combine_chunks()
 
@@ -51,10 +55,9 @@ def rank_removals(embed_dir: Path, manifest: dict, pairs: np.ndarray, sims: np.n
     """`remove_in_key_order` over the images in `pairs` only, reading just their keys."""
     involved = np.unique(pairs)  # sorted global rows
     keys = np.empty(len(involved), object)
-    for start, column in shard_keys(embed_dir, manifest) if len(involved) else ():
+    for start, column in shard_keys(embed_dir, manifest, involved):  # only the shards with a paired image
         lo, hi = np.searchsorted(involved, [start, start + len(column)])
-        if hi > lo:
-            keys[lo:hi] = column.take(involved[lo:hi] - start).to_numpy(zero_copy_only=False)
+        keys[lo:hi] = column.take(involved[lo:hi] - start).to_numpy(zero_copy_only=False)
     compact = np.searchsorted(involved, pairs)
     removed, duplicate_of, similarity, reason = remove_in_key_order(keys, compact, sims, reasons)
     gone = np.nonzero(removed)[0]

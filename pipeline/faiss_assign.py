@@ -31,12 +31,17 @@ def preassigned_search(index: faiss.Index, queries: np.ndarray, k: int, coarse: 
     """``search`` on a CPU IVF (OPQ or any transform in front applied first) in the cells that ``coarse``
     (a flat index of the centroids, on a GPU or not) finds: faiss's ``search_preassigned``."""
     ivf = faiss.extract_index_ivf(index)
-    x = as_float32(queries, index.d)
-    wrapper = faiss.downcast_index(index)
-    for i in range(wrapper.chain.size() if isinstance(wrapper, faiss.IndexPreTransform) else 0):
-        x = np.ascontiguousarray(faiss.downcast_VectorTransform(wrapper.chain.at(i)).apply(x), dtype=np.float32)
+    x = pretransformed(index, as_float32(queries, index.d))
     scores, cells = coarse.search(x, ivf.nprobe)
     sims, ids = ivf.search_preassigned(x, k, np.ascontiguousarray(cells, dtype=np.int64),
                                        np.ascontiguousarray(scores, dtype=np.float32))
     sims[ids < 0] = -np.inf
     return sims, ids
+
+
+def pretransformed(index: faiss.Index, x: np.ndarray) -> np.ndarray:
+    """``x`` through the transforms (OPQ, PCA) an ``IndexPreTransform`` applies before its IVF; else ``x``."""
+    wrapper = faiss.downcast_index(index)
+    for i in range(wrapper.chain.size() if isinstance(wrapper, faiss.IndexPreTransform) else 0):
+        x = faiss.downcast_VectorTransform(wrapper.chain.at(i)).apply(x)
+    return np.ascontiguousarray(x, dtype=np.float32)

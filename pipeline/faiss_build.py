@@ -389,11 +389,9 @@ def _add_preassigned(
     """Add to ``index`` what ``index.add_with_ids`` would, with the cell assignment done by ``assigner``."""
     from faiss.contrib.ivf_tools import add_preassigned
 
-    transformed = x
-    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
-        wrapper = faiss.downcast_index(index)
-        for i in range(wrapper.chain.size()):
-            transformed = faiss.downcast_VectorTransform(wrapper.chain.at(i)).apply(transformed)
-    _, cells = assigner.search(np.ascontiguousarray(transformed, dtype=np.float32), 1)
-    add_preassigned(ivf, np.ascontiguousarray(transformed, dtype=np.float32), cells.ravel(), ids)
+    from pipeline.faiss_assign import pretransformed  # it imports this module
+
+    transformed = pretransformed(index, x)
+    _, cells = assigner.search(transformed, 1)
+    add_preassigned(ivf, transformed, cells.ravel(), ids)
     index.ntotal = ivf.ntotal  # wrappers keep their own count
