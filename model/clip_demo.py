@@ -64,7 +64,7 @@ def train_demo_clip(
     captions: list[str],
     out_dir: Path,
     config_json: Path,
-    minutes: float = 4.0,
+    minutes: float | None = 4.0,
     seed: int = 0,
     holdout: float = 0.1,
     max_steps: int | None = None,
@@ -72,7 +72,8 @@ def train_demo_clip(
     device: str = "cpu",
     progress_every: float = 10.0,
 ) -> dict:
-    """Train the demo encoder for `minutes` (or `max_steps`), evaluate text->image recall, save it.
+    """Train the demo encoder for `minutes` (or `max_steps`, whichever ends first; minutes None: steps
+    alone), evaluate text->image recall, save it.
 
     Returns the metrics also written to `out_dir/encoder.json`. A second call with the same data,
     config, seed and budget returns the cached metrics without training. With holdout=0 the recall
@@ -81,6 +82,8 @@ def train_demo_clip(
     """
     if len(images) != len(captions) or len(images) < 2:
         raise ValueError(f"need matching images and captions (got {len(images)} and {len(captions)})")
+    if minutes is None and max_steps is None:
+        raise ValueError("give the encoder a budget: minutes, max_steps or both")
     out_dir, config_json = Path(out_dir), Path(config_json)
     model_cfg = json.loads(config_json.read_text())
     train_rows, eval_rows = _split(len(images), holdout, seed)
@@ -210,7 +213,7 @@ def _lr(progress: float, train: ClipTrainConfig) -> float:
 
 def _train_loop(
     bundle: ClipBundle, pixels: torch.Tensor, tokens: torch.Tensor,
-    minutes: float, max_steps: int | None, seed: int, train: ClipTrainConfig, progress_every: float = 10.0,
+    minutes: float | None, max_steps: int | None, seed: int, train: ClipTrainConfig, progress_every: float = 10.0,
 ) -> dict:
     """Contrastive training until the step or time budget ends; returns loss and speed stats.
 
@@ -224,7 +227,7 @@ def _train_loop(
     optimizer, loss_fn = _optimizer(model, train), ClipLoss()
     precision = _resolve_precision(train.precision, device)
     batch_size = min(train.batch_size, len(pixels))
-    budget_s = minutes * 60
+    budget_s = math.inf if minutes is None else minutes * 60
     losses: list[float] = []
     step, seen, start = 0, 0, time.perf_counter()
     last_print = start

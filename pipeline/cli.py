@@ -62,7 +62,8 @@ def cmd_demo(args) -> int:
 
     workdir = args.workdir or ("work/demo" if args.backbone == "continuous" else f"work/demo-{args.backbone}")
     return run_demo(Path(workdir), minutes=args.minutes, limit=args.limit, set_args=args.set or [],
-                    encoder_minutes=args.encoder_minutes, force=args.force, backbone=args.backbone)
+                    encoder_minutes=args.encoder_minutes, force=args.force, backbone=args.backbone,
+                    steps=args.steps, encoder_steps=args.encoder_steps)
 
 
 def cmd_search(args) -> int:
@@ -149,9 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "work/demo-discrete with --backbone discrete)")
     p.add_argument("--backbone", choices=["continuous", "discrete"], default="continuous",
                    help="continuous: the U-Net over pixels; discrete: VQ tokens and the token transformer")
-    p.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
+    budget.add_argument("--steps", type=int, default=None,
+                        help="diffusion training steps instead of minutes: the same model on any host")
     p.add_argument("--limit", type=int, default=None, help="use only N stickers, spread over the set (quick runs)")
-    p.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
+    encoder_budget = p.add_mutually_exclusive_group()
+    encoder_budget.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
+    encoder_budget.add_argument("--encoder-steps", type=int, default=None,
+                                help="demo CLIP training steps instead of minutes (cached)")
     p.add_argument("--force", action="store_true", help="rebuild the stages after download (e.g. after changing --set values)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_demo)

@@ -85,7 +85,10 @@ def discrete_settings(cfg: Config) -> None:
 
 
 def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = None, set_args: list[str] = (),
-             encoder_minutes: float = ENCODER_MINUTES, force: bool = False, backbone: str = "continuous") -> int:
+             encoder_minutes: float = ENCODER_MINUTES, force: bool = False, backbone: str = "continuous",
+             steps: int | None = None, encoder_steps: int | None = None) -> int:
+    """The whole demo. Budgets are minutes by default; `steps` / `encoder_steps` replace the diffusion
+    model's / the encoder's clock with a step count, so runs on different hosts train alike."""
     start = time.time()
     workdir = workdir.resolve()
     print(f"demo: rendering OpenMoji stickers into {workdir / 'demo_source'}")
@@ -95,7 +98,9 @@ def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = No
                     for r in render_stickers(stickers / "line", 72, limit, style="line", keep=in_swap_subset)]
     print(f"demo: {len(records)} stickers")
     url_list = workdir / "demo_source" / "urls.parquet"
-    extra = list(set_args) + ([f"train.minutes={minutes}"] if minutes is not None else [])
+    budget = [f"train.minutes={minutes}"] if minutes is not None else []
+    budget += [f"train.steps={steps}", "train.minutes=null"] if steps is not None else []
+    extra = list(set_args) + budget
     cfg = demo_config(workdir, url_list, workdir / "encoder", extra, backbone)
     swap_list = workdir / "swap" / "demo_source" / "urls_line.parquet"  # named by style: an older demo's swap is stale
     swap_cfg = demo_config(workdir / "swap", swap_list, workdir / "encoder", extra, backbone)
@@ -104,7 +109,7 @@ def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = No
     _write_config(cfg, workdir)
     with_server(stickers, workdir, [(cfg, records, url_list), (swap_cfg, swap_records, swap_list)])
 
-    train_encoder(cfg, workdir, encoder_minutes)
+    train_encoder(cfg, workdir, encoder_minutes, encoder_steps)
     print(f"demo: database swapping: a second index over {len(swap_records)} stickers of U+1F300-U+1F5FF in line art")
     for name in SWAP_STAGES[1:]:  # before the main stages: evaluate compares samples with both databases
         run_stage(name, swap_cfg, force=force)
@@ -167,19 +172,23 @@ def downloaded_pairs(cfg) -> tuple[list, list[str]]:
     return images, captions
 
 
-def train_encoder(cfg, workdir: Path, minutes: float = ENCODER_MINUTES) -> dict:
-    """Train the demo CLIP once (cached in <workdir>/encoder/) on the downloaded pairs."""
+def train_encoder(cfg, workdir: Path, minutes: float = ENCODER_MINUTES, steps: int | None = None) -> dict:
+    """Train the demo CLIP once (cached in <workdir>/encoder/) on the downloaded pairs, for `minutes`
+    or, given `steps`, for that many steps whatever the clock says."""
     from model.clip_demo import train_demo_clip
 
     out = workdir / "encoder"
     if (out / "encoder.json").exists() and (out / "encoder.pt").exists():
         metrics = json.loads((out / "encoder.json").read_text())
-        print(f"demo: reusing the demo encoder in {out}")
+        print(f"demo: reusing the demo encoder in {out} ({metrics.get('steps')} steps; delete that folder "
+              "and run with --force to train another)")
     else:
         images, captions = downloaded_pairs(cfg)
+        budget = f"{steps} steps" if steps is not None else f"{minutes:g} minutes"
         print(f"demo: training the demo CLIP encoder on {len(images)} (sticker, caption) pairs "
-              f"for {minutes:g} minutes (cached afterwards)")
-        metrics = train_demo_clip(images, captions, out, ENCODER_CONFIG, minutes=minutes)
+              f"for {budget} (cached afterwards)")
+        metrics = train_demo_clip(images, captions, out, ENCODER_CONFIG, minutes=None if steps is not None else minutes,
+                                  max_steps=steps)
     r1, r10 = metrics.get("recall@1"), metrics.get("recall@10")
     print(f"demo: encoder text->image recall@1 {r1:.3f}, @10 {r10:.3f} on {metrics.get('n_holdout')} held-out captions")
     return metrics

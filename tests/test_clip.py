@@ -173,7 +173,7 @@ def test_training_prints_progress_lines_to_stderr(stickers, tmp_path, capsys):
 
     images, captions = stickers
     train = ClipTrainConfig(batch_size=16, num_threads=1, precision="fp32")
-    kwargs = dict(holdout=0.0, max_steps=3, train=train)
+    kwargs = dict(holdout=0.0, max_steps=3, minutes=None, train=train)  # steps alone: no clock at all
     metrics = train_demo_clip(images[:16], captions[:16], tmp_path, Path(TINY), progress_every=0, **kwargs)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("encoder:")]
     pattern = r"encoder: step (\d+), loss \d+\.\d+, \d+ images/s, ETA \d+:\d\d:\d\d"
@@ -182,3 +182,5 @@ def test_training_prints_progress_lines_to_stderr(stickers, tmp_path, capsys):
     assert lines[-1].endswith("ETA 0:00:00")  # max_steps reached
     # the interval is no part of the result: the cached encoder answers for any interval
     assert train_demo_clip(images[:16], captions[:16], tmp_path, Path(TINY), progress_every=10.0, **kwargs) == metrics
+    with pytest.raises(ValueError, match="give the encoder a budget"):
+        train_demo_clip(images[:16], captions[:16], tmp_path / "x", Path(TINY), minutes=None, max_steps=None)

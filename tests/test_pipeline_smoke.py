@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.stages import STAGES
 
-ARGS = ["--limit", "100", "--encoder-minutes", "0.1", "--minutes", "0.05"]
+ARGS = ["--limit", "100", "--encoder-steps", "3", "--steps", "12"]
 SETS = ["dedup.cosine_threshold=1.0", "dedup.manhattan_threshold=0", "train.model=tiny", "train.batch_size=8",
         "train.checkpoint_every=5", "sample.steps=4", "sample.images_per_prompt=2", "neighbours.k=4",
         "sample.k=4", "evaluate.k=4", "embed.batch_size=32", "dedup.holdout=0.1"]
@@ -40,6 +40,10 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
         manifest = json.loads((work / name / "manifest.json").read_text())
         assert manifest["items"] > 0, name
     assert json.loads((work / "download" / "manifest.json").read_text())["counts"]["images"] == 100
+    # step budgets instead of the clock: the same models on any host
+    assert json.loads((work / "encoder" / "encoder.json").read_text())["steps"] == 3
+    trained = json.loads((work / "train" / "manifest.json").read_text())
+    assert (trained["step"], trained["stopped_by"]) == (12, "steps") and trained["config"]["minutes"] is None
     grid = Image.open(work / "sample" / "grid.png")
     swapped = Image.open(work / "sample_swap" / "grid.png")
     assert grid.size == swapped.size and grid.size[1] >= 4 * 32
