@@ -57,6 +57,17 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for step counts: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of steps") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} steps train nothing: give at least 1")
+    return value
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -152,12 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuous: the U-Net over pixels; discrete: VQ tokens and the token transformer")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, default=None, help="minutes of diffusion training (default: the demo's budget)")
-    budget.add_argument("--steps", type=int, default=None,
+    budget.add_argument("--steps", type=_positive_int, default=None,
                         help="diffusion training steps instead of minutes: the same model on any host")
     p.add_argument("--limit", type=int, default=None, help="use only N stickers, spread over the set (quick runs)")
     encoder_budget = p.add_mutually_exclusive_group()
     encoder_budget.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
-    encoder_budget.add_argument("--encoder-steps", type=int, default=None,
+    encoder_budget.add_argument("--encoder-steps", type=_positive_int, default=None,
                                 help="demo CLIP training steps instead of minutes (cached)")
     p.add_argument("--force", action="store_true", help="rebuild the stages after download (e.g. after changing --set values)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")

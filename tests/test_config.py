@@ -193,6 +193,19 @@ def test_missing_url_list_exits_2(tmp_path, capsys):
     assert not (tmp_path / "download").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "argument --steps: 0 steps train nothing: give at least 1"),
+    (["--encoder-steps", "2.5"], "argument --encoder-steps: '2.5' is not a whole number of steps"),
+    (["--steps", "10", "--minutes", "5"], "argument --minutes: not allowed with argument --steps"),
+    (["--encoder-steps", "10", "--encoder-minutes", "5"], "argument --encoder-minutes: not allowed with argument --encoder-steps"),
+])
+def test_demo_budget_flags_are_refused_before_anything_is_written(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--workdir", str(tmp_path / "demo"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_shipped_stages_yaml_documents_every_key():
     text = open("stages.yaml").read()
     assert text == render_yaml(), "stages.yaml is out of date: regenerate it with python -c 'from pipeline.config_yaml import render_yaml; print(render_yaml(), end=\"\")' > stages.yaml"
