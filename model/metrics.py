@@ -101,15 +101,19 @@ def _mean_cov(x) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
-def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
-    """tr(sqrtm(s1 @ s2)) for symmetric PSD s1, s2.
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray, r1: np.ndarray | None = None) -> float:
+    """tr(sqrtm(s1 @ s2)) for symmetric PSD s1, s2 (r1: sqrtm(s1), when already known).
 
     s1 @ s2 has the same eigenvalues as the symmetric PSD r @ s2 @ r with r = sqrtm(s1), so the
     trace is the sum of square roots of eigvalsh of that: exact for singular covariances too
     (fewer samples than dimensions) and never complex, unlike scipy.linalg.sqrtm(s1 @ s2).
     """
-    w, v = np.linalg.eigh(s1)
-    r = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    r = _psd_sqrt(s1) if r1 is None else r1
     m = r @ s2 @ r
     eig = np.linalg.eigvalsh((m + m.T) / 2)
     return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
@@ -131,8 +135,31 @@ def frechet_distance(feats_a, feats_b) -> float:
     return max(float(fd), 0.0)
 
 
+def _fd_on_rows(feats_a, feats_b):
+    """rows -> frechet_distance(feats_a[rows], feats_b) for many `rows` (bootstrap replicates), with
+    b's mean, covariance and covariance square root computed once (tr sqrtm(S_a S_b) = tr sqrtm(S_b S_a))."""
+    a = _as2d(feats_a)
+    mu_b, s_b = _mean_cov(feats_b)
+    r_b, trace_b = _psd_sqrt(s_b), np.trace(s_b)
+
+    def on_rows(rows) -> float:
+        mu_a, s_a = _mean_cov(a[rows])
+        diff = mu_a - mu_b
+        return max(float(diff @ diff + np.trace(s_a) + trace_b - 2.0 * _trace_sqrt_product(s_b, s_a, r_b)), 0.0)
+
+    return on_rows
+
+
+frechet_distance.on_rows = _fd_on_rows  # bootstraps fit the reference's Gaussian once
+
+
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (x @ y.T / x.shape[1] + 1.0) ** 3
+    k = x @ y.T
+    k /= x.shape[1]
+    k += 1.0
+    cube = k * k  # two multiplications, in place: `** 3` costs twice the matrix product itself
+    cube *= k
+    return cube
 
 
 def _mmd2_unbiased(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray) -> float:
@@ -160,33 +187,49 @@ def kernel_inception_distance(feats_a, feats_b, num_subsets=100, max_subset_size
     m = min(len(a), len(b), max_subset_size)
     if m < 2:
         raise ValueError("KID needs at least 2 feature vectors per set")
-    rng = np.random.default_rng(seed)
-    draws = [(rng.choice(len(a), m, replace=False), rng.choice(len(b), m, replace=False)) for _ in range(num_subsets)]
     if max(len(a), len(b)) <= KERNEL_CACHE_ROWS:
-        return float(_subset_mmd2_cached(a, b, draws, m).mean())
+        return _kid_on_rows(a, b, num_subsets, max_subset_size, seed)(np.arange(len(a)))
+    rng = np.random.default_rng(seed)
     total = 0.0
-    for i, j in draws:
-        x, y = a[i], b[j]
+    for _ in range(num_subsets):
+        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
         total += _mmd2_unbiased(_poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y))
     return total / num_subsets
 
 
-def _subset_mmd2_cached(a: np.ndarray, b: np.ndarray, draws: list, m: int) -> np.ndarray:
-    """Each subset's unbiased MMD^2 from the whole sets' kernels, computed once.
+def _kid_on_rows(a, b, num_subsets=100, max_subset_size=1000, seed=0):
+    """rows -> kernel_inception_distance(a[rows], b, ...), the same draws and sums, for many `rows`
+    (bootstrap replicates, repeats included) from the kernels of a and b computed once.
 
-    With u the 0/1 indicator of a subset, the sum of its kernel sub-matrix is u K u^T, so all subsets
-    are three matrix products instead of three gathers of an m x m block each (KID's cost inside
-    bootstrap replicates): the same sums as _mmd2_unbiased on the sub-matrices, in another order.
+    With c the row counts of a subset (0/1, or more where a replicate repeats a row), the sum of its
+    kernel over distinct positions is c K c^T - c . diag(K), so every subset of every replicate is
+    a gather-free matrix product over the whole sets' kernels, not three kernels of its own.
     """
+    a, b = _as2d(a), _as2d(b)
+    if max(len(a), len(b)) > KERNEL_CACHE_ROWS:  # kernels too big to keep: each replicate pays its own
+        return lambda rows: kernel_inception_distance(a[rows], b, num_subsets, max_subset_size, seed)
     kaa, kbb, kab = _poly_kernel(a, a), _poly_kernel(b, b), _poly_kernel(a, b)
-    rows = np.arange(len(draws))[:, None]
-    ua, ub = np.zeros((len(draws), len(a))), np.zeros((len(draws), len(b)))
-    ua[rows, np.stack([i for i, _ in draws])] = 1.0
-    ub[rows, np.stack([j for _, j in draws])] = 1.0
-    within_a = np.einsum("sn,sn->s", ua @ kaa, ua) - ua @ np.diag(kaa)
-    within_b = np.einsum("sn,sn->s", ub @ kbb, ub) - ub @ np.diag(kbb)
-    across = np.einsum("sn,sn->s", ua @ kab, ub)
-    return (within_a + within_b) / (m * (m - 1)) - 2.0 * across / (m * m)
+    diag_a, diag_b = np.diag(kaa), np.diag(kbb)
+
+    def on_rows(rows) -> float:
+        rows = np.asarray(rows)
+        m = min(len(rows), len(b), max_subset_size)
+        if m < 2:
+            raise ValueError("KID needs at least 2 feature vectors per set")
+        rng = np.random.default_rng(seed)
+        ua, ub = np.zeros((num_subsets, len(a))), np.zeros((num_subsets, len(b)))
+        for s in range(num_subsets):  # the draws kernel_inception_distance makes, in its order
+            np.add.at(ua[s], rows[rng.choice(len(rows), m, replace=False)], 1.0)
+            ub[s, rng.choice(len(b), m, replace=False)] = 1.0
+        within_a = np.einsum("sn,sn->s", ua @ kaa, ua) - ua @ diag_a
+        within_b = np.einsum("sn,sn->s", ub @ kbb, ub) - ub @ diag_b
+        across = np.einsum("sn,sn->s", ua @ kab, ub)
+        return float(((within_a + within_b) / (m * (m - 1)) - 2.0 * across / (m * m)).mean())
+
+    return on_rows
+
+
+kernel_inception_distance.on_rows = _kid_on_rows  # bootstraps share the kernels across replicates
 
 
 def _sq_dists(x: np.ndarray, y: np.ndarray, y_sq: np.ndarray) -> np.ndarray:
@@ -305,8 +348,16 @@ def bootstrap_pair_ci(a_feats, b_feats, a_groups, b_groups, fn, n_boot=200, seed
     layout = _group_layout(a_groups, len(a))
     n_groups = layout[0]
     rng = np.random.default_rng(seed)
-    boots = [fn(a[_rows_of(layout, rng.integers(n_groups, size=n_groups))], b) for _ in range(n_boot)]
+    on_rows = _on_rows(fn, a, b)
+    boots = [on_rows(_rows_of(layout, rng.integers(n_groups, size=n_groups))) for _ in range(n_boot)]
     return _centred_ci(estimate, boots)
+
+
+def _on_rows(fn, a: np.ndarray, b: np.ndarray):
+    """rows -> fn(a[rows], b): fn's own `on_rows(a, b)` where it has one (work shared by every
+    replicate, such as b's statistics or the kernels), else the plain call on the gathered rows."""
+    prepare = getattr(fn, "on_rows", None)
+    return prepare(a, b) if prepare is not None else (lambda rows: fn(a[rows], b))
 
 
 def _centred_ci(estimate, boots: list) -> tuple:
@@ -331,8 +382,9 @@ def bootstrap_paired_difference_ci(a_feats, b_feats, groups, reference, fn, n_bo
     layout = _group_layout(groups, len(a))
     n_groups = layout[0]
     rng = np.random.default_rng(seed)
+    on_a, on_b = _on_rows(fn, a, ref), _on_rows(fn, b, ref)
     boots = []
     for _ in range(n_boot):
         rows = _rows_of(layout, rng.integers(n_groups, size=n_groups))
-        boots.append(fn(a[rows], ref) - fn(b[rows], ref))
+        boots.append(on_a(rows) - on_b(rows))
     return _centred_ci(estimate, boots)

@@ -232,6 +232,27 @@ def test_kid_from_cached_kernels_equals_kid_from_each_subset(monkeypatch):
     assert kernel_inception_distance(a, b, num_subsets=7, max_subset_size=12, seed=2) == pytest.approx(cached, abs=1e-12)
 
 
+@pytest.mark.parametrize("metric", [frechet_distance, kernel_inception_distance])
+def test_bootstraps_sharing_work_across_replicates_equal_the_plain_calls(metric):
+    """FD and KID prepare what every bootstrap replicate shares (the reference's Gaussian, the kernels); each replicate,
+    repeated rows included, must still equal the metric called on that replicate's rows, in both bootstraps."""
+    from model.metrics import bootstrap_paired_difference_ci
+
+    plain = lambda x, y: metric(x, y)  # noqa: E731 - no on_rows: every replicate computes from its own rows
+    assert getattr(plain, "on_rows", None) is None and metric.on_rows is not None
+    rng = np.random.default_rng(7)
+    a, b, ref = rng.standard_normal((48, 5)), rng.standard_normal((48, 5)) + 0.2, rng.standard_normal((30, 5)) + 0.5
+    groups = np.arange(48) // 3  # replicates repeat whole prompts, so rows repeat
+    shared = bootstrap_pair_ci(a, ref, groups, None, metric, n_boot=25)
+    each = bootstrap_pair_ci(a, ref, groups, None, plain, n_boot=25)
+    np.testing.assert_allclose(shared, each, rtol=1e-9, atol=1e-12)
+    shared = bootstrap_paired_difference_ci(a, b, groups, ref, metric, n_boot=25)
+    each = bootstrap_paired_difference_ci(a, b, groups, ref, plain, n_boot=25)
+    np.testing.assert_allclose(shared, each, rtol=1e-9, atol=1e-12)
+    rows = np.array([0, 0, 5, 5, 5, 9, 12, 40, 41, 47])  # one replicate by hand
+    assert metric.on_rows(a, ref)(rows) == pytest.approx(metric(a[rows], ref), rel=1e-9, abs=1e-12)
+
+
 def test_paired_difference_by_hand_and_zero_for_identical_sets():
     from model.metrics import bootstrap_paired_difference_ci
 
