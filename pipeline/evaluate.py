@@ -190,10 +190,10 @@ def interval(estimate_low_high) -> dict:
 
 def per_image_metrics(feats: np.ndarray, text: np.ndarray, prompt_of: np.ndarray, train: np.ndarray, n_boot: int) -> dict:
     """Prompt accuracy @1/@5, CLIP score and memorisation of one image set, with cluster-bootstrap intervals."""
-    from model import metrics
+    from model import bootstrap, metrics
 
     acc = metrics.prompt_accuracy(feats, text, prompt_of, ks=(1, 5))
-    ci = lambda values: interval(metrics.bootstrap_ci(values, prompt_of, n_boot=n_boot))  # noqa: E731
+    ci = lambda values: interval(bootstrap.bootstrap_ci(values, prompt_of, n_boot=n_boot))  # noqa: E731
     return {"prompt_accuracy@1": ci(acc[1]), "prompt_accuracy@5": ci(acc[5]),
             "clip_score": ci(metrics.clip_score(feats, text, prompt_of)),
             "memorisation": ci(metrics.memorisation(feats, train))}
@@ -201,15 +201,14 @@ def per_image_metrics(feats: np.ndarray, text: np.ndarray, prompt_of: np.ndarray
 
 def set_metrics(fake: np.ndarray, fake_groups: np.ndarray, real: np.ndarray, n_boot: int) -> dict:
     """FD, KID, precision and recall of `fake` against `real`, intervals over the fake set's prompts."""
-    from model import metrics
+    from model import bootstrap, metrics
 
     real_groups = np.arange(len(real))
     boot = max(50, n_boot // 5)  # each resample recomputes a covariance square root
-    out = {"fd": interval(metrics.bootstrap_pair_ci(fake, real, fake_groups, real_groups, metrics.frechet_distance, boot)),
-           "kid": interval(metrics.bootstrap_pair_ci(fake, real, fake_groups, real_groups,
+    out = {"fd": interval(bootstrap.bootstrap_pair_ci(fake, real, fake_groups, real_groups, metrics.frechet_distance, boot)),
+           "kid": interval(bootstrap.bootstrap_pair_ci(fake, real, fake_groups, real_groups,
                                                      metrics.kernel_inception_distance, boot))}
-    both = lambda a, b: metrics.precision_recall(b, a, k=3)  # noqa: E731 - real first in precision_recall
-    value, low, high = metrics.bootstrap_pair_ci(fake, real, fake_groups, real_groups, both, boot)
+    value, low, high = bootstrap.bootstrap_pair_ci(fake, real, fake_groups, real_groups, metrics.samples_precision_recall, boot)
     # fractions: the centred interval is clipped to [0, 1]
     out["precision"] = interval((value[0], max(low[0], 0.0), min(high[0], 1.0)))
     out["recall"] = interval((value[1], max(low[1], 0.0), min(high[1], 1.0)))
@@ -233,7 +232,7 @@ def database_sample(index_dir: Path, size: int, limit: int, seed: int) -> tuple[
 
 def evaluate(cfg, setup: EvalSetup) -> dict:
     """Sample, embed, measure; write metrics.json, report.html, grid.png and samples/ into setup.out."""
-    from model import metrics
+    from model import bootstrap, metrics
     from model.checkpoint import checkpoint_step
     from pipeline.images import DatabaseImages
     from pipeline.generation import Sampler
@@ -280,7 +279,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
 
         name, db = _memo(setup, ("database", index_dir), embed_database)
         database_features[name] = db
-        result["databases"][name] = {"images": len(db), **{m: interval(metrics.bootstrap_pair_ci(
+        result["databases"][name] = {"images": len(db), **{m: interval(bootstrap.bootstrap_pair_ci(
             fake, db, generated["prompt_of"], np.arange(len(db)), fn, max(50, conf.bootstrap // 5)))
             for m, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance))}}
     result |= {"checkpoint": str(setup.checkpoint.resolve()), "step": checkpoint_step(setup.checkpoint),

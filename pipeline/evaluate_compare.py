@@ -104,7 +104,7 @@ def _same(x: np.ndarray | None, y: np.ndarray | None) -> bool:
 
 def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -> dict:
     """A - B, paired image by image: the metric rows with their intervals and verdicts."""
-    from model import metrics
+    from model import bootstrap, metrics
 
     check_paired(a_result, a, b_result, b)
     groups, rows = a.prompt_of, []
@@ -114,9 +114,9 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
     for k in (1, 5):
         key = f"prompt_accuracy@{k}"
         rows.append(_row(f"prompt accuracy @{k}", True, ga[key], gb[key],
-                         metrics.bootstrap_ci(acc_a[k] - acc_b[k], groups, n_boot=n_boot)))
+                         bootstrap.bootstrap_ci(acc_a[k] - acc_b[k], groups, n_boot=n_boot)))
     clip = metrics.clip_score(a.generated, a.text, groups) - metrics.clip_score(b.generated, a.text, groups)
-    rows.append(_row("CLIP score", True, ga["clip_score"], gb["clip_score"], metrics.bootstrap_ci(clip, groups, n_boot=n_boot)))
+    rows.append(_row("CLIP score", True, ga["clip_score"], gb["clip_score"], bootstrap.bootstrap_ci(clip, groups, n_boot=n_boot)))
     references, skipped = [], []  # a set metric is paired only against a reference both were measured with
     if a.real is not None or b.real is not None:
         if _same(a.real, b.real) and "to_real" in a_result and "to_real" in b_result:
@@ -133,8 +133,8 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
     for label, reference, a_set, b_set in references:
         for key, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance)):
             rows.append(_row(f"{key.upper()} to {label}", False, a_set[key], b_set[key],
-                             metrics.bootstrap_paired_difference_ci(a.generated, b.generated, groups, reference, fn,
-                                                                    n_boot=set_boot)))
+                             bootstrap.bootstrap_paired_difference_ci(a.generated, b.generated, groups, reference, fn,
+                                                                      n_boot=set_boot)))
     return {"a": _side(a_result), "b": _side(b_result), "prompts": a_result["prompts"], "images": a_result["images"],
             "bootstrap": n_boot, "rows": rows, "skipped": skipped}
 

@@ -9,9 +9,9 @@ import pytest
 import scipy.linalg
 
 import model.metrics as metrics
-from model.metrics import (bootstrap_ci, bootstrap_pair_ci, clip_score, frechet_distance,
-                           kernel_inception_distance, l2_normalise, memorisation,
-                           precision_recall, prompt_accuracy)
+from model.bootstrap import bootstrap_ci, bootstrap_pair_ci
+from model.metrics import (clip_score, frechet_distance, kernel_inception_distance, l2_normalise, memorisation,
+                           precision_recall, prompt_accuracy, samples_precision_recall)
 
 
 def test_l2_normalise_unit_rows_and_zero_rows():
@@ -232,11 +232,16 @@ def test_kid_from_cached_kernels_equals_kid_from_each_subset(monkeypatch):
     assert kernel_inception_distance(a, b, num_subsets=7, max_subset_size=12, seed=2) == pytest.approx(cached, abs=1e-12)
 
 
-@pytest.mark.parametrize("metric", [frechet_distance, kernel_inception_distance])
-def test_bootstraps_sharing_work_across_replicates_equal_the_plain_calls(metric):
-    """FD and KID prepare what every bootstrap replicate shares (the reference's Gaussian, the kernels); each replicate,
-    repeated rows included, must still equal the metric called on that replicate's rows, in both bootstraps."""
-    from model.metrics import bootstrap_paired_difference_ci
+@pytest.mark.parametrize("metric, depth", [(frechet_distance, None), (kernel_inception_distance, None),
+                                           (samples_precision_recall, None), (samples_precision_recall, 2)])
+def test_bootstraps_sharing_work_across_replicates_equal_the_plain_calls(metric, depth, monkeypatch):
+    """FD, KID and precision/recall prepare what every bootstrap replicate shares (the reference's Gaussian, the kernels,
+    the balls and nearest-neighbour lists); each replicate, repeated rows included, must still equal the metric called on
+    that replicate's rows, in both bootstraps. Depth 2 lists too few neighbours, so radii come from whole rows."""
+    from model.bootstrap import bootstrap_paired_difference_ci
+
+    if depth:
+        monkeypatch.setattr(metrics, "PR_NEIGHBOURS", depth)
 
     plain = lambda x, y: metric(x, y)  # noqa: E731 - no on_rows: every replicate computes from its own rows
     assert getattr(plain, "on_rows", None) is None and metric.on_rows is not None
@@ -246,15 +251,16 @@ def test_bootstraps_sharing_work_across_replicates_equal_the_plain_calls(metric)
     shared = bootstrap_pair_ci(a, ref, groups, None, metric, n_boot=25)
     each = bootstrap_pair_ci(a, ref, groups, None, plain, n_boot=25)
     np.testing.assert_allclose(shared, each, rtol=1e-9, atol=1e-12)
-    shared = bootstrap_paired_difference_ci(a, b, groups, ref, metric, n_boot=25)
-    each = bootstrap_paired_difference_ci(a, b, groups, ref, plain, n_boot=25)
-    np.testing.assert_allclose(shared, each, rtol=1e-9, atol=1e-12)
+    if metric is not samples_precision_recall:  # the paired bootstrap takes metrics of one number
+        shared = bootstrap_paired_difference_ci(a, b, groups, ref, metric, n_boot=25)
+        each = bootstrap_paired_difference_ci(a, b, groups, ref, plain, n_boot=25)
+        np.testing.assert_allclose(shared, each, rtol=1e-9, atol=1e-12)
     rows = np.array([0, 0, 5, 5, 5, 9, 12, 40, 41, 47])  # one replicate by hand
     assert metric.on_rows(a, ref)(rows) == pytest.approx(metric(a[rows], ref), rel=1e-9, abs=1e-12)
 
 
 def test_paired_difference_by_hand_and_zero_for_identical_sets():
-    from model.metrics import bootstrap_paired_difference_ci
+    from model.bootstrap import bootstrap_paired_difference_ci
 
     mean_gap = lambda x, ref: float(np.abs(x.mean(axis=0) - ref.mean(axis=0)).sum())  # noqa: E731
     a = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 3.0], [6.0, 3.0]])

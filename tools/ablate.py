@@ -276,18 +276,18 @@ class Grader:
 
 
 def paired(s: Settings, grader: Grader, a: str, b: str, n_boot: int) -> dict:
-    from model import metrics
+    from model import bootstrap, metrics
 
     (fa, groups), (fb, groups_b) = grader.samples(a), grader.samples(b)
     if not np.array_equal(groups, groups_b):
         raise ValueError(f"{a} and {b} were not sampled for the same prompts")
     acc_a = metrics.prompt_accuracy(fa, grader.text, groups, ks=(5,))[5]
     acc_b = metrics.prompt_accuracy(fb, grader.text, groups, ks=(5,))[5]
-    out = {"prompt_accuracy@5": metrics.bootstrap_ci(acc_a - acc_b, groups, n_boot=n_boot)}
+    out = {"prompt_accuracy@5": bootstrap.bootstrap_ci(acc_a - acc_b, groups, n_boot=n_boot)}
     references = {"held_out": grader.real, **{f"database_{k}": v for k, v in grader.databases.items()}}
     for ref_name, ref in references.items():
         for metric, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance)):
-            out[f"{metric}_{ref_name}"] = metrics.bootstrap_paired_difference_ci(fa, fb, groups, ref, fn, n_boot=max(50, n_boot // 5))
+            out[f"{metric}_{ref_name}"] = bootstrap.bootstrap_paired_difference_ci(fa, fb, groups, ref, fn, n_boot=max(50, n_boot // 5))
     return {key: {"value": round(v[0], 5), "low": round(v[1], 5), "high": round(v[2], 5)} for key, v in out.items()}
 
 
