@@ -118,7 +118,7 @@ def bootstrap_paired_difference_ci(a_feats, b_feats, groups, reference, fn, n_bo
     if a.shape != b.shape:
         raise ValueError(f"paired sets must have the same shape, got {a.shape} and {b.shape}")
     ref = _as2d(reference)
-    estimate = fn(a, ref) - fn(b, ref)
+    estimate = np.subtract(fn(a, ref), fn(b, ref))  # a tuple metric (precision, recall) gives one difference each
     layout = _group_layout(groups, len(a))
     n_groups = layout[0]
     rng = np.random.default_rng(seed)
@@ -126,5 +126,5 @@ def bootstrap_paired_difference_ci(a_feats, b_feats, groups, reference, fn, n_bo
     boots = []
     for _ in range(n_boot):
         rows = _rows_of(layout, rng.integers(n_groups, size=n_groups))
-        boots.append(on_a(rows) - on_b(rows))
+        boots.append(np.subtract(on_a(rows), on_b(rows)))
     return _centred_ci(estimate, boots)

@@ -6,7 +6,8 @@ was conditioned on: neighbours or none, one index or another, one checkpoint or 
 difference A - B is measured image by image, and each bootstrap replicate draws prompts once for
 both, so what the two share (which prompts were drawn, how hard they are) cancels: a paired test,
 far sharper than comparing the two unpaired intervals. Reported for prompt accuracy @1/@5, CLIP
-score, and FD / KID to the held-out images and to every database both were compared with, each with
+score, FD / KID to the held-out images and to every database both were compared with, and precision /
+recall to the held-out images, each with
 a 95 % interval, a verdict, and whether the two unpaired intervals overlap.
 
 Every evaluation folder holds `features.npz` (its samples, prompts, held-out images and databases in
@@ -135,6 +136,11 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
             rows.append(_row(f"{key.upper()} to {label}", False, a_set[key], b_set[key],
                              bootstrap.bootstrap_paired_difference_ci(a.generated, b.generated, groups, reference, fn,
                                                                       n_boot=set_boot)))
+        if "precision" in a_set and "precision" in b_set:  # measured against the held-out images only
+            value, low, high = bootstrap.bootstrap_paired_difference_ci(a.generated, b.generated, groups, reference,
+                                                                        metrics.samples_precision_recall, n_boot=set_boot)
+            for i, key in enumerate(("precision", "recall")):
+                rows.append(_row(f"{key} (k=3) to {label}", True, a_set[key], b_set[key], (value[i], low[i], high[i])))
     return {"a": _side(a_result), "b": _side(b_result), "prompts": a_result["prompts"], "images": a_result["images"],
             "bootstrap": n_boot, "rows": rows, "skipped": skipped}
 

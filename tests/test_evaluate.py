@@ -146,7 +146,7 @@ def test_compare_is_the_image_by_image_difference_with_verdicts_and_overlap():
     out = compare(a_result, a, b_result, b, n_boot=200)
     rows = {row["name"]: row for row in out["rows"]}
     assert list(rows) == ["prompt accuracy @1", "prompt accuracy @5", "CLIP score", "FD to held-out images",
-                          "KID to held-out images"]
+                          "KID to held-out images", "precision (k=3) to held-out images", "recall (k=3) to held-out images"]
     acc_a = metrics.prompt_accuracy(good, text, prompt_of, ks=(5,))[5].mean()
     acc_b = metrics.prompt_accuracy(bad, text, prompt_of, ks=(5,))[5].mean()
     assert acc_a == 1.0 and rows["prompt accuracy @5"]["difference"]["value"] == pytest.approx(acc_a - acc_b, abs=1e-6)
@@ -155,6 +155,10 @@ def test_compare_is_the_image_by_image_difference_with_verdicts_and_overlap():
     assert rows["prompt accuracy @5"]["verdict"] == "A better"  # higher is better, interval above 0
     assert rows["FD to held-out images"]["verdict"] == "A better"  # lower is better, interval below 0
     assert rows["prompt accuracy @5"]["unpaired_overlap"] is False
+    (prec_a, rec_a), (prec_b, rec_b) = metrics.precision_recall(real, good), metrics.precision_recall(real, bad)
+    assert rows["precision (k=3) to held-out images"]["difference"]["value"] == pytest.approx(prec_a - prec_b, abs=1e-6)
+    assert rows["recall (k=3) to held-out images"]["difference"]["value"] == pytest.approx(rec_a - rec_b, abs=1e-6)
+    assert prec_a - prec_b > 0 and rows["precision (k=3) to held-out images"]["verdict"] == "A better"  # higher is better
     swapped = {row["name"]: row for row in compare(b_result, b, a_result, a, n_boot=200)["rows"]}
     assert swapped["FD to held-out images"]["verdict"] == "B better"
     same = {row["name"]: row for row in compare(a_result, a, a_result, a, n_boot=200)["rows"]}
@@ -212,7 +216,7 @@ def test_compare_refuses_evaluations_that_are_not_paired(tmp_path, capsys):
     assert "--bootstrap must be at least 50, got 10" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "c.json")]) == 0
     written = json.loads((tmp_path / "c.json").read_text())
-    assert written["a"]["folder"] == str((tmp_path / "a").resolve()) and len(written["rows"]) == 5
+    assert written["a"]["folder"] == str((tmp_path / "a").resolve()) and len(written["rows"]) == 7
 
 
 def test_an_evaluation_from_before_the_scheduler_key_was_drawn_with_ddim(tmp_path):

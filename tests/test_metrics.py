@@ -251,10 +251,9 @@ def test_bootstraps_sharing_work_across_replicates_equal_the_plain_calls(metric,
     shared = bootstrap_pair_ci(a, ref, groups, None, metric, n_boot=25)
     each = bootstrap_pair_ci(a, ref, groups, None, plain, n_boot=25)
     np.testing.assert_allclose(shared, each, rtol=1e-9, atol=1e-12)
-    if metric is not samples_precision_recall:  # the paired bootstrap takes metrics of one number
-        shared = bootstrap_paired_difference_ci(a, b, groups, ref, metric, n_boot=25)
-        each = bootstrap_paired_difference_ci(a, b, groups, ref, plain, n_boot=25)
-        np.testing.assert_allclose(shared, each, rtol=1e-9, atol=1e-12)
+    shared = bootstrap_paired_difference_ci(a, b, groups, ref, metric, n_boot=25)
+    each = bootstrap_paired_difference_ci(a, b, groups, ref, plain, n_boot=25)
+    np.testing.assert_allclose(shared, each, rtol=1e-9, atol=1e-12)
     rows = np.array([0, 0, 5, 5, 5, 9, 12, 40, 41, 47])  # one replicate by hand
     assert metric.on_rows(a, ref)(rows) == pytest.approx(metric(a[rows], ref), rel=1e-9, abs=1e-12)
 
