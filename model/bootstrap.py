@@ -84,11 +84,11 @@ def bootstrap_pair_ci(a_feats, b_feats, a_groups, b_groups, fn, n_boot=200, seed
     a, b = _as2d(a_feats), _as2d(b_feats)
     if b_groups is not None and np.shape(b_groups) != (len(b),):
         raise ValueError(f"b_groups must have shape ({len(b)},), got {np.shape(b_groups)}")
-    estimate = fn(a, b)
+    on_rows = _on_rows(fn, a, b)
+    estimate = on_rows(np.arange(len(a)))  # the whole set: what on_rows prepared serves the estimate too
     layout = _group_layout(a_groups, len(a))
     n_groups = layout[0]
     rng = np.random.default_rng(seed)
-    on_rows = _on_rows(fn, a, b)
     boots = [on_rows(_rows_of(layout, rng.integers(n_groups, size=n_groups))) for _ in range(n_boot)]
     return _centred_ci(estimate, boots)
 
@@ -118,11 +118,12 @@ def bootstrap_paired_difference_ci(a_feats, b_feats, groups, reference, fn, n_bo
     if a.shape != b.shape:
         raise ValueError(f"paired sets must have the same shape, got {a.shape} and {b.shape}")
     ref = _as2d(reference)
-    estimate = np.subtract(fn(a, ref), fn(b, ref))  # a tuple metric (precision, recall) gives one difference each
+    on_a, on_b = _on_rows(fn, a, ref), _on_rows(fn, b, ref)
+    every = np.arange(len(a))
+    estimate = np.subtract(on_a(every), on_b(every))  # a tuple metric (precision, recall) gives one difference each
     layout = _group_layout(groups, len(a))
     n_groups = layout[0]
     rng = np.random.default_rng(seed)
-    on_a, on_b = _on_rows(fn, a, ref), _on_rows(fn, b, ref)
     boots = []
     for _ in range(n_boot):
         rows = _rows_of(layout, rng.integers(n_groups, size=n_groups))

@@ -204,7 +204,7 @@ def set_metrics(fake: np.ndarray, fake_groups: np.ndarray, real: np.ndarray, n_b
     from model import bootstrap, metrics
 
     real_groups = np.arange(len(real))
-    boot = max(50, n_boot // 5)  # each resample recomputes a covariance square root
+    boot = max(50, n_boot // 5)  # fewer replicates than per-image metrics, as every evaluation so far
     out = {"fd": interval(bootstrap.bootstrap_pair_ci(fake, real, fake_groups, real_groups, metrics.frechet_distance, boot)),
            "kid": interval(bootstrap.bootstrap_pair_ci(fake, real, fake_groups, real_groups,
                                                      metrics.kernel_inception_distance, boot))}
