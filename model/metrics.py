@@ -108,15 +108,19 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray, r1: np.ndarray | None = None) -> float:
-    """tr(sqrtm(s1 @ s2)) for symmetric PSD s1, s2 (r1: sqrtm(s1), when already known).
+def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
+    """tr(sqrtm(s1 @ s2)) for symmetric PSD s1, s2."""
+    return _trace_sqrt_given_root(_psd_sqrt(s1), s2)
 
-    s1 @ s2 has the same eigenvalues as the symmetric PSD r @ s2 @ r with r = sqrtm(s1), so the
-    trace is the sum of square roots of eigvalsh of that: exact for singular covariances too
-    (fewer samples than dimensions) and never complex, unlike scipy.linalg.sqrtm(s1 @ s2).
+
+def _trace_sqrt_given_root(r1: np.ndarray, s2: np.ndarray) -> float:
+    """tr(sqrtm(s1 @ s2)) from r1 = sqrtm(s1), for symmetric PSD s1, s2.
+
+    s1 @ s2 has the same eigenvalues as the symmetric PSD r1 @ s2 @ r1, so the trace is the sum of
+    square roots of eigvalsh of that: exact for singular covariances too (fewer samples than
+    dimensions) and never complex, unlike scipy.linalg.sqrtm(s1 @ s2).
     """
-    r = _psd_sqrt(s1) if r1 is None else r1
-    m = r @ s2 @ r
+    m = r1 @ s2 @ r1
     eig = np.linalg.eigvalsh((m + m.T) / 2)
     return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
 
@@ -149,7 +153,7 @@ def _fd_on_rows(feats_a, feats_b):
     def on_rows(rows) -> float:
         mu_a, s_a = _mean_cov(a[rows])
         diff = mu_a - mu_b
-        return max(float(diff @ diff + np.trace(s_a) + trace_b - 2.0 * _trace_sqrt_product(s_b, s_a, r_b)), 0.0)
+        return max(float(diff @ diff + np.trace(s_a) + trace_b - 2.0 * _trace_sqrt_given_root(r_b, s_a)), 0.0)
 
     return on_rows
 
