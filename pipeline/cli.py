@@ -74,7 +74,7 @@ def cmd_demo(args) -> int:
     workdir = args.workdir or ("work/demo" if args.backbone == "continuous" else f"work/demo-{args.backbone}")
     return run_demo(Path(workdir), minutes=args.minutes, limit=args.limit, set_args=args.set or [],
                     encoder_minutes=args.encoder_minutes, force=args.force, backbone=args.backbone,
-                    steps=args.steps, encoder_steps=args.encoder_steps)
+                    steps=args.steps, encoder_steps=args.encoder_steps, encoder_logit_scale=args.encoder_logit_scale)
 
 
 def cmd_search(args) -> int:
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_budget.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
     encoder_budget.add_argument("--encoder-steps", type=_positive_int, default=None,
                                 help="demo CLIP training steps instead of minutes (cached)")
+    p.add_argument("--encoder-logit-scale", type=float, default=None,
+                   help="fix the demo CLIP's logit scale (inverse temperature) instead of learning it: at 100, a real "
+                   "CLIP's, captions stay apart from their images (a modality gap) as with a pretrained encoder")
     p.add_argument("--force", action="store_true", help="rebuild the stages after download (e.g. after changing --set values)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.set_defaults(func=cmd_demo)

@@ -86,9 +86,11 @@ def discrete_settings(cfg: Config) -> None:
 
 def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = None, set_args: list[str] = (),
              encoder_minutes: float = ENCODER_MINUTES, force: bool = False, backbone: str = "continuous",
-             steps: int | None = None, encoder_steps: int | None = None) -> int:
+             steps: int | None = None, encoder_steps: int | None = None,
+             encoder_logit_scale: float | None = None) -> int:
     """The whole demo. Budgets are minutes by default; `steps` / `encoder_steps` replace the diffusion
-    model's / the encoder's clock with a step count, so runs on different hosts train alike."""
+    model's / the encoder's clock with a step count, so runs on different hosts train alike.
+    `encoder_logit_scale` fixes the demo CLIP's temperature (None: learnt)."""
     start = time.time()
     workdir = workdir.resolve()
     print(f"demo: rendering OpenMoji stickers into {workdir / 'demo_source'}")
@@ -109,7 +111,7 @@ def run_demo(workdir: Path, minutes: float | None = None, limit: int | None = No
     _write_config(cfg, workdir)
     with_server(stickers, workdir, [(cfg, records, url_list), (swap_cfg, swap_records, swap_list)])
 
-    train_encoder(cfg, workdir, encoder_minutes, encoder_steps)
+    train_encoder(cfg, workdir, encoder_minutes, encoder_steps, encoder_logit_scale)
     print(f"demo: database swapping: a second index over {len(swap_records)} stickers of U+1F300-U+1F5FF in line art")
     for name in SWAP_STAGES[1:]:  # before the main stages: evaluate compares samples with both databases
         run_stage(name, swap_cfg, force=force)
@@ -172,14 +174,21 @@ def downloaded_pairs(cfg) -> tuple[list, list[str]]:
     return images, captions
 
 
-def train_encoder(cfg, workdir: Path, minutes: float = ENCODER_MINUTES, steps: int | None = None) -> dict:
+def train_encoder(cfg, workdir: Path, minutes: float = ENCODER_MINUTES, steps: int | None = None,
+                  logit_scale: float | None = None) -> dict:
     """Train the demo CLIP once (cached in <workdir>/encoder/) on the downloaded pairs, for `minutes`
-    or, given `steps`, for that many steps whatever the clock says."""
-    from model.clip_demo import train_demo_clip
+    or, given `steps`, for that many steps whatever the clock says; `logit_scale` fixes its
+    temperature (None: learnt, open_clip's default). A cached encoder trained with another
+    logit scale is refused rather than reused: it would embed a different space."""
+    from model.clip_demo import ClipTrainConfig, train_demo_clip
 
     out = workdir / "encoder"
     if (out / "encoder.json").exists() and (out / "encoder.pt").exists():
         metrics = json.loads((out / "encoder.json").read_text())
+        cached_scale = metrics.get("cache_key", {}).get("train", {}).get("logit_scale")
+        if cached_scale != logit_scale:
+            raise ValueError(f"{out} holds a demo CLIP trained with logit scale {_scale_name(cached_scale)}, not "
+                             f"{_scale_name(logit_scale)}: use another --workdir, or delete that folder and run with --force")
         print(f"demo: reusing the demo encoder in {out} ({metrics.get('steps')} steps; delete that folder "
               "and run with --force to train another)")
     else:
@@ -188,10 +197,14 @@ def train_encoder(cfg, workdir: Path, minutes: float = ENCODER_MINUTES, steps: i
         print(f"demo: training the demo CLIP encoder on {len(images)} (sticker, caption) pairs "
               f"for {budget} (cached afterwards)")
         metrics = train_demo_clip(images, captions, out, ENCODER_CONFIG, minutes=None if steps is not None else minutes,
-                                  max_steps=steps)
+                                  max_steps=steps, train=ClipTrainConfig(logit_scale=logit_scale))
     r1, r10 = metrics.get("recall@1"), metrics.get("recall@10")
     print(f"demo: encoder text->image recall@1 {r1:.3f}, @10 {r10:.3f} on {metrics.get('n_holdout')} held-out captions")
     return metrics
+
+
+def _scale_name(scale: float | None) -> str:
+    return "learnt" if scale is None else f"{scale:g}"
 
 
 def dedup_examples(cfg, n: int = 8) -> list[str]:

@@ -184,3 +184,24 @@ def test_training_prints_progress_lines_to_stderr(stickers, tmp_path, capsys):
     assert train_demo_clip(images[:16], captions[:16], tmp_path, Path(TINY), progress_every=10.0, **kwargs) == metrics
     with pytest.raises(ValueError, match="give the encoder a budget"):
         train_demo_clip(images[:16], captions[:16], tmp_path / "x", Path(TINY), minutes=None, max_steps=None)
+
+
+def test_demo_encoder_keeps_a_fixed_logit_scale_and_refuses_a_cache_trained_with_another(stickers, tmp_path, monkeypatch):
+    """`knnd demo --encoder-logit-scale 100`: the scale is held where it was fixed, and a cached encoder
+    trained with another scale (a different embedding space) is an error naming the folder, not reused."""
+    import math
+
+    from pipeline import demo
+
+    images, captions = stickers
+    monkeypatch.setattr(demo, "downloaded_pairs", lambda cfg: (images[:16], captions[:16]))
+    monkeypatch.setattr(demo, "ENCODER_CONFIG", Path(TINY))
+    metrics = demo.train_encoder(None, tmp_path, steps=2, logit_scale=100.0)
+    assert metrics["steps"] == 2 and metrics["cache_key"]["train"]["logit_scale"] == 100.0
+    saved = torch.load(tmp_path / "encoder" / "encoder.pt", map_location="cpu", weights_only=True)
+    scale = next(v for k, v in (saved.get("state_dict", saved)).items() if k.endswith("logit_scale"))
+    assert math.isclose(float(scale), math.log(100.0), rel_tol=1e-6)  # trained, yet not moved
+    assert demo.train_encoder(None, tmp_path, steps=2, logit_scale=100.0) == metrics  # same scale: reused
+    with pytest.raises(ValueError, match=r"encoder holds a demo CLIP trained with logit scale 100, not learnt: "
+                                         r"use another --workdir"):
+        demo.train_encoder(None, tmp_path, steps=2)
