@@ -114,6 +114,8 @@ def test_every_distributed_stage_ran_on_more_than_one_node(runs):
         assert set(nodes) <= node_ids, name
         if name in [*DISTRIBUTED, "embed", "neighbours"]:  # tasks per shard, actors, workers: spread out
             assert len(nodes) > 1, (name, nodes)
+        if name in ("index", "pack"):  # cluster.ray_tasks pins its first wave, one task per CPU: every node
+            assert len(nodes) == len(node_ids), (name, nodes)
         if name in expected:
             assert sum(nodes.values()) == expected[name], (name, nodes)
     assert manifests["index"]["factory"] == "IVF2,Flat"
