@@ -57,6 +57,9 @@ class ClipTrainConfig:
         if self.batch_size < 2 or self.lr <= 0 or not 0 < self.min_crop_side <= 1:
             raise ValueError(f"impossible training settings {self}: need batch_size >= 2, lr > 0, "
                              "0 < min_crop_side <= 1")
+        if self.logit_scale is not None and not self.logit_scale > 0:
+            raise ValueError(f"logit_scale={self.logit_scale}: a fixed logit scale must be > 0 (CLIP ends at 100), "
+                             "or None to learn it")
 
 
 def train_demo_clip(

@@ -68,6 +68,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _logit_scale(text: str) -> float:
+    """argparse type for --encoder-logit-scale: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g}: a logit scale must be above 0 (a real CLIP's is 100)")
+    return value
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -170,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_budget.add_argument("--encoder-minutes", type=float, default=4.0, help="minutes of demo CLIP training (cached)")
     encoder_budget.add_argument("--encoder-steps", type=_positive_int, default=None,
                                 help="demo CLIP training steps instead of minutes (cached)")
-    p.add_argument("--encoder-logit-scale", type=float, default=None,
+    p.add_argument("--encoder-logit-scale", type=_logit_scale, default=None,
                    help="fix the demo CLIP's logit scale (inverse temperature) instead of learning it: at 100, a real "
                    "CLIP's, captions stay apart from their images (a modality gap) as with a pretrained encoder")
     p.add_argument("--force", action="store_true", help="rebuild the stages after download (e.g. after changing --set values)")

@@ -205,3 +205,5 @@ def test_demo_encoder_keeps_a_fixed_logit_scale_and_refuses_a_cache_trained_with
     with pytest.raises(ValueError, match=r"encoder holds a demo CLIP trained with logit scale 100, not learnt: "
                                          r"use another --workdir"):
         demo.train_encoder(None, tmp_path, steps=2)
+    with pytest.raises(ValueError, match=r"logit_scale=0.0: a fixed logit scale must be > 0"):
+        ClipTrainConfig(logit_scale=0.0)

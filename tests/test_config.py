@@ -198,6 +198,8 @@ def test_missing_url_list_exits_2(tmp_path, capsys):
     (["--encoder-steps", "2.5"], "argument --encoder-steps: '2.5' is not a whole number of steps"),
     (["--steps", "10", "--minutes", "5"], "argument --minutes: not allowed with argument --steps"),
     (["--encoder-steps", "10", "--encoder-minutes", "5"], "argument --encoder-minutes: not allowed with argument --encoder-steps"),
+    (["--encoder-logit-scale", "0"], "argument --encoder-logit-scale: 0: a logit scale must be above 0 (a real CLIP's is 100)"),
+    (["--encoder-logit-scale", "high"], "argument --encoder-logit-scale: 'high' is not a number"),
 ])
 def test_demo_budget_flags_are_refused_before_anything_is_written(args, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
