@@ -14,6 +14,12 @@ import numpy as np
 from model.metrics import _as2d
 
 
+def set_replicates(n_boot: int) -> int:
+    """Replicates for a set metric's interval (FD, KID, precision/recall): a fifth of the per-image
+    metrics' n_boot, at least 50, as every evaluation so far has used."""
+    return max(50, n_boot // 5)
+
+
 def _group_layout(groups, n: int):
     """(n_groups, order, starts, counts): items of group g are order[starts[g]:starts[g] + counts[g]].
 

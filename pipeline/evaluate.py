@@ -204,7 +204,7 @@ def set_metrics(fake: np.ndarray, fake_groups: np.ndarray, real: np.ndarray, n_b
     from model import bootstrap, metrics
 
     real_groups = np.arange(len(real))
-    boot = max(50, n_boot // 5)  # fewer replicates than per-image metrics, as every evaluation so far
+    boot = bootstrap.set_replicates(n_boot)
     out = {"fd": interval(bootstrap.bootstrap_pair_ci(fake, real, fake_groups, real_groups, metrics.frechet_distance, boot)),
            "kid": interval(bootstrap.bootstrap_pair_ci(fake, real, fake_groups, real_groups,
                                                      metrics.kernel_inception_distance, boot))}
@@ -280,7 +280,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
         name, db = _memo(setup, ("database", index_dir), embed_database)
         database_features[name] = db
         result["databases"][name] = {"images": len(db), **{m: interval(bootstrap.bootstrap_pair_ci(
-            fake, db, generated["prompt_of"], np.arange(len(db)), fn, max(50, conf.bootstrap // 5)))
+            fake, db, generated["prompt_of"], np.arange(len(db)), fn, bootstrap.set_replicates(conf.bootstrap)))
             for m, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance))}}
     result |= {"checkpoint": str(setup.checkpoint.resolve()), "step": checkpoint_step(setup.checkpoint),
                "index": str(setup.index_dir.resolve()), "k": 0 if setup.no_knn else setup.k, "no_knn": setup.no_knn,

@@ -130,7 +130,7 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
             references.append((label, a.databases[name], a_result["databases"][name], b_result["databases"][name]))
         else:
             skipped.append(f"{label} (only one was compared with it, or with other pictures of it)")
-    set_boot = max(50, n_boot // 5)  # as evaluate's set metrics (pipeline.evaluate.set_metrics)
+    set_boot = bootstrap.set_replicates(n_boot)
     for label, reference, a_set, b_set in references:
         for key, fn in (("fd", metrics.frechet_distance), ("kid", metrics.kernel_inception_distance)):
             rows.append(_row(f"{key.upper()} to {label}", False, a_set[key], b_set[key],
