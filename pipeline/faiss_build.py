@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
+from pipeline.cell_assign import assigner_dims, cell_assigner, centroid_index  # noqa: F401 - centroid_index re-exported
 from pipeline.sizes import format_bytes, parse_bytes
 
 METRIC = faiss.METRIC_INNER_PRODUCT
@@ -337,15 +338,17 @@ def add_batches(
     assigner = None
     if ivf is not None and resolve_gpu(use_gpu):
         assigner = faiss.index_cpu_to_all_gpus(centroid_index(ivf))
-    elif ivf is not None:
-        assigner = exact_assigner(ivf)
-    added = 0
+    added, first = 0, True
     with _quantizer_ef(ivf, QUANTIZER_ADD_EF):
         for rows, vectors in batches:
             x = as_float32(vectors, index.d)
             ids = np.ascontiguousarray(rows, dtype=np.int64)
             if ids.shape != (len(x),):
                 raise ValueError(f"got {ids.shape} rows for {len(x)} vectors: pass one row id per vector")
+            if first and ivf is not None and assigner is None:
+                from pipeline.faiss_assign import pretransformed  # it imports this module
+                assigner = exact_assigner(ivf, pretransformed(index, x), 1)  # checked on the first batch
+            first = False
             if assigner is None:
                 index.add_with_ids(x, ids)
             else:
@@ -369,18 +372,16 @@ def _quantizer_ef(ivf: faiss.IndexIVF | None, ef: int):
         quantizer.hnsw.efSearch = before
 
 
-def exact_assigner(ivf: faiss.IndexIVF) -> faiss.IndexFlat | None:
-    """``centroid_index`` where brute force beats the HNSW quantizer (at most ``EXACT_COARSE_MAX_NLIST``
-    cells); None for a flat quantizer (already exact) or a larger graph."""
+def exact_assigner(ivf: faiss.IndexIVF, sample: np.ndarray, k: int) -> faiss.Index | None:
+    """Brute force over the centroids (``cell_assign.cell_assigner``, checked on ``sample`` for ``k``
+    cells) where it beats the HNSW quantizer: up to ``EXACT_COARSE_MAX_NLIST`` centroids of d
+    dimensions, proportionally more when a projection to fewer dimensions finds the same cells. None
+    for a flat quantizer (already exact) or a graph too large for either."""
     hnsw = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
-    return centroid_index(ivf) if hnsw and ivf.nlist <= EXACT_COARSE_MAX_NLIST else None
-
-
-def centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
-    """A flat copy of an IVF's coarse centroids (whatever its quantizer type) to assign vectors with."""
-    flat = faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type)
-    flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
-    return flat
+    if not hnsw or ivf.nlist > EXACT_COARSE_MAX_NLIST * ivf.d / 32:
+        return None
+    assigner = cell_assigner(ivf, sample, k)
+    return assigner if ivf.nlist * assigner_dims(assigner) <= EXACT_COARSE_MAX_NLIST * ivf.d else None
 
 
 def _add_preassigned(

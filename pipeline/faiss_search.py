@@ -17,6 +17,7 @@ import numpy as np
 from faiss.contrib.big_batch_search import BigBatchSearcher, BlockComputer
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from pipeline.cell_assign import PROJECTED_SAMPLE, stored_sample
 from pipeline.faiss_assign import GPU_MAX_K, gpu_centroid_index, preassigned_search
 from pipeline.faiss_build import METRIC, as_float32, exact_assigner, innermost_index, on_gpu, resolve_gpu
 
@@ -131,17 +132,20 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
 
 
 def exact_coarse(index: faiss.Index, use_gpu: bool = False) -> faiss.Index | None:
-    """For ``bulk_search``: a flat copy of a CPU IVF's centroids when its quantizer is an HNSW graph of at
-    most ``faiss_build.EXACT_COARSE_MAX_NLIST`` of them (``exact_assigner``; build it once per index). At
-    3M vectors, 4.5k against 2.3k queries/s through the graph on 2 threads, at recall@10 0.949 against 0.944.
-    ``use_gpu``: every IVF's centroids (any quantizer, any nlist, OPQ+IVF+PQ too) in a flat index on this
-    process's GPUs (faiss-gpu; under Ray, those of the actor): brute force over millions of centroids is
-    what a GPU does well, and the cost a CPU pays per query grows with nlist (README, Performance)."""
+    """For ``bulk_search``: brute force over a CPU IVF's centroids when its quantizer is an HNSW graph
+    (``faiss_build.exact_assigner``, checked on vectors stored in the index; build it once per index).
+    At 3M vectors, 4.5k against 2.3k queries/s through the graph on 2 threads, at recall@10 0.949
+    against 0.944. ``use_gpu``: every IVF's centroids (any quantizer, any nlist, OPQ+IVF+PQ too) in a
+    flat index on this process's GPUs (faiss-gpu; under Ray, those of the actor): brute force over
+    millions of centroids is what a GPU does well, and the cost a CPU pays per query grows with nlist
+    (README, Performance)."""
     if use_gpu:
         ivf = faiss.try_extract_index_ivf(index)
         return None if ivf is None else gpu_centroid_index(ivf)
     inner = faiss.downcast_index(index)
-    return exact_assigner(inner) if type(inner) is faiss.IndexIVFFlat else None
+    if type(inner) is not faiss.IndexIVFFlat:
+        return None
+    return exact_assigner(inner, stored_sample(inner, PROJECTED_SAMPLE), inner.nprobe)
 
 
 class _QuietSearcher(BigBatchSearcher):

@@ -1,0 +1,89 @@
+"""IVF cells found by brute force over the centroids, apart from the index's quantizer.
+
+Brute force costs nlist x d per vector. IVF centroids often span far fewer than d dimensions, so
+``cell_assigner`` first ranks the centroids in their top principal directions (nlist x d'), then
+re-scores the best ``PROJECTED_K_FACTOR`` x k of them in full (faiss ``IndexRefine``). The projection
+is kept only when it finds the same cells as brute force for a sample of the vectors to assign;
+otherwise, and for centroids that need most of d, the assigner is the flat index.
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+PROJECTED_DIMS = (32, 64, 128)  # tried in order, each only if below d / 2
+PROJECTED_K_FACTOR = 4  # centroids re-scored in full per cell wanted
+PROJECTED_MIN_AGREEMENT = 0.998  # of the sample's (vector, cell) pairs that brute force also finds
+PROJECTED_SAMPLE = 1000  # vectors checked
+
+
+def centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
+    """A flat copy of an IVF's coarse centroids (whatever its quantizer type) to assign vectors with."""
+    flat = faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type)
+    flat.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    return flat
+
+
+def cell_assigner(ivf: faiss.IndexIVF, sample: np.ndarray, k: int) -> faiss.Index:
+    """An index over ``ivf``'s centroids whose ``search(x, k)`` gives each vector's k nearest cells:
+    the projected one of the fewest dimensions that agrees with brute force on ``sample`` (vectors in
+    the IVF's space, after any OPQ), else ``centroid_index``."""
+    flat = centroid_index(ivf)
+    x = np.ascontiguousarray(sample[:PROJECTED_SAMPLE], dtype=np.float32)
+    k = min(k, ivf.nlist)
+    if len(x) == 0:
+        return flat
+    _, truth = flat.search(x, k)
+    centroids = flat.reconstruct_n(0, ivf.nlist)
+    for dims in PROJECTED_DIMS:
+        if dims >= ivf.d / 2 or dims >= ivf.nlist:
+            break
+        projected = projected_index(centroids, dims, flat.metric_type)
+        _, found = projected.search(x, k)
+        if cell_agreement(found, truth) >= PROJECTED_MIN_AGREEMENT:
+            return projected
+    return flat
+
+
+def projected_index(centroids: np.ndarray, dims: int, metric: int) -> faiss.IndexRefine:
+    """Flat search over the centroids in their top ``dims`` principal directions (uncentred: inner
+    products and L2 ranks are kept for vectors near that span), re-scored in full by an IndexFlat."""
+    gram = centroids.T.astype(np.float64) @ centroids
+    _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues
+    basis = np.ascontiguousarray(vectors[:, ::-1][:, :dims].T, dtype=np.float32)
+    transform = faiss.LinearTransform(centroids.shape[1], dims, False)
+    faiss.copy_array_to_vector(basis.ravel(), transform.A)
+    transform.is_trained = True
+    low = faiss.IndexPreTransform(transform, faiss.IndexFlat(dims, metric))
+    low.add(centroids)
+    full = faiss.IndexFlat(centroids.shape[1], metric)
+    full.add(centroids)
+    index = faiss.IndexRefine(low, full)
+    index.own_fields = index.own_refine_index = True
+    low.this.disown(), full.this.disown()
+    index.k_factor = PROJECTED_K_FACTOR
+    return index
+
+
+def cell_agreement(found: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of ``truth``'s (row, cell) pairs that ``found`` holds too (each row's cells as a set)."""
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth))
+    return hits / truth.size
+
+
+def stored_sample(ivf: faiss.IndexIVFFlat, n: int, seed: int = 0) -> np.ndarray:
+    """Up to ``n`` vectors stored in an ``IVF,Flat`` (the first of each of n random non-empty lists)."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
+    lists = np.flatnonzero(sizes)
+    lists = np.random.default_rng(seed).permutation(lists)[:n]
+    rows = [get_invlist(ivf.invlists, int(i))[1][:1].view(np.float32) for i in np.sort(lists)]
+    return np.concatenate(rows) if rows else np.zeros((0, ivf.d), np.float32)
+
+
+def assigner_dims(assigner: faiss.Index) -> int:
+    """Dimensions a ``cell_assigner`` ranks every centroid in (the projection's, or d for brute force)."""
+    if isinstance(assigner, faiss.IndexRefine):
+        return faiss.downcast_index(assigner.base_index).index.d
+    return assigner.d

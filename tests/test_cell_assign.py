@@ -1,0 +1,113 @@
+"""cell_assign: brute-force cell assignment, through a projection only where it finds the same cells."""
+import faiss
+import numpy as np
+import pytest
+
+from pipeline import cell_assign, faiss_build, faiss_search
+
+D = 256
+IP = faiss.METRIC_INNER_PRODUCT
+
+
+def near_subspace(rng: np.random.Generator, n: int, rank: int, noise: float, basis: np.ndarray) -> np.ndarray:
+    """Unit vectors in D dimensions whose structure lies in ``basis``'s ``rank`` directions, plus noise."""
+    x = rng.standard_normal((n, rank)) @ basis.T + noise * rng.standard_normal((n, D)) / np.sqrt(D)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def low_rank():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((D, 24)))[0]
+    return {"centroids": near_subspace(rng, 1000, 24, 0.0, basis),
+            "vectors": near_subspace(rng, 3000, 24, 0.3, basis)}
+
+
+def ivf_over(centroids: np.ndarray, metric: int = IP, hnsw: bool = False) -> faiss.IndexIVFFlat:
+    quantizer = faiss.IndexHNSWFlat(D, 32, metric) if hnsw else faiss.IndexFlat(D, metric)
+    quantizer.add(centroids)
+    ivf = faiss.IndexIVFFlat(quantizer, D, len(centroids), metric)
+    ivf.is_trained = True
+    ivf.own_fields = True
+    quantizer.this.disown()
+    return ivf
+
+
+@pytest.mark.parametrize("metric", [IP, faiss.METRIC_L2])
+def test_centroids_in_few_dimensions_are_ranked_projected_and_give_brute_forces_cells(low_rank, metric):
+    """Centroids spanning 24 of 256 dimensions: the assigner ranks them in 32 and re-scores in full,
+    and finds for vectors it was not checked on the cells brute force does, with the same scores (up
+    to float rounding, which swaps 3 near-ties of 20,000 cells)."""
+    ivf = ivf_over(low_rank["centroids"], metric)
+    vectors = low_rank["vectors"]
+    assigner = cell_assign.cell_assigner(ivf, vectors[:500], 8)
+    assert isinstance(assigner, faiss.IndexRefine) and cell_assign.assigner_dims(assigner) == 32
+    sims, cells = assigner.search(vectors[500:], 8)
+    want_sims, want_cells = cell_assign.centroid_index(ivf).search(vectors[500:], 8)
+    assert cell_assign.cell_agreement(cells, want_cells) >= 0.9995
+    np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
+
+
+def test_centroids_that_need_every_dimension_keep_brute_force():
+    """Centroids spread over all 256 dimensions: no projection agrees, so the flat index is returned."""
+    rng = np.random.default_rng(1)
+    centroids = rng.standard_normal((1000, D)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    ivf = ivf_over(centroids)
+    assigner = cell_assign.cell_assigner(ivf, centroids[:300] + 0.1 * centroids[300:600], 8)
+    assert type(assigner) is faiss.IndexFlat and assigner.ntotal == 1000
+
+
+def test_cell_agreement_counts_each_rows_cells_as_a_set():
+    truth = np.array([[1, 2, 3], [4, 5, 6]])
+    assert cell_assign.cell_agreement(np.array([[3, 2, 1], [4, 5, 6]]), truth) == 1.0
+    assert cell_assign.cell_agreement(np.array([[3, 2, 9], [7, 8, 6]]), truth) == 3 / 6
+
+
+def test_stored_sample_takes_stored_vectors_one_per_list(low_rank):
+    ivf = ivf_over(low_rank["centroids"][:200])
+    vectors = low_rank["vectors"]
+    ivf.add_with_ids(vectors, np.arange(len(vectors)))
+    sample = cell_assign.stored_sample(ivf, 50)
+    assert sample.shape == (50, D)
+    _, nearest = faiss.knn(sample, vectors, 1, metric=IP)
+    np.testing.assert_array_equal(vectors[nearest[:, 0]], sample)  # each one is a stored vector
+    _, cells = ivf.quantizer.search(sample, 1)
+    assert len(set(cells[:, 0])) == 50  # from 50 different lists
+    assert len(cell_assign.stored_sample(ivf, 10_000)) == sum(ivf.invlists.list_size(i) > 0 for i in range(200))
+
+
+def test_exact_assigner_allows_more_cells_when_projected(low_rank, monkeypatch):
+    """Brute force replaces an HNSW quantizer up to EXACT_COARSE_MAX_NLIST centroids of D dimensions;
+    projected to 32 dimensions, D / 32 times as many. A flat quantizer is left alone."""
+    hnsw = ivf_over(low_rank["centroids"], hnsw=True)  # 1,000 cells, projected to 32 dimensions
+    sample = low_rank["vectors"][:500]
+    monkeypatch.setattr(faiss_build, "EXACT_COARSE_MAX_NLIST", 1000 * 32 // D)
+    assert isinstance(faiss_build.exact_assigner(hnsw, sample, 4), faiss.IndexRefine)
+    monkeypatch.setattr(faiss_build, "EXACT_COARSE_MAX_NLIST", 1000 * 32 // D - 1)
+    assert faiss_build.exact_assigner(hnsw, sample, 4) is None
+    assert faiss_build.exact_assigner(ivf_over(low_rank["centroids"]), sample, 4) is None
+
+
+def test_adds_and_bulk_search_through_the_projection_match_an_exact_quantizer(low_rank):
+    """add_batches and the neighbours stage's bulk search on an HNSW-quantized IVF: every vector lands
+    in its nearest centroid's list, and the bulk search returns what the same lists give searched
+    through a flat quantizer."""
+    vectors = low_rank["vectors"]
+    index = ivf_over(low_rank["centroids"], hnsw=True)
+    faiss.downcast_index(index.quantizer).hnsw.efSearch = 2  # a graph that misses cells on its own
+    faiss_build.add_batches(index, [(np.arange(1500), vectors[:1500]), (np.arange(1500, 3000), vectors[1500:])])
+    oracle = ivf_over(low_rank["centroids"])
+    oracle.add_with_ids(vectors, np.arange(len(vectors)))
+    for cell in range(index.nlist):
+        assert sorted(faiss.rev_swig_ptr(index.invlists.get_ids(cell), index.invlists.list_size(cell))) == \
+            sorted(faiss.rev_swig_ptr(oracle.invlists.get_ids(cell), oracle.invlists.list_size(cell)))
+    index.nprobe = oracle.nprobe = 3
+    coarse = faiss_search.exact_coarse(index)
+    assert isinstance(coarse, faiss.IndexRefine)
+    want_sims, want_rows = oracle.search(vectors, 10)
+    want_sims[want_rows < 0] = -np.inf  # fewer than 10 vectors in the 3 cells
+    sims, rows = faiss_search.bulk_search(index, vectors, 10, coarse)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
+    assert (faiss_search.bulk_search(index, vectors, 10)[1] != want_rows).any()  # the graph alone differs
