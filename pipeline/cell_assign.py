@@ -8,6 +8,8 @@ otherwise, and for centroids that need most of d, the assigner is the flat index
 """
 from __future__ import annotations
 
+import contextlib
+
 import faiss
 import numpy as np
 
@@ -73,12 +75,12 @@ def cell_agreement(found: np.ndarray, truth: np.ndarray) -> float:
 
 def stored_sample(ivf: faiss.IndexIVFFlat, n: int, seed: int = 0) -> np.ndarray:
     """Up to ``n`` vectors stored in an ``IVF,Flat`` (the first of each of n random non-empty lists)."""
-    from faiss.contrib.inspect_tools import get_invlist
-
     sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)])
-    lists = np.flatnonzero(sizes)
-    lists = np.random.default_rng(seed).permutation(lists)[:n]
-    rows = [get_invlist(ivf.invlists, int(i))[1][:1].view(np.float32) for i in np.sort(lists)]
+    lists = np.random.default_rng(seed).permutation(np.flatnonzero(sizes))[:n]
+    rows = []
+    for cell in np.sort(lists):
+        with list_in_place(ivf, int(cell)) as (_, vectors):
+            rows.append(vectors[:1].copy())
     return np.concatenate(rows) if rows else np.zeros((0, ivf.d), np.float32)
 
 
@@ -87,3 +89,19 @@ def assigner_dims(assigner: faiss.Index) -> int:
     if isinstance(assigner, faiss.IndexRefine):
         return faiss.downcast_index(assigner.base_index).index.d
     return assigner.d
+
+
+@contextlib.contextmanager
+def list_in_place(ivf: faiss.IndexIVFFlat, cell: int):
+    """(ids int64 [n], vectors float32 [n, d]) of one inverted list as views of the index's memory (or
+    its memory-mapped file), valid inside the block, where contrib.inspect_tools.get_invlist copies
+    them: faiss_search.bulk_search reads every list for every batch of queries."""
+    invlists, n = ivf.invlists, ivf.invlists.list_size(cell)
+    ids_ptr, codes_ptr = invlists.get_ids(cell), invlists.get_codes(cell)
+    try:
+        ids = faiss.rev_swig_ptr(ids_ptr, n) if n else np.zeros(0, np.int64)
+        codes = faiss.rev_swig_ptr(codes_ptr, n * invlists.code_size) if n else np.zeros(0, np.uint8)
+        yield ids, codes.view(np.float32).reshape(n, ivf.d)
+    finally:
+        invlists.release_ids(cell, ids_ptr)
+        invlists.release_codes(cell, codes_ptr)

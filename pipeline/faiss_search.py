@@ -17,9 +17,16 @@ import numpy as np
 from faiss.contrib.big_batch_search import BigBatchSearcher, BlockComputer
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from pipeline.cell_assign import PROJECTED_SAMPLE, stored_sample
+from pipeline.cell_assign import PROJECTED_SAMPLE, list_in_place, stored_sample
 from pipeline.faiss_assign import GPU_MAX_K, gpu_centroid_index, preassigned_search
-from pipeline.faiss_build import METRIC, as_float32, exact_assigner, innermost_index, on_gpu, resolve_gpu
+from pipeline.faiss_build import (
+    METRIC,
+    as_float32,
+    exact_assigner,
+    innermost_index,
+    on_gpu,
+    resolve_gpu,
+)
 
 # faiss-gpu IVFPQ limits (faiss/gpu/impl/IVFPQ.cu, PQScanMultiPassNoPrecomputed.cuh).
 GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
@@ -121,10 +128,12 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
     searcher.decode_func, searcher.by_residual = computer.decode_func, computer.by_residual
     searcher.coarse_quantization()
     searcher.reorder_assign()
-    for cell in range(inner.nlist):
-        q_subset, xq_cell, cell_ids, xb_cell = searcher.prepare_bucket(cell)
-        sims, found = computer.block_search(xq_cell, xb_cell, cell_ids, k)
-        searcher.add_results_to_heap(q_subset, sims, cell_ids, found)
+    lims = searcher.bucket_lims
+    for cell in np.flatnonzero(lims[1:] > lims[:-1]):  # only the lists some query probes, read in place
+        q_subset = searcher.query_ids[lims[cell]:lims[cell + 1]]
+        with list_in_place(inner, int(cell)) as (cell_ids, xb_cell):
+            sims, found = computer.block_search(q[q_subset], xb_cell, cell_ids, k)
+            searcher.add_results_to_heap(q_subset, sims, cell_ids, found)
     searcher.rh.finalize()
     sims, ids = searcher.rh.D, searcher.rh.I
     sims[ids < 0] = -np.inf

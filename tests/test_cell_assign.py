@@ -111,3 +111,23 @@ def test_adds_and_bulk_search_through_the_projection_match_an_exact_quantizer(lo
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
     assert (faiss_search.bulk_search(index, vectors, 10)[1] != want_rows).any()  # the graph alone differs
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_list_in_place_reads_what_faiss_copies_out(low_rank, tmp_path, mmap):
+    """Every list (some empty) read in place equals contrib.inspect_tools' copy, from memory and from a
+    memory-mapped index file."""
+    from faiss.contrib.inspect_tools import get_invlist
+
+    index = ivf_over(low_rank["centroids"][:300])
+    index.add_with_ids(low_rank["vectors"][:500], np.arange(1000, 1500))
+    if mmap:
+        faiss.write_index(index, str(tmp_path / "ivf.index"))
+        index = faiss.read_index(str(tmp_path / "ivf.index"), faiss.IO_FLAG_MMAP)
+    sizes = [index.invlists.list_size(cell) for cell in range(index.nlist)]
+    assert 0 in sizes and sum(sizes) == 500
+    for cell in range(index.nlist):
+        want_ids, want_codes = get_invlist(index.invlists, cell)
+        with cell_assign.list_in_place(index, cell) as (ids, vectors):
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_array_equal(vectors, want_codes.view(np.float32).reshape(-1, D))
