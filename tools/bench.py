@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))  # the benchmarks package beside this script, and the tools it calls
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from benchmarks.bulk_search import section_bulk_search  # noqa: E402
 from benchmarks.common import FULL, QUICK, Bench, Row, Sizes, clock, config, table  # noqa: E402
 from benchmarks.dedup import section_dedup  # noqa: E402
 from benchmarks.download import section_download  # noqa: E402
@@ -56,7 +57,7 @@ from benchmarks.train_step import section_train_step  # noqa: E402
 
 RUNNERS = {"download": section_download, "embed": section_embed, "dedup": section_dedup, "index": section_index,
            "index_parallel": section_index_parallel,
-           "neighbours": section_neighbours, "quality": section_quality, "train_input": section_train_input,
+           "neighbours": section_neighbours, "bulk_search": section_bulk_search, "quality": section_quality, "train_input": section_train_input,
            "sampling": section_sampling, "train_step": section_train_step, "growth": section_growth}
 SECTIONS = list(RUNNERS)  # in the order they run
 RAY_SECTIONS = {"download", "embed", "dedup", "index_parallel", "neighbours", "train_input", "sampling"}  # sections whose stages use Ray
@@ -85,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="open_clip name or model-config JSON for embed and the chain (random init); "
                         "default the demo's 64 px ViT; ViT-B-32 is the real one (~4 img/s per core)")
     p.add_argument("--search-n", type=int, default=None, help="synthetic rows for dedup/index/neighbours/quality")
+    p.add_argument("--bulk-workdir", default=None,
+                   help="bulk_search: a workdir whose index is done (e.g. a growth set); default: one of its own")
     p.add_argument("--growth-n", default=None, help="comma-separated N for growth, e.g. 100000,1000000")
     p.add_argument("--quality-factories", default=None,
                    help='";"-separated factories for quality ("auto" and {nlist} allowed), e.g. '
