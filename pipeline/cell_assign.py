@@ -37,22 +37,28 @@ def cell_assigner(ivf: faiss.IndexIVF, sample: np.ndarray, k: int) -> faiss.Inde
         return flat
     _, truth = flat.search(x, k)
     centroids = flat.reconstruct_n(0, ivf.nlist)
+    directions = principal_directions(centroids)
     for dims in PROJECTED_DIMS:
         if dims >= ivf.d / 2 or dims >= ivf.nlist:
             break
-        projected = projected_index(centroids, dims, flat.metric_type)
+        projected = projected_index(centroids, directions[:dims], flat.metric_type)
         _, found = projected.search(x, k)
         if cell_agreement(found, truth) >= PROJECTED_MIN_AGREEMENT:
             return projected
     return flat
 
 
-def projected_index(centroids: np.ndarray, dims: int, metric: int) -> faiss.IndexRefine:
-    """Flat search over the centroids in their top ``dims`` principal directions (uncentred: inner
-    products and L2 ranks are kept for vectors near that span), re-scored in full by an IndexFlat."""
-    gram = centroids.T.astype(np.float64) @ centroids
-    _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues
-    basis = np.ascontiguousarray(vectors[:, ::-1][:, :dims].T, dtype=np.float32)
+def principal_directions(centroids: np.ndarray) -> np.ndarray:
+    """[d, d] rows: the centroids' principal directions, uncentred (inner products and L2 ranks are
+    kept for vectors near the span of the first rows), by decreasing energy."""
+    _, vectors = np.linalg.eigh(centroids.T @ centroids)  # ascending eigenvalues; float32 gram: one BLAS call
+    return np.ascontiguousarray(vectors[:, ::-1].T, dtype=np.float32)
+
+
+def projected_index(centroids: np.ndarray, basis: np.ndarray, metric: int) -> faiss.IndexRefine:
+    """Flat search over the centroids projected on ``basis`` (d' rows of d), re-scored in full by an
+    IndexFlat."""
+    dims = len(basis)
     transform = faiss.LinearTransform(centroids.shape[1], dims, False)
     faiss.copy_array_to_vector(basis.ravel(), transform.A)
     transform.is_trained = True
