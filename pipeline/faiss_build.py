@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import faiss
 import numpy as np
 
-from pipeline.cell_assign import assigner_dims, cell_assigner, centroid_index  # noqa: F401 - centroid_index re-exported
+from pipeline.cell_assign import EXACT_COARSE_MAX_NLIST, centroid_index, exact_assigner  # noqa: F401 - re-exported
 from pipeline.sizes import format_bytes, parse_bytes
 
 METRIC = faiss.METRIC_INNER_PRODUCT
@@ -38,10 +38,6 @@ HNSW_QUANTIZER_ABOVE = 300_000  # above this many vectors the coarse quantizer i
 # took nprobe 59; with these, nprobe ~8 (README, Performance).
 QUANTIZER_EF_CONSTRUCTION = 200
 QUANTIZER_ADD_EF = 32
-# Up to this many cells, vectors are added and the neighbours stage's queries assigned by brute force
-# over the centroids (one matrix product) instead of through that graph: exact, and at 3M vectors
-# (22,893 cells, 2 threads) 7.7k vectors/s against 7.0k (adds, efSearch 32) and 3.9k (queries, 64).
-EXACT_COARSE_MAX_NLIST = 32_768
 PQ_BYTES = (256, 128, 64, 32, 16)  # bytes/vector tried for OPQ+IVF+PQ, best first
 ID_BYTES = 8  # one int64 row id per vector
 # Training sample: faiss k-means warns under 39 points per centroid and subsamples above 256.
@@ -324,7 +320,8 @@ def _train_with_kmeans_index(index: faiss.Index, x: np.ndarray, kmeans_index: fa
 
 
 def add_batches(
-    index: faiss.Index, batches: Iterable[tuple[np.ndarray, np.ndarray]], use_gpu: bool | None = None
+    index: faiss.Index, batches: Iterable[tuple[np.ndarray, np.ndarray]], use_gpu: bool | None = None,
+    assigner: faiss.Index | None = None,
 ) -> int:
     """Add (rows int64 [n], vectors [n, d]) blocks with the rows as ids; returns how many were added.
 
@@ -333,11 +330,11 @@ def add_batches(
     quantizer is bypassed the same way (brute force over the centroids, ``exact_assigner``, checked
     on the first batch) up to ``EXACT_COARSE_MAX_NLIST`` cells, more where a projection finds the
     same cells; above that it assigns with efSearch >= ``QUANTIZER_ADD_EF``: 97 % of vectors reach
-    their nearest cell (3M) instead of 78 % with the graph's default of 16.
+    their nearest cell (3M) instead of 78 % with the graph's default of 16. ``assigner``: one built
+    already (a parallel build's tasks get it from the driver, ``cell_assign.assigner_from_basis``).
     """
     ivf = faiss.try_extract_index_ivf(index)
-    assigner = None
-    if ivf is not None and resolve_gpu(use_gpu):
+    if ivf is not None and assigner is None and resolve_gpu(use_gpu):
         assigner = faiss.index_cpu_to_all_gpus(centroid_index(ivf))
     added, first = 0, True
     with _quantizer_ef(ivf, QUANTIZER_ADD_EF):
@@ -346,7 +343,7 @@ def add_batches(
             ids = np.ascontiguousarray(rows, dtype=np.int64)
             if ids.shape != (len(x),):
                 raise ValueError(f"got {ids.shape} rows for {len(x)} vectors: pass one row id per vector")
-            if first and ivf is not None and assigner is None:
+            if first and ivf is not None and assigner is None:  # CPU, none given
                 from pipeline.faiss_assign import pretransformed  # it imports this module
                 assigner = exact_assigner(ivf, pretransformed(index, x), 1)  # checked on the first batch
             first = False
@@ -371,18 +368,6 @@ def _quantizer_ef(ivf: faiss.IndexIVF | None, ef: int):
         yield
     finally:
         quantizer.hnsw.efSearch = before
-
-
-def exact_assigner(ivf: faiss.IndexIVF, sample: np.ndarray, k: int) -> faiss.Index | None:
-    """Brute force over the centroids (``cell_assign.cell_assigner``, checked on ``sample`` for ``k``
-    cells) where it beats the HNSW quantizer: up to ``EXACT_COARSE_MAX_NLIST`` centroids of d
-    dimensions, proportionally more when a projection to fewer dimensions finds the same cells. None
-    for a flat quantizer (already exact) or a graph too large for either."""
-    hnsw = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
-    if not hnsw or ivf.nlist > EXACT_COARSE_MAX_NLIST * ivf.d / 32:
-        return None
-    assigner = cell_assigner(ivf, sample, k)
-    return assigner if ivf.nlist * assigner_dims(assigner) <= EXACT_COARSE_MAX_NLIST * ivf.d else None
 
 
 def _add_preassigned(

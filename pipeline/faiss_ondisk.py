@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from pipeline.cell_assign import assigner_from_basis
 from pipeline.faiss_build import add_batches, make_index, on_gpu
 from pipeline.files import atomic_path
 
@@ -85,15 +86,18 @@ def supports_parts(factory: str, d: int) -> bool:
 
 
 def write_partial(
-    trained_path: str | os.PathLike, batches: Iterable[tuple[np.ndarray, np.ndarray]], out_path: str | os.PathLike
+    trained_path: str | os.PathLike, batches: Iterable[tuple[np.ndarray, np.ndarray]], out_path: str | os.PathLike,
+    basis: np.ndarray | None = None,
 ) -> int:
     """Add (rows, vectors) blocks to a copy of the trained index at ``trained_path`` and write it to
     ``out_path`` (atomically); returns how many vectors it holds. Assignment runs on the CPU: parts
-    are CPU tasks."""
+    are CPU tasks; with ``basis`` (``cell_assign.basis_of``, chosen once for every part) brute force
+    over the centroids, projected on it when it has rows."""
     index = faiss.read_index(os.fspath(trained_path))
     if index.ntotal:
         raise ValueError(f"{trained_path} already holds {index.ntotal} vectors: pass the empty trained index")
-    added = add_batches(index, batches, use_gpu=False)
+    assigner = None if basis is None else assigner_from_basis(faiss.extract_index_ivf(index), basis)
+    added = add_batches(index, batches, use_gpu=False, assigner=assigner)
     save_index(index, out_path)
     return added
 

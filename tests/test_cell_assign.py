@@ -82,9 +82,9 @@ def test_exact_assigner_allows_more_cells_when_projected(low_rank, monkeypatch):
     projected to 32 dimensions, D / 32 times as many. A flat quantizer is left alone."""
     hnsw = ivf_over(low_rank["centroids"], hnsw=True)  # 1,000 cells, projected to 32 dimensions
     sample = low_rank["vectors"][:500]
-    monkeypatch.setattr(faiss_build, "EXACT_COARSE_MAX_NLIST", 1000 * 32 // D)
+    monkeypatch.setattr(cell_assign, "EXACT_COARSE_MAX_NLIST", 1000 * 32 // D)
     assert isinstance(faiss_build.exact_assigner(hnsw, sample, 4), faiss.IndexRefine)
-    monkeypatch.setattr(faiss_build, "EXACT_COARSE_MAX_NLIST", 1000 * 32 // D - 1)
+    monkeypatch.setattr(cell_assign, "EXACT_COARSE_MAX_NLIST", 1000 * 32 // D - 1)
     assert faiss_build.exact_assigner(hnsw, sample, 4) is None
     assert faiss_build.exact_assigner(ivf_over(low_rank["centroids"]), sample, 4) is None
 
@@ -131,3 +131,32 @@ def test_list_in_place_reads_what_faiss_copies_out(low_rank, tmp_path, mmap):
         with cell_assign.list_in_place(index, cell) as (ids, vectors):
             np.testing.assert_array_equal(ids, want_ids)
             np.testing.assert_array_equal(vectors, want_codes.view(np.float32).reshape(-1, D))
+
+
+def _ids_by_list(index) -> list:
+    ivf = faiss.extract_index_ivf(index)
+    return [sorted(faiss.rev_swig_ptr(ivf.invlists.get_ids(c), ivf.invlists.list_size(c))) for c in range(ivf.nlist)]
+
+
+def test_parallel_build_tasks_use_the_assigner_the_driver_chose(low_rank, tmp_path):
+    """The index stage's parallel build chooses the assigner once (parts/assign_basis.npy) and every
+    task rebuilds it from that basis unchecked: each vector still lands in its nearest centroid's list.
+    A flat quantizer records [0, 0]: the tasks add through the index itself."""
+    from pipeline.faiss_ondisk import write_partial
+    from pipeline.index_parallel import _assign_basis
+
+    vectors, rows = low_rank["vectors"], np.arange(len(low_rank["vectors"]))
+    oracle = ivf_over(low_rank["centroids"])
+    oracle.add_with_ids(vectors, rows)
+    for hnsw, shape in ((True, (32, D)), (False, (0, 0))):
+        parts = tmp_path / f"parts_{hnsw}"
+        parts.mkdir()
+        trained = ivf_over(low_rank["centroids"], hnsw=hnsw)
+        faiss.write_index(trained, str(parts / "trained.index"))
+        basis = np.load(_assign_basis(parts, parts / "trained.index", vectors, rows))
+        assert basis.shape == shape
+        assert np.load(_assign_basis(parts, parts / "trained.index", vectors[:0], rows[:0])).shape == shape  # kept
+        written = write_partial(parts / "trained.index", [(rows, vectors)], parts / "part.index",
+                                basis if len(basis) else None)
+        assert written == len(vectors)
+        assert _ids_by_list(faiss.read_index(str(parts / "part.index"))) == _ids_by_list(oracle)

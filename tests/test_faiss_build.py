@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from faiss_data import D, K, N, build
-from pipeline import faiss_build, faiss_ondisk, faiss_search
+from pipeline import cell_assign, faiss_build, faiss_ondisk, faiss_search
 from pipeline.sizes import parse_bytes
 
 
@@ -231,7 +231,7 @@ def test_hnsw_quantizer_puts_vectors_in_their_nearest_cell(exact_max_nlist, monk
     which 2.2 % of these vectors land in a cell that is not their nearest centroid's (22 % at 3M)."""
     from faiss_data import clustered_unit_vectors
 
-    monkeypatch.setattr(faiss_build, "EXACT_COARSE_MAX_NLIST", exact_max_nlist)
+    monkeypatch.setattr(cell_assign, "EXACT_COARSE_MAX_NLIST", exact_max_nlist)
     x = clustered_unit_vectors(np.random.default_rng(0), 40_000, 64, n_clusters=4_000)
     index = faiss_build.train_index("IVF2048_HNSW32,Flat", 64, x)
     ivf = faiss.extract_index_ivf(index)
