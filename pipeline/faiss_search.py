@@ -19,14 +19,7 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 
 from pipeline.cell_assign import PROJECTED_SAMPLE, list_in_place, stored_sample
 from pipeline.faiss_assign import GPU_MAX_K, gpu_centroid_index, preassigned_search
-from pipeline.faiss_build import (
-    METRIC,
-    as_float32,
-    exact_assigner,
-    innermost_index,
-    on_gpu,
-    resolve_gpu,
-)
+from pipeline.faiss_build import METRIC, as_float32, exact_assigner, innermost_index, on_gpu, resolve_gpu
 
 # faiss-gpu IVFPQ limits (faiss/gpu/impl/IVFPQ.cu, PQScanMultiPassNoPrecomputed.cuh).
 GPU_PQ_BYTES = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
@@ -127,7 +120,6 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
     searcher = _QuietSearcher(inner, q, k)
     searcher.coarse = coarse
     computer = BlockComputer(inner)
-    searcher.decode_func, searcher.by_residual = computer.decode_func, computer.by_residual
     searcher.coarse_quantization()
     searcher.reorder_assign()
     lims = searcher.bucket_lims

@@ -28,15 +28,15 @@ PARTS = "parts"
 
 
 def add_shard(trained_path: str, vectors_path: str, row_offset: int, rows: np.ndarray, out_path: str,
-              batch_size: int, basis_path: str | None = None) -> dict:
+              batch_size: int, basis_path: str) -> dict:
     """One Ray task: the kept `rows` (global embed rows) of one embed shard's float16 file, added to a
     copy of the trained index and written to `out_path`, cells assigned as `basis_path` says
     (`_assign_basis`). Returns {vectors, node}."""
     vectors = np.load(vectors_path, mmap_mode="r")
     batches = ((rows[i:i + batch_size], vectors[rows[i:i + batch_size] - row_offset])
                for i in range(0, len(rows), batch_size))
-    basis = None if basis_path is None else np.load(basis_path)
-    added = write_partial(trained_path, batches, out_path, None if basis is None or basis.shape[1] == 0 else basis)
+    basis = np.load(basis_path)  # [0, 0]: the index's own quantizer assigns
+    added = write_partial(trained_path, batches, out_path, basis if basis.shape[1] else None)
     return {"vectors": int(added), "node": node_id()}
 
 
