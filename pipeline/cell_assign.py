@@ -37,17 +37,24 @@ def cell_assigner(ivf: faiss.IndexIVF, sample: np.ndarray, k: int) -> faiss.Inde
     the projected one of the fewest dimensions that agrees with brute force on ``sample`` (vectors in
     the IVF's space, after any OPQ), else ``centroid_index``."""
     flat = centroid_index(ivf)
+    return centroid_assigner(flat.reconstruct_n(0, ivf.nlist), flat.metric_type, sample, k)
+
+
+def centroid_assigner(centroids: np.ndarray, metric: int, sample: np.ndarray, k: int) -> faiss.Index:
+    """``cell_assigner`` for bare ``centroids`` [nlist, d] (e.g. k-means' own, between iterations)."""
+    nlist, d = centroids.shape
+    flat = faiss.IndexFlat(d, metric)
+    flat.add(centroids)
     x = np.ascontiguousarray(sample[:PROJECTED_SAMPLE], dtype=np.float32)
-    k = min(k, ivf.nlist)
+    k = min(k, nlist)
     if len(x) == 0:
         return flat
     _, truth = flat.search(x, k)
-    centroids = flat.reconstruct_n(0, ivf.nlist)
     directions = principal_directions(centroids)
     for dims in PROJECTED_DIMS:
-        if dims >= ivf.d / 2 or dims >= ivf.nlist:
+        if dims >= d / 2 or dims >= nlist:
             break
-        projected = projected_index(centroids, directions[:dims], flat.metric_type)
+        projected = projected_index(centroids, directions[:dims], metric)
         _, found = projected.search(x, k)
         if cell_agreement(found, truth) >= PROJECTED_MIN_AGREEMENT:
             return projected

@@ -24,6 +24,7 @@ import faiss
 import numpy as np
 
 from pipeline.cell_assign import EXACT_COARSE_MAX_NLIST, centroid_index, exact_assigner  # noqa: F401 - re-exported
+from pipeline.coarse_train import REFINE_ITERATIONS, coarse_centroids
 from pipeline.sizes import format_bytes, parse_bytes
 
 METRIC = faiss.METRIC_INNER_PRODUCT
@@ -259,12 +260,14 @@ def _min_training_points(index: faiss.Index) -> int:
 
 
 def train_index(
-    factory: str, d: int, train_vectors: np.ndarray | None, use_gpu: bool | None = None
+    factory: str, d: int, train_vectors: np.ndarray | None, use_gpu: bool | None = None,
+    refine_iterations: int = REFINE_ITERATIONS,
 ) -> faiss.Index:
     """An empty, trained index for ``factory`` (see ``training_sample_size`` for the sample to pass).
 
     With a GPU the IVF k-means runs there for any code size (faiss's ``clustering_index`` hook); OPQ
     and PQ codebooks are small and train on CPU. Flat and HNSW need no training (``train_vectors`` unused).
+    ``refine_iterations``: full k-means iterations after a two-level one (``coarse_train``).
     """
     index = make_index(factory, d)
     if index.is_trained:
@@ -276,7 +279,7 @@ def train_index(
     ivf = faiss.try_extract_index_ivf(index)
     gpu = resolve_gpu(use_gpu)
     if ivf is not None and ivf.nlist > TWO_LEVEL_ABOVE:
-        _train_two_level(index, x, gpu)
+        _train_two_level(index, x, gpu, refine_iterations)
     elif ivf is None or not gpu:
         index.train(x)
     else:
@@ -285,25 +288,23 @@ def train_index(
     return index
 
 
-def _train_two_level(index: faiss.Index, x: np.ndarray, gpu: bool) -> None:
-    """Train ``index`` with IVF centroids from faiss's two-level k-means (sqrt(nlist) groups, then each
-    split by size): cost sample x 2 sqrt(nlist), where a flat k-means costs sample x nlist, quadratic in n
-    (~20 min on 2 cores at 3M). OPQ in front is trained first, as contrib's train_ivf_index_with_2level
-    does (which takes L2 indexes only; ours are inner product, hence the spherical k-means)."""
+def _train_two_level(index: faiss.Index, x: np.ndarray, gpu: bool, refine_iterations: int) -> None:
+    """Train ``index`` with IVF centroids from ``coarse_train.coarse_centroids`` (faiss's two-level
+    k-means, then ``refine_iterations`` of full k-means): a flat k-means of 25 iterations costs
+    sample x nlist each, quadratic in n (~20 min on 2 cores at 3M). OPQ in front is trained first, as
+    contrib's train_ivf_index_with_2level does (which takes L2 indexes only; ours are inner product,
+    hence the spherical k-means)."""
     outer = faiss.downcast_index(index)
     if isinstance(outer, faiss.IndexPreTransform):
         for i in range(outer.chain.size()):
             transform = outer.chain.at(i)
             transform.train(x)
             x = transform.apply(x)
-        _train_two_level(outer.index, x, gpu)
+        _train_two_level(outer.index, x, gpu, refine_iterations)
         outer.is_trained = True
         return
-    from faiss.contrib.clustering import two_level_clustering  # imports scipy: not in every search process
-
     ivf = faiss.extract_index_ivf(outer)
-    centroids, _ = two_level_clustering(x, int(math.sqrt(ivf.nlist)), ivf.nlist, clustering_niter=10, seed=1234,
-                                        spherical=ivf.metric_type == METRIC, gpu=gpu)
+    centroids = coarse_centroids(x, ivf.nlist, ivf.metric_type, gpu, refine_iterations)
     ivf.quantizer.train(centroids)
     ivf.quantizer.add(centroids)
     outer.train(x)  # the quantizer holds nlist centroids now: faiss trains only what remains (PQ codebooks)

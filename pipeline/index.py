@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.embeddings import Embeddings, metadata_files, read_keep
+from pipeline.coarse_train import REFINE_ITERATIONS
 from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, train_index,
                                   training_sample_size)
 from pipeline.faiss_ondisk import ivfdata_path, save_index, supports_parts
@@ -48,14 +49,14 @@ def check(cfg) -> None:
                              f'use "auto" or e.g. "IVF1024,Flat", "OPQ64_256,IVF4096,PQ64", "HNSW32"') from None
 
 
-def train(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int):
+def train(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, refine_iterations: int = REFINE_ITERATIONS):
     """`factory` trained on a random sample of the kept rows (sized by training_sample_size), empty."""
     rng = np.random.default_rng(seed)
     size = training_sample_size(factory, len(kept_rows))
     sample = None
     if size:
         sample = emb[np.sort(rng.choice(kept_rows, size=size, replace=False))].astype(np.float32)
-    return train_index(factory, emb.dim, sample)
+    return train_index(factory, emb.dim, sample, refine_iterations=refine_iterations)
 
 
 def build(emb: Embeddings, kept_rows: np.ndarray, train: Callable, batch_size: int):
@@ -124,7 +125,7 @@ def run(stage: StageRun) -> dict:
 
     def timed_train():
         began = time.time()
-        trained = train(emb, kept_rows, factory, conf.seed)
+        trained = train(emb, kept_rows, factory, conf.seed, conf.kmeans_refine)
         timing["train_s"] = round(time.time() - began, 1)
         return trained
 

@@ -1,0 +1,57 @@
+"""IVF centroids for many cells: faiss's two-level k-means, then Lloyd iterations over the whole sample.
+
+Flat k-means costs sample x nlist x d per iteration, and the sample grows with nlist (64 points per
+cell), so it is quadratic in the number of vectors indexed. faiss's two-level k-means
+(``contrib.clustering.two_level_clustering``: sqrt(nlist) groups, each split by its size) costs
+sample x 2 sqrt(nlist) instead, but no cell crosses a group's border: points near a border sit in a
+cell whose centroid is not their nearest, and their neighbours in the next group's cells. On the
+synthetic growth sets that cost recall per probed cell, more as groups multiply: recall@10 at
+nprobe 1 (every vector in its nearest cell) was 0.830 at 1M vectors and 0.785 at 3M (README,
+Performance).
+
+``refine`` runs a few iterations of full k-means from those centroids (faiss ``Clustering``
+initialised with them), assigning the sample through ``cell_assign.centroid_assigner``: brute force in
+the centroids' top principal directions where that finds the nearest centroid (checked on the sample),
+sample x nlist x d' per iteration, or a flat index on the GPUs. Three iterations took recall@10 at
+nprobe 1 from 0.830 to 0.965 at 1M.
+"""
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+from pipeline.cell_assign import centroid_assigner
+
+REFINE_ITERATIONS = 3  # full k-means iterations after the two levels (index.kmeans_refine)
+SEED = 1234
+
+
+def coarse_centroids(x: np.ndarray, nlist: int, metric: int, gpu: bool = False,
+                     refine_iterations: int = REFINE_ITERATIONS) -> np.ndarray:
+    """[nlist, d] float32 centroids of the sample ``x`` (spherical k-means for inner product)."""
+    from faiss.contrib.clustering import two_level_clustering  # imports scipy: not in every search process
+
+    centroids, _ = two_level_clustering(x, int(math.sqrt(nlist)), nlist, clustering_niter=10, seed=SEED,
+                                        spherical=metric == faiss.METRIC_INNER_PRODUCT, gpu=gpu)
+    return refine(x, np.ascontiguousarray(centroids, dtype=np.float32), refine_iterations, metric, gpu)
+
+
+def refine(x: np.ndarray, centroids: np.ndarray, iterations: int, metric: int, gpu: bool = False) -> np.ndarray:
+    """``iterations`` of k-means over all of ``x`` starting from ``centroids`` (faiss splits any cell that
+    empties, as in its own k-means)."""
+    if iterations < 1:
+        return centroids
+    nlist, d = centroids.shape
+    clustering = faiss.Clustering(d, nlist)
+    clustering.niter, clustering.seed = iterations, SEED
+    clustering.spherical = metric == faiss.METRIC_INNER_PRODUCT
+    clustering.max_points_per_centroid = 1 << 30  # the whole sample: it was sized for these cells
+    faiss.copy_array_to_vector(centroids.ravel(), clustering.centroids)
+    if gpu:
+        assigner = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(d, metric))
+    else:
+        assigner = centroid_assigner(centroids, metric, x, 1)
+    clustering.train(x, assigner)
+    return faiss.vector_to_array(clustering.centroids).reshape(nlist, d)
