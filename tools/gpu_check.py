@@ -125,6 +125,27 @@ def faiss_gpu_assign(report: dict) -> None:
     print(json.dumps(report["faiss_gpu_assign"]), flush=True)
 
 
+def faiss_gpu_refine(report: dict) -> None:
+    """The IVF training's full k-means iterations assigned on the GPUs against the CPU's projected
+    brute force: close k-means objectives (float rounding may move a few points), and the GPU's time."""
+    import faiss
+
+    from pipeline import coarse_train
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64 * 4096, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    start_centroids = coarse_train.coarse_centroids(x, 4096, faiss.METRIC_INNER_PRODUCT, gpu=True, refine_iterations=0)
+    result = {}
+    for name, gpu in (("gpu", True), ("cpu", False)):
+        start = time.perf_counter()
+        c = coarse_train.refine(x, start_centroids, 3, faiss.METRIC_INNER_PRODUCT, gpu=gpu)
+        result[name] = {"seconds": round(time.perf_counter() - start, 2),
+                        "objective": float(faiss.knn(x, c, 1, metric=faiss.METRIC_INNER_PRODUCT)[0].mean())}
+    report["faiss_gpu_refine"] = result
+    print(json.dumps(result), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pack", type=Path, required=True)
@@ -142,6 +163,7 @@ def main(argv=None) -> int:
         [int(s) for s in args.keep.split(",")], report))))
     sections.append(("sample_cuda", lambda: sample_cuda(last["ckpt"], report)))
     sections.append(("faiss_gpu_assign", lambda: faiss_gpu_assign(report)))
+    sections.append(("faiss_gpu_refine", lambda: faiss_gpu_refine(report)))
     for name, run in sections:
         try:
             run()
