@@ -138,6 +138,24 @@ def list_in_place(ivf: faiss.IndexIVFFlat, cell: int):
         invlists.release_codes(cell, codes_ptr)
 
 
+def cells_by_row(ivf: faiss.IndexIVF, n_rows: int) -> np.ndarray:
+    """int32 [n_rows]: the inverted list each id (row) below ``n_rows`` is stored in, -1 for rows the
+    index does not hold. A vector is added to its nearest cell, so for an indexed query this is the
+    cell brute force would give it first, found without scoring a centroid."""
+    cells = np.full(n_rows, -1, np.int32)
+    invlists = ivf.invlists
+    for cell in range(ivf.nlist):
+        n = invlists.list_size(cell)
+        if n:
+            ids_ptr = invlists.get_ids(cell)
+            try:
+                ids = faiss.rev_swig_ptr(ids_ptr, n)
+                cells[ids[ids < n_rows]] = cell
+            finally:
+                invlists.release_ids(cell, ids_ptr)
+    return cells
+
+
 def basis_of(assigner: faiss.Index) -> np.ndarray:
     """The projection of a ``cell_assigner`` ([d', d] rows), or [0, d] for brute force in full."""
     if not isinstance(assigner, faiss.IndexRefine):

@@ -27,12 +27,20 @@ def gpu_centroid_index(ivf: faiss.IndexIVF, temp_memory: int = 256 << 20) -> fai
     return index
 
 
-def preassigned_search(index: faiss.Index, queries: np.ndarray, k: int, coarse: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+def preassigned_search(index: faiss.Index, queries: np.ndarray, k: int, coarse: faiss.Index | None,
+                       cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``search`` on a CPU IVF (OPQ or any transform in front applied first) in the cells that ``coarse``
-    (a flat index of the centroids, on a GPU or not) finds: faiss's ``search_preassigned``."""
+    (a flat index of the centroids, on a GPU or not) finds: faiss's ``search_preassigned``. ``cells``
+    ([n, nprobe]) instead of ``coarse``: an ``IVF,Flat``'s cells already known (their centroid scores,
+    which only residual codes use, are passed as zeros)."""
     ivf = faiss.extract_index_ivf(index)
     x = pretransformed(index, as_float32(queries, index.d))
-    scores, cells = coarse.search(x, ivf.nprobe)
+    if cells is None:
+        scores, cells = coarse.search(x, ivf.nprobe)
+    else:
+        if type(faiss.downcast_index(index)) is not faiss.IndexIVFFlat:
+            raise ValueError("preassigned_search takes known cells for a bare IndexIVFFlat only")
+        scores = np.zeros(cells.shape, np.float32)
     sims, ids = ivf.search_preassigned(x, k, np.ascontiguousarray(cells, dtype=np.int64),
                                        np.ascontiguousarray(scores, dtype=np.float32))
     sims[ids < 0] = -np.inf

@@ -98,8 +98,8 @@ def filtered_params(index: faiss.Index, selector: faiss.IDSelector, value: int |
     return faiss.SearchParameters(sel=selector)
 
 
-def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
-                coarse: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+def bulk_search(index: faiss.Index, queries: np.ndarray, k: int, coarse: faiss.Index | None = None,
+                cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``search`` for large batches of queries on a CPU ``IVF,Flat``: the same results, list by list.
 
     faiss's contrib.big_batch_search groups the queries by the inverted lists they probe and scores
@@ -109,16 +109,22 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int,
     and an IVF, to ``preassigned_search``. PQ codes are left out on purpose: big_batch_search scores
     residuals, which is wrong for inner product. ``coarse`` (``exact_coarse``) assigns the queries to
     cells in place of the index's HNSW quantizer: the exact nearest cells, where the graph finds most
-    of them, so the results can only be nearer.
+    of them, so the results can only be nearer. ``cells`` (int [n, nprobe], an ``IVF,Flat`` only)
+    are the queries' cells when the caller knows them: ``cell_assign.cells_by_row`` at nprobe 1.
     """
     inner = faiss.downcast_index(index)  # no wrapper: an OPQ or IDMap in front goes to search
     q = as_float32(queries, index.d)
+    if cells is not None:
+        cells = np.ascontiguousarray(np.asarray(cells).reshape(len(q), -1), dtype=np.int64)
+        if type(inner) is not faiss.IndexIVFFlat or cells.shape[1] != inner.nprobe:
+            raise ValueError(f"bulk_search takes known cells for an IndexIVFFlat, nprobe of them per query "
+                             f"(got {cells.shape[1]} for {type(inner).__name__})")
     if type(inner) is not faiss.IndexIVFFlat or len(q) * inner.nprobe < BULK_MIN_QUERIES_PER_LIST * inner.nlist:
-        if coarse is not None and faiss.try_extract_index_ivf(index) is not None:
-            return preassigned_search(index, q, k, coarse)  # e.g. OPQ+IVF+PQ with a GPU assigning the cells
+        if (coarse is not None or cells is not None) and faiss.try_extract_index_ivf(index) is not None:
+            return preassigned_search(index, q, k, coarse, cells)  # e.g. OPQ+IVF+PQ with a GPU assigning the cells
         return search(index, q, k)
     searcher = _QuietSearcher(inner, q, k)
-    searcher.coarse = coarse
+    searcher.coarse, searcher.cells = coarse, cells
     computer = BlockComputer(inner)
     searcher.coarse_quantization()
     searcher.reorder_assign()
@@ -155,12 +161,15 @@ class _QuietSearcher(BigBatchSearcher):
     """big_batch_search's bookkeeping without its progress printing (it prints per list at verbose 0),
     with the queries' cells from ``coarse`` (a flat index of the centroids) when one is given."""
 
-    coarse = None
+    coarse = cells = None
 
     def coarse_quantization(self):
-        if self.coarse is None:
+        if self.cells is not None:
+            self.q_assign = self.cells.astype("int32")
+        elif self.coarse is None:
             return super().coarse_quantization()
-        self.q_assign = self.coarse.search(self.xq, self.index.nprobe)[1].astype("int32")
+        else:
+            self.q_assign = self.coarse.search(self.xq, self.index.nprobe)[1].astype("int32")
 
     def report(self, l):
         pass

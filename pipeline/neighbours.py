@@ -93,7 +93,7 @@ class NeighbourWorker:
         rows = np.zeros((len(q_rows), self.k), np.int64)
         todo, c = np.arange(len(q_rows)), self.candidates
         while len(todo):
-            s, r = self.retriever.search(queries[todo], min(c, self.n_kept), bulk=True)
+            s, r = self.retriever.search(queries[todo], min(c, self.n_kept), bulk=True, rows=q_rows[todo])
             if self.allowed is not None:  # neighbours.where: a filtered-out candidate counts as none
                 r = np.where((r >= 0) & self.allowed[np.maximum(r, 0)], r, -1)
             s, r, ok = select_neighbours(s, r, q_rows[todo], self.bits[q_rows[todo]], self.bits, self.k, *self.thresholds)

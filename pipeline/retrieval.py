@@ -12,9 +12,11 @@ import functools
 import math
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from pipeline import faiss_build, faiss_ondisk, faiss_search
+from pipeline.cell_assign import cells_by_row
 from pipeline.embeddings import Embeddings, read_metadata
 from pipeline.files import StageError, UsageError, read_json
 from pipeline.index_files import METADATA, THUMBNAILS, VECTORS, IndexVectors
@@ -62,15 +64,17 @@ class Retriever:
             raise UsageError(f"{what} gives {dim}-dimensional embeddings but the index {self.dir} holds "
                              f"{self.dim}-dimensional ones: use an index built with the same CLIP model")
 
-    def search(self, queries: np.ndarray, k: int, where: str | None = None,
-               bulk: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, where: str | None = None, bulk: bool = False,
+               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(sims descending, rows) of the k nearest indexed images; exact re-ranking when the index asks for it.
         `where` (a metadata filter, pipeline.filters): the k nearest that satisfy it (filtered inside faiss).
-        `bulk`: a large batch (the neighbours stage): IVF,Flat indexes score it list by list (same results)."""
+        `bulk`: a large batch (the neighbours stage): IVF,Flat indexes score it list by list (same results).
+        `rows`: with `bulk`, the queries' own embed rows when they are indexed images: an IVF,Flat searched
+        at nprobe 1 then searches the list each is stored in (its nearest cell) without assigning them."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.check_dim(queries.shape[1], "the query")
         if where is None:
-            return self._search(queries, k, bulk)
+            return self._search(queries, k, bulk, cells=self._stored_cells(rows) if bulk else None)
         allowed = self.allowed(where, at_least=k)
         n = int(self.infos.get("n") or len(self.index_rows()))
         if not faiss_build.on_gpu(self.index):
@@ -96,14 +100,32 @@ class Retriever:
         """bulk_search's exact cell assignment (faiss_search.exact_coarse), built at the first bulk search."""
         return faiss_search.exact_coarse(self.index, self.gpu_assign)
 
-    def _search(self, queries: np.ndarray, k: int, bulk: bool = False, params=None) -> tuple[np.ndarray, np.ndarray]:
-        """`params`: faiss SearchParameters (a filter); `bulk` applies without them."""
+    @functools.cached_property
+    def _cells_by_row(self) -> np.ndarray | None:
+        """cell_assign.cells_by_row for a CPU IVF,Flat searched at nprobe 1 (4 bytes per row), else None."""
+        inner = faiss.downcast_index(self.index)
+        if type(inner) is not faiss.IndexIVFFlat or inner.nprobe != 1 or self.infos.get("refine"):
+            return None
+        rows = self.index_rows()
+        return cells_by_row(inner, int(rows.max()) + 1 if len(rows) else 0)
+
+    def _stored_cells(self, rows: np.ndarray | None) -> np.ndarray | None:
+        """The cells `rows` are stored in, or None unless every one of them is in the index."""
+        table = None if rows is None else self._cells_by_row
+        if table is None or len(rows) == 0 or rows.max() >= len(table):
+            return None
+        cells = table[rows]
+        return cells[:, None] if (cells >= 0).all() else None
+
+    def _search(self, queries: np.ndarray, k: int, bulk: bool = False, params=None,
+                cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`params`: faiss SearchParameters (a filter); `bulk` applies without them, `cells` (known) with `bulk`."""
         if self.infos.get("refine"):
             return faiss_search.refine_search(self.index, self.embeddings, queries, k,
                                               self.infos.get("refine_k_factor", 4), params=params,
                                               coarse=self._bulk_coarse if bulk and params is None else None)
         if bulk and params is None:
-            return faiss_search.bulk_search(self.index, queries, k, self._bulk_coarse)
+            return faiss_search.bulk_search(self.index, queries, k, None if cells is not None else self._bulk_coarse, cells)
         return faiss_search.search(self.index, queries, k, params=params)
 
     def _filtered_search(self, queries: np.ndarray, k: int, where: str,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from faiss_data import D, K, build, normalize
-from pipeline import faiss_build, faiss_search
+from pipeline import cell_assign, faiss_build, faiss_search
 
 
 def numpy_top_k(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,3 +304,31 @@ def test_selector_keeps_only_allowed_rows_through_every_wrapper(data, factory):
     else:
         np.testing.assert_array_equal(found, want)
     assert not allowed[faiss_search.search(index, queries, K)[1]].all()  # unfiltered, others come first
+
+
+@pytest.mark.parametrize("batch", [2000, 12])
+def test_bulk_search_with_known_cells_searches_each_querys_own_list(data, batch):
+    """At nprobe 1 the neighbours stage knows each indexed query's cell: the list it is stored in
+    (cell_assign.cells_by_row), which a flat quantizer's add made its nearest centroid's. Searching
+    those lists, list by list (2,000 queries) or through search_preassigned (12), gives exactly
+    what index.search does; rows the index does not hold are -1; cells need an IndexIVFFlat and
+    nprobe of them per query."""
+    index = build("IVF64,Flat", data["database"], data["rows"], n_train=5000)
+    faiss_search.set_nprobe(index, 1)
+    ivf = faiss.extract_index_ivf(index)
+    table = cell_assign.cells_by_row(ivf, int(data["rows"].max()) + 2)
+    assert table[-1] == -1 and (table >= 0).sum() == len(data["rows"])
+    for cell in (0, 33):
+        assert set(np.flatnonzero(table == cell)) == set(faiss.rev_swig_ptr(ivf.invlists.get_ids(cell),
+                                                                            ivf.invlists.list_size(cell)))
+    queries, rows = data["database"][:batch], data["rows"][:batch]
+    want_sims, want_rows = faiss_search.search(index, queries, K)
+    sims, found = faiss_search.bulk_search(index, queries, K, cells=table[rows])
+    np.testing.assert_array_equal(found, want_rows)
+    np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
+    assert (found[:, 0] == rows).mean() > 0.9  # a database vector finds itself first
+    with pytest.raises(ValueError, match="nprobe of them per query"):
+        faiss_search.bulk_search(index, queries, K, cells=np.stack([table[rows]] * 2, axis=1))
+    pq_index = build("IVF64,PQ8", data["database"], data["rows"], n_train=5000)
+    with pytest.raises(ValueError, match="known cells for an IndexIVFFlat"):
+        faiss_search.bulk_search(pq_index, queries, K, cells=table[rows])

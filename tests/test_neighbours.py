@@ -214,6 +214,44 @@ def test_bulk_search_on_ivf_flat_gives_the_lists_per_query_search_gives(source, 
     np.testing.assert_array_equal(bulk[1], plain[1])
 
 
+def test_indexed_queries_at_nprobe_1_search_the_list_they_are_stored_in(source, tmp_path, ray_local, monkeypatch):
+    """At nprobe 1 on IVF,Flat the stage's queries (indexed images) search the list each is stored
+    in, scoring no centroid (Retriever builds no cell assigner): the stage's lists equal those of a
+    worker that assigns the queries as before, and the Retriever's results equal index.search's; a
+    query the index does not hold sends its whole batch the old way."""
+    from pipeline.neighbours import NeighbourWorker
+    from pipeline.retrieval import Retriever
+    from pipeline.runner import read_json
+
+    work = tmp_path / "w"
+    sets = ["dedup.cosine_threshold=0.99", "index.factory=IVF24,Flat", "index.nprobe=1", "neighbours.k=5",
+            "neighbours.candidates=8"]
+    prepare(source, work)
+    cfg = load_config(None, stage_args(work, *sets))
+    run_stage("index", cfg)
+    run_stage("neighbours", cfg)
+    retriever = Retriever(work / "index")
+    rows = retriever.index_rows()[:500]
+    queries = np.asarray(retriever.embeddings[rows], dtype=np.float32)
+    bulk = retriever.search(queries, 8, bulk=True, rows=rows)
+    assert "_bulk_coarse" not in retriever.__dict__  # no centroid was scored
+    np.testing.assert_array_equal(bulk[1], retriever.search(queries, 8)[1])
+    outside = np.append(rows[:-1], rows.max() + 10_000)
+    np.testing.assert_array_equal(retriever.search(queries, 8, bulk=True, rows=outside)[1], bulk[1])
+    assert "_bulk_coarse" in retriever.__dict__
+
+    monkeypatch.setattr(Retriever, "_stored_cells", lambda self, rows: None)  # assign every query
+    shard = read_json(work / "embed" / "manifest.json")["shards"][0]
+    old = tmp_path / "old"
+    old.mkdir()
+    dedup = read_json(work / "dedup" / "manifest.json")["thresholds"]
+    worker = NeighbourWorker(str(work / "index"), str(work / "embed"), str(work / "dedup"), str(old), 5, 8,
+                             dedup["cosine"], dedup["manhattan"], 8192)
+    worker(shard, str(work / "embed"))
+    name = f"neighbours_{shard['shard']:05d}.parquet"
+    assert pq.read_table(old / name).equals(pq.read_table(work / "neighbours" / name))
+
+
 def test_unreadable_index_stops_the_stage_with_the_rebuild_message(source, tmp_path, ray_local):
     """The index is opened inside the Ray actors; its error must reach the user as the Retriever's own
     message (what is wrong, `knnd run index --force`), not as Ray's text of a dead actor. Nothing is written."""
