@@ -3,9 +3,10 @@
 Flat k-means costs sample x nlist x d per iteration, and the sample grows with nlist (64 points per
 cell), so it is quadratic in the number of vectors indexed. faiss's two-level k-means
 (``contrib.clustering.two_level_clustering``: sqrt(nlist) groups, each split by its size) costs
-sample x 2 sqrt(nlist) instead, but no cell crosses a group's border: points near a border sit in a
-cell whose centroid is not their nearest, and their neighbours in the next group's cells. On the
-synthetic growth sets that cost recall per probed cell, more as groups multiply: recall@10 at
+sample x 2 sqrt(nlist) instead, but no cell crosses a group's border: the cells on either side of
+one are fitted separately, so clusters that straddle it are cut, and a vector's neighbours end up
+in another cell more often. On the synthetic growth sets that cost recall per probed cell, more as
+groups multiply: recall@10 at
 nprobe 1 (every vector in its nearest cell) was 0.830 at 1M vectors and 0.785 at 3M (README,
 Performance).
 
