@@ -23,7 +23,7 @@ import math
 import faiss
 import numpy as np
 
-from pipeline.cell_assign import centroid_assigner
+from pipeline.cell_assign import PROJECTED_SAMPLE, centroid_assigner
 
 REFINE_ITERATIONS = 3  # full k-means iterations after the two levels (index.kmeans_refine)
 SEED = 1234
@@ -44,6 +44,7 @@ def refine(x: np.ndarray, centroids: np.ndarray, iterations: int, metric: int, g
     empties, as in its own k-means)."""
     if iterations < 1:
         return centroids
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     nlist, d = centroids.shape
     clustering = faiss.Clustering(d, nlist)
     clustering.niter, clustering.seed = iterations, SEED
@@ -53,6 +54,8 @@ def refine(x: np.ndarray, centroids: np.ndarray, iterations: int, metric: int, g
     if gpu:
         assigner = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(d, metric))
     else:
-        assigner = centroid_assigner(centroids, metric, x, 1)
+        # checked on vectors spread over the sample (index.train sorts it by row), against these centroids;
+        # the projection stays fixed while they move, and each pass re-scores its 4 best in full
+        assigner = centroid_assigner(centroids, metric, x[::max(1, len(x) // PROJECTED_SAMPLE)], 1)
     clustering.train(x, assigner)
     return faiss.vector_to_array(clustering.centroids).reshape(nlist, d)

@@ -112,7 +112,8 @@ class IndexConfig:
     hnsw_quantizer_above: int = opt(300_000, "auto factory: above this many vectors the IVF coarse quantizer is an HNSW "
                                     "graph over the centroids (IVF{nlist}_HNSW32)", min=0)
     kmeans_refine: int = opt(3, "IVF over 1024 cells: full k-means iterations after the two-level k-means, whose "
-                             "groups' borders cost recall per probed cell (README, Performance); 0 to skip", min=0)
+                             "groups' borders cost recall per probed cell (README, Performance); 0 to skip", min=0,
+                             before=0)  # indexes built before it had none: they count as changed (knnd run index --force)
     nprobe: str | int = opt("auto", '"auto" (tuned to target_recall) or a fixed number of IVF cells to search')
     target_recall: float = opt(0.95, "recall@10 against exact search that nprobe: auto aims for", min=0.0, max=1.0)
     refine: bool = opt(False, "re-rank candidates exactly from the stored float16 embeddings")

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.embeddings import Embeddings, metadata_files, read_keep
 from pipeline.coarse_train import REFINE_ITERATIONS
+from pipeline.embeddings import Embeddings, metadata_files, read_keep
 from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, train_index,
                                   training_sample_size)
 from pipeline.faiss_ondisk import ivfdata_path, save_index, supports_parts

@@ -70,11 +70,12 @@ class Retriever:
         `where` (a metadata filter, pipeline.filters): the k nearest that satisfy it (filtered inside faiss).
         `bulk`: a large batch (the neighbours stage): IVF,Flat indexes score it list by list (same results).
         `rows`: with `bulk`, the queries' own embed rows when they are indexed images: an IVF,Flat searched
-        at nprobe 1 then searches the list each is stored in (its nearest cell) without assigning them."""
+        at nprobe 1 then searches the list each is stored in (the cell its add assigned: its nearest where
+        that was brute force) without assigning them; rows outside the index are assigned as usual."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         self.check_dim(queries.shape[1], "the query")
         if where is None:
-            return self._search(queries, k, bulk, cells=self._stored_cells(rows) if bulk else None)
+            return self._search(queries, k, bulk, cells=self._stored_cells(queries, rows) if bulk else None)
         allowed = self.allowed(where, at_least=k)
         n = int(self.infos.get("n") or len(self.index_rows()))
         if not faiss_build.on_gpu(self.index):
@@ -109,13 +110,22 @@ class Retriever:
         rows = self.index_rows()
         return cells_by_row(inner, int(rows.max()) + 1 if len(rows) else 0)
 
-    def _stored_cells(self, rows: np.ndarray | None) -> np.ndarray | None:
-        """The cells `rows` are stored in, or None unless every one of them is in the index."""
+    def _stored_cells(self, queries: np.ndarray, rows: np.ndarray | None) -> np.ndarray | None:
+        """[n, 1]: the cells `rows` are stored in; rows the index does not hold (index.where) get theirs
+        from the bulk assigner. None where the index is not an IVF,Flat searched at nprobe 1."""
         table = None if rows is None else self._cells_by_row
-        if table is None or len(rows) == 0 or rows.max() >= len(table):
+        if table is None or len(rows) == 0:
             return None
-        cells = table[rows]
-        return cells[:, None] if (cells >= 0).all() else None
+        rows = np.asarray(rows)
+        cells = np.full(len(rows), -1, np.int64)
+        held = rows < len(table)
+        cells[held] = table[rows[held]]
+        missing = cells < 0
+        if missing.any():
+            coarse = self._bulk_coarse  # None for a flat quantizer, exact already
+            coarse = coarse if coarse is not None else faiss.downcast_index(self.index).quantizer
+            cells[missing] = coarse.search(queries[missing], 1)[1][:, 0]
+        return cells[:, None]
 
     def _search(self, queries: np.ndarray, k: int, bulk: bool = False, params=None,
                 cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -329,6 +329,8 @@ def test_bulk_search_with_known_cells_searches_each_querys_own_list(data, batch)
     assert (found[:, 0] == rows).mean() > 0.9  # a database vector finds itself first
     with pytest.raises(ValueError, match="nprobe of them per query"):
         faiss_search.bulk_search(index, queries, K, cells=np.stack([table[rows]] * 2, axis=1))
+    with pytest.raises(ValueError, match=r"known cells must lie in \[0, 64\), got 0\.\.64"):
+        faiss_search.bulk_search(index, queries, K, cells=np.where(np.arange(batch) == 1, 64, 0))
     pq_index = build("IVF64,PQ8", data["database"], data["rows"], n_train=5000)
     with pytest.raises(ValueError, match="known cells for an IndexIVFFlat"):
         faiss_search.bulk_search(pq_index, queries, K, cells=table[rows])

@@ -216,9 +216,9 @@ def test_bulk_search_on_ivf_flat_gives_the_lists_per_query_search_gives(source, 
 
 def test_indexed_queries_at_nprobe_1_search_the_list_they_are_stored_in(source, tmp_path, ray_local, monkeypatch):
     """At nprobe 1 on IVF,Flat the stage's queries (indexed images) search the list each is stored
-    in, scoring no centroid (Retriever builds no cell assigner): the stage's lists equal those of a
-    worker that assigns the queries as before, and the Retriever's results equal index.search's; a
-    query the index does not hold sends its whole batch the old way."""
+    in, scoring no centroid (Retriever builds no cell assigner): the stage's lists equal those of an
+    in-process worker on that path and of one that assigns every query as before, and the Retriever's
+    results equal index.search's; a query the index does not hold is assigned (the assigner is built)."""
     from pipeline.neighbours import NeighbourWorker
     from pipeline.retrieval import Retriever
     from pipeline.runner import read_json
@@ -240,16 +240,21 @@ def test_indexed_queries_at_nprobe_1_search_the_list_they_are_stored_in(source, 
     np.testing.assert_array_equal(retriever.search(queries, 8, bulk=True, rows=outside)[1], bulk[1])
     assert "_bulk_coarse" in retriever.__dict__
 
-    monkeypatch.setattr(Retriever, "_stored_cells", lambda self, rows: None)  # assign every query
     shard = read_json(work / "embed" / "manifest.json")["shards"][0]
-    old = tmp_path / "old"
-    old.mkdir()
     dedup = read_json(work / "dedup" / "manifest.json")["thresholds"]
-    worker = NeighbourWorker(str(work / "index"), str(work / "embed"), str(work / "dedup"), str(old), 5, 8,
-                             dedup["cosine"], dedup["manhattan"], 8192)
-    worker(shard, str(work / "embed"))
+    outputs = {}
+    for path in ("own", "assigned"):
+        if path == "assigned":
+            monkeypatch.setattr(Retriever, "_stored_cells", lambda self, queries, rows: None)  # assign every query
+        outputs[path] = tmp_path / path
+        outputs[path].mkdir()
+        worker = NeighbourWorker(str(work / "index"), str(work / "embed"), str(work / "dedup"), str(outputs[path]), 5, 8,
+                                 dedup["cosine"], dedup["manhattan"], 8192)
+        worker(shard, str(work / "embed"))
+        assert ("_bulk_coarse" in worker.retriever.__dict__) == (path == "assigned")  # the worker takes the own-cell path
     name = f"neighbours_{shard['shard']:05d}.parquet"
-    assert pq.read_table(old / name).equals(pq.read_table(work / "neighbours" / name))
+    for path in ("own", "assigned"):
+        assert pq.read_table(outputs[path] / name).equals(pq.read_table(work / "neighbours" / name))
 
 
 def test_unreadable_index_stops_the_stage_with_the_rebuild_message(source, tmp_path, ray_local):
