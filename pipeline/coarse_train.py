@@ -36,15 +36,15 @@ def coarse_centroids(x: np.ndarray, nlist: int, metric: int, gpu: bool = False,
 
     centroids, _ = two_level_clustering(x, int(math.sqrt(nlist)), nlist, clustering_niter=10, seed=SEED,
                                         spherical=metric == faiss.METRIC_INNER_PRODUCT, gpu=gpu)
-    return refine(x, np.ascontiguousarray(centroids, dtype=np.float32), refine_iterations, metric, gpu)
+    return refine(x, centroids, refine_iterations, metric, gpu)
 
 
 def refine(x: np.ndarray, centroids: np.ndarray, iterations: int, metric: int, gpu: bool = False) -> np.ndarray:
     """``iterations`` of k-means over all of ``x`` starting from ``centroids`` (faiss splits any cell that
     empties, as in its own k-means)."""
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     if iterations < 1:
         return centroids
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     nlist, d = centroids.shape
     clustering = faiss.Clustering(d, nlist)
     clustering.niter, clustering.seed = iterations, SEED

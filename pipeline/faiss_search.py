@@ -114,7 +114,9 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int, coarse: faiss.I
     """
     inner = faiss.downcast_index(index)  # no wrapper: an OPQ or IDMap in front goes to search
     q = as_float32(queries, index.d)
-    if cells is not None and len(q):
+    if not len(q):
+        cells = None  # no queries: nothing to search
+    if cells is not None:
         cells = np.ascontiguousarray(np.asarray(cells).reshape(len(q), -1), dtype=np.int64)
         if type(inner) is not faiss.IndexIVFFlat or cells.shape[1] != inner.nprobe:
             raise ValueError(f"bulk_search takes known cells for an IndexIVFFlat, nprobe of them per query "
@@ -122,8 +124,6 @@ def bulk_search(index: faiss.Index, queries: np.ndarray, k: int, coarse: faiss.I
         if cells.size and (cells.min() < 0 or cells.max() >= inner.nlist):
             raise ValueError(f"bulk_search's known cells must lie in [0, {inner.nlist}), got "
                              f"{cells.min()}..{cells.max()}")
-    elif cells is not None:
-        cells = None  # no queries: nothing to search
     if type(inner) is not faiss.IndexIVFFlat or len(q) * inner.nprobe < BULK_MIN_QUERIES_PER_LIST * inner.nlist:
         if (coarse is not None or cells is not None) and faiss.try_extract_index_ivf(index) is not None:
             return preassigned_search(index, q, k, coarse, cells)  # e.g. OPQ+IVF+PQ with a GPU assigning the cells
