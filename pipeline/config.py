@@ -96,6 +96,8 @@ class DedupConfig:
     holdout: float = opt(0.01, "fraction of the kept images held out of the index and training (`knnd evaluate`'s prompts)",
                          min=0.0, max=0.5)
     holdout_max: int = opt(5000, "at most this many held-out images", min=0)
+    holdout_seed: int = opt(0, "salts the hold-out draw's hash: another seed holds out other images (cross-validation "
+                            "folds); 0 hashes the key alone", min=0)
 
 
 @dataclass

@@ -18,7 +18,8 @@ every later item it is a duplicate of, so each removed
 item names a kept item it is itself similar to (no chains: A ~ B ~ C keeps C when A and C are not
 duplicates).
 
-Then `holdout` of the kept images (at most `holdout_max`), chosen by a hash of their key, are held
+Then `holdout` of the kept images (at most `holdout_max`), chosen by a hash of their key (salted by
+`holdout_seed` for another draw: cross-validation folds), are held
 out of the database and of training (`keep` false, `holdout` true, reason "holdout"): their captions
 are `knnd evaluate`'s prompts and their pictures its real images. Their duplicates were already
 removed, so no near-copy of a held-out image reaches training.
@@ -100,7 +101,7 @@ def run(stage: StageRun) -> dict:
     pairs, sims, reasons = read_pairs(stage.dir / "pairs", parts)
     manifest = stage.inputs["embed"]
     removal = rank_removals(embed_dir, manifest, pairs, sims, reasons)
-    holdout = holdout_rows(embed_dir, manifest, removal, conf.holdout, conf.holdout_max)
+    holdout = holdout_rows(embed_dir, manifest, removal, conf.holdout, conf.holdout_max, conf.holdout_seed)
     kept = write_keep(stage.dir / "keep.parquet", embed_dir, manifest, removal, holdout)
     shutil.rmtree(stage.dir / "parts", ignore_errors=True)
     if conf.holdout > 0 and len(holdout) < 2:

@@ -81,10 +81,12 @@ def remove_in_key_order(keys, pairs: np.ndarray, sims: np.ndarray, reasons: np.n
 # --------------------------------------------------------------------------- the hold-out draw
 
 
-def key_digests(keys) -> np.ndarray:
-    """blake2b (64 bits) of each key's text, as uint64: the hold-out draw's hash."""
-    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "big") for k in keys],
-                    dtype=np.uint64)
+def key_digests(keys, seed: int = 0) -> np.ndarray:
+    """blake2b (64 bits) of each key's text, as uint64: the hold-out draw's hash. A non-zero `seed`
+    salts the hash (another, independent draw: cross-validation folds); 0 hashes the key alone."""
+    salt = f"holdout-seed {seed}:".encode() if seed else b""
+    return np.array([int.from_bytes(hashlib.blake2b(salt + str(k).encode(), digest_size=8).digest(), "big")
+                     for k in keys], dtype=np.uint64)
 
 
 def pick_holdout(rows: np.ndarray, digests: np.ndarray, fraction: float, most: int) -> np.ndarray:
@@ -98,18 +100,20 @@ def pick_holdout(rows: np.ndarray, digests: np.ndarray, fraction: float, most: i
     return np.asarray(rows, np.int64)[below]
 
 
-def holdout_mask(keys, representative: np.ndarray, fraction: float, most: int) -> np.ndarray:
+def holdout_mask(keys, representative: np.ndarray, fraction: float, most: int, seed: int = 0) -> np.ndarray:
     """The representatives whose key hashes (blake2b, 64 bits) below fraction * 2^64: about `fraction`
     of them, the same keys whatever the row order, and an item held out stays held out when the data
-    grows. Beyond `most`, the `most` smallest hashes are kept (then growth can move a few back)."""
+    grows. Beyond `most`, the `most` smallest hashes are kept (then growth can move a few back). `seed`
+    salts the hash (key_digests)."""
     rows = np.nonzero(representative)[0]
     mask = np.zeros(len(representative), bool)
     if fraction > 0 and most > 0 and len(rows):
-        mask[pick_holdout(rows, key_digests([keys[r] for r in rows]), fraction, most)] = True
+        mask[pick_holdout(rows, key_digests([keys[r] for r in rows], seed), fraction, most)] = True
     return mask
 
 
-def holdout_rows(embed_dir: Path, manifest: dict, removal: Removal, fraction: float, most: int) -> np.ndarray:
+def holdout_rows(embed_dir: Path, manifest: dict, removal: Removal, fraction: float, most: int,
+                 seed: int = 0) -> np.ndarray:
     """`holdout_mask` streamed: the held-out rows (sorted), hashing one shard's kept keys at a time and
     holding only the candidates below the fraction."""
     if fraction <= 0 or most <= 0:
@@ -120,7 +124,7 @@ def holdout_rows(embed_dir: Path, manifest: dict, removal: Removal, fraction: fl
         kept = np.ones(len(column), bool)
         kept[removal.slice(start, start + len(column))[1]] = False
         local = np.nonzero(kept)[0]
-        digests = key_digests(column.take(local).to_pylist())
+        digests = key_digests(column.take(local).to_pylist(), seed)
         below = digests < limit
         found_rows.append(local[below] + start)
         found_digests.append(digests[below])

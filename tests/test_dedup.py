@@ -160,14 +160,14 @@ def test_duplicates_are_resolved_in_key_order_not_row_order():
     assert not empty[0].any() and (empty[1] == -1).all()
 
 
-def reference_keep_table(keys, pairs, sims, reasons, fraction, most):
+def reference_keep_table(keys, pairs, sims, reasons, fraction, most, seed=0):
     """keep.parquet as the stage built it before it streamed: every row's key in memory at once."""
     import pyarrow as pa
 
     from pipeline.dedup_group import holdout_mask, remove_in_key_order
 
     removed, duplicate_of, similarity, edge_reason = remove_in_key_order(keys, pairs, sims, reasons)
-    holdout = holdout_mask(keys, ~removed, fraction, most)
+    holdout = holdout_mask(keys, ~removed, fraction, most, seed)
     keep = ~removed & ~holdout
     reason = np.where(removed, np.array(["cosine", "phash"])[np.maximum(edge_reason, 0)],
                       np.where(holdout, "holdout", ""))
@@ -177,8 +177,8 @@ def reference_keep_table(keys, pairs, sims, reasons, fraction, most):
                      "similarity": pa.array(similarity, pa.float32(), mask=~removed), "holdout": pa.array(holdout)})
 
 
-@pytest.mark.parametrize("fraction, most", [(0.1, 1000), (0.3, 7), (0.0, 1000)])
-def test_streamed_grouping_writes_the_in_memory_reference(tmp_path, fraction, most):
+@pytest.mark.parametrize("fraction, most, seed", [(0.1, 1000, 0), (0.3, 7, 0), (0.0, 1000, 0), (0.3, 1000, 5)])
+def test_streamed_grouping_writes_the_in_memory_reference(tmp_path, fraction, most, seed):
     """keep.parquet written shard by shard, reading only the keys of paired images, equals the
     in-memory rule's table row for row: shuffled keys (so key order is not row order), chains across
     shards, pHash edges, a repeated key, shards without pairs, and the hold-out cap."""
@@ -196,15 +196,15 @@ def test_streamed_grouping_writes_the_in_memory_reference(tmp_path, fraction, mo
     reasons = (rng.random(len(pairs)) < 0.3).astype(np.int8)
     embed = tmp_path / "embed"
     removal = rank_removals(embed, manifest, pairs, sims, reasons)
-    holdout = holdout_rows(embed, manifest, removal, fraction, most)
+    holdout = holdout_rows(embed, manifest, removal, fraction, most, seed)
     kept = write_keep(tmp_path / "keep.parquet", embed, manifest, removal, holdout)
     written = pq.read_table(tmp_path / "keep.parquet")
-    expected = reference_keep_table(keys, pairs, sims, reasons, fraction, most)
+    expected = reference_keep_table(keys, pairs, sims, reasons, fraction, most, seed)
     assert written.num_rows == n and written.column("row").to_pylist() == list(range(n))
     for name in expected.column_names:
         assert written.column(name).to_pylist() == expected.column(name).to_pylist(), name
     assert kept == sum(expected.column("keep").to_pylist())
     assert 0 < len(removal.rows) < n and len(holdout) == sum(expected.column("holdout").to_pylist())
-    assert (len(holdout) == most) == (fraction == 0.3)  # the cap bites where it should
+    assert (len(holdout) == most) == (most == 7)  # the cap bites where it should
     none = rank_removals(embed, manifest, np.zeros((0, 2), np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8))
     assert len(none.rows) == 0 and len(none.duplicate_of) == 0

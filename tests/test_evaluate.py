@@ -34,6 +34,23 @@ def test_holdout_is_a_fraction_of_the_representatives_chosen_by_key():
     assert 0.08 < grown.sum() / 1950 < 0.12
 
 
+def test_holdout_seed_draws_another_fold_and_seed_zero_is_the_unsalted_draw():
+    import hashlib
+    keys = [f"key{i}" for i in range(4000)]
+    representative = np.ones(4000, bool)
+    plain = np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") for k in keys])
+    by_hand = plain < int(0.1 * 2 ** 64)  # the draw before holdout_seed existed: dedup outputs stay as they were
+    assert np.array_equal(holdout_mask(keys, representative, 0.1, 10_000, seed=0), by_hand)
+    folds = [holdout_mask(keys, representative, 0.1, 10_000, seed=s) for s in (1, 2)]
+    for fold in folds:
+        assert 0.08 < fold.mean() < 0.12
+        assert (fold & by_hand).sum() < 0.2 * fold.sum()  # independent draws share ~10 % of their items
+    salted = np.array([int.from_bytes(hashlib.blake2b(f"holdout-seed 2:{k}".encode(), digest_size=8).digest(), "big")
+                       for k in keys])
+    assert np.array_equal(folds[1], salted < int(0.1 * 2 ** 64))
+    assert not np.array_equal(folds[0], folds[1])
+
+
 def test_held_out_images_leave_the_index_and_give_the_prompts(tmp_path):
     x = clustered_unit_vectors(300, 16, 30, seed=0)
     captions = [f"caption {i % 280}" for i in range(300)]  # a few repeated captions
@@ -217,6 +234,62 @@ def test_compare_refuses_evaluations_that_are_not_paired(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(tmp_path / "c.json")]) == 0
     written = json.loads((tmp_path / "c.json").read_text())
     assert written["a"]["folder"] == str((tmp_path / "a").resolve()) and len(written["rows"]) == 7
+
+
+def _fold(rng, text, noise):
+    """A fold's pair of hand-made evaluations: A near its prompts, B further off, one held-out image per prompt."""
+    prompt_of = np.repeat(np.arange(len(text)), 2)
+    real = text + 0.05 * rng.standard_normal(text.shape).astype(np.float32)
+    near = text[prompt_of] + noise * rng.standard_normal((len(prompt_of), text.shape[1])).astype(np.float32)
+    far = text[prompt_of] + 3 * noise * rng.standard_normal((len(prompt_of), text.shape[1])).astype(np.float32)
+    return _evaluation(near, prompt_of, text, real), _evaluation(far, prompt_of, text, real)
+
+
+def test_pooled_folds_rank_each_prompt_among_its_own_folds_and_pool_the_set_metrics(tmp_path):
+    from model import metrics
+    from pipeline.cli import main
+    from pipeline.evaluate_compare import compare, save_features
+    from pipeline.evaluate_pool import pool
+    from pipeline.runner import UsageError, write_json
+
+    rng = np.random.default_rng(4)
+    text1 = np.eye(10, 16, dtype=np.float32)
+    text2 = text1 + 0.02 * rng.standard_normal(text1.shape).astype(np.float32)  # the same stickers, held out again
+    folds = [_fold(rng, text1, 0.3), _fold(rng, text2, 0.3)]
+    for f, ((a_result, a), (b_result, b)) in enumerate(folds):
+        for name, (result, graded) in (("a", (a_result, a)), ("b", (b_result, b))):
+            (tmp_path / f"{name}{f}").mkdir()
+            write_json(tmp_path / f"{name}{f}" / "metrics.json", result)
+            save_features(tmp_path / f"{name}{f}", graded)
+    pairs = [(tmp_path / "a0", tmp_path / "b0"), (tmp_path / "a1", tmp_path / "b1")]
+    # one pair pooled is the plain comparison, unpaired intervals included
+    single = compare(*pool(pairs[:1], 100), 100)
+    plain = compare(*folds[0][0], *folds[0][1], 100)
+    assert single["rows"] == plain["rows"]
+    a_result, a, b_result, b = pool(pairs, 100)
+    out = {row["name"]: row for row in compare(a_result, a, b_result, b, 100)["rows"]}
+    assert a_result["prompts"] == 20 and a_result["images"] == 40 and a_result["folds"] == 2
+    # each image ranks its prompt among its own fold's 10 only: the other fold's near-copies are no rivals
+    by_fold = lambda side: np.concatenate([metrics.prompt_accuracy(fold[side][1].generated, fold[side][1].text,  # noqa: E731
+                                                                   fold[side][1].prompt_of, ks=(1,))[1] for fold in folds])
+    assert a_result["generated"]["prompt_accuracy@1"]["value"] == pytest.approx(by_fold(0).mean(), abs=1e-6)
+    assert out["prompt accuracy @1"]["difference"]["value"] == pytest.approx(by_fold(0).mean() - by_fold(1).mean(), abs=1e-6)
+    everyone = metrics.prompt_accuracy(a.generated, a.text, a.prompt_of, ks=(1,))[1].mean()  # ranked among all 20
+    assert everyone < by_fold(0).mean()
+    real = np.concatenate([folds[0][0][1].real, folds[1][0][1].real])
+    fd = metrics.frechet_distance(a.generated, real) - metrics.frechet_distance(b.generated, real)
+    assert out["FD to held-out images"]["difference"]["value"] == pytest.approx(fd, rel=1e-4)
+    assert a_result["to_real"]["fd"]["value"] == pytest.approx(metrics.frechet_distance(a.generated, real), rel=1e-4)
+    # the command, and folds evaluated differently
+    assert main(["compare", str(pairs[0][0]), str(pairs[0][1]), "--pool", str(pairs[1][0]), str(pairs[1][1]),
+                 "--bootstrap", "100"]) == 0
+    written = json.loads((tmp_path / "a0" / "compare-b0-pooled2.json").read_text())
+    assert written["folds"] == 2 and written["rows"] == json.loads(json.dumps(list(out.values())))
+    other = json.loads((tmp_path / "a1" / "metrics.json").read_text()) | {"guidance": 1.5}
+    write_json(tmp_path / "a1" / "metrics.json", other)
+    write_json(tmp_path / "b1" / "metrics.json", json.loads((tmp_path / "b1" / "metrics.json").read_text()) | {"guidance": 1.5})
+    with pytest.raises(UsageError, match=r"the folds were not evaluated alike \(guidance differ between them\)"):
+        pool(pairs, 100)
 
 
 def test_an_evaluation_from_before_the_scheduler_key_was_drawn_with_ddim(tmp_path):
