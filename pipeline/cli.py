@@ -143,7 +143,7 @@ def cmd_evaluate(args) -> int:
 def cmd_compare(args) -> int:
     from pipeline.evaluate_compare import compare_command
 
-    return compare_command(args.a, args.b, args.out, args.bootstrap)
+    return compare_command(args.a, args.b, args.out, args.bootstrap, args.pool)
 
 
 def cmd_serve(args) -> int:
@@ -254,6 +254,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("b", help="evaluation folder B (e.g. --no-knn, another index or checkpoint)")
     p.add_argument("--out", help="JSON file to write (default: A/compare-<B's folder name>.json)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over prompts (default 1000)")
+    p.add_argument("--pool", nargs=2, action="append", metavar=("A", "B"),
+                   help="another pair (e.g. the same two conditions on another fold: dedup.holdout_seed), pooled "
+                        "with A B into one comparison; repeat for more folds")
     p.set_defaults(func=cmd_compare)
 
 

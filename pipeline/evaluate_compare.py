@@ -36,6 +36,26 @@ class Graded:
     text: np.ndarray  # [P, d] the prompts
     real: np.ndarray | None = None  # [R, d] the held-out real images (None: a prompt file without images)
     databases: dict[str, np.ndarray] = field(default_factory=dict)  # index folder -> its database sample
+    fold_of_prompt: np.ndarray | None = None  # [P] pooled folds (evaluate_pool): a prompt's rivals are its fold's
+
+
+def prompt_hits(graded: Graded, generated: np.ndarray | None = None) -> dict[int, np.ndarray]:
+    """Per image (graded's samples, or `generated` for the same prompts): 1.0 where its prompt is among
+    the 1 / 5 prompts nearest to it, ranked among all prompts or, pooled, among its fold's."""
+    from model import metrics
+
+    generated = graded.generated if generated is None else generated
+    if graded.fold_of_prompt is None:
+        return metrics.prompt_accuracy(generated, graded.text, graded.prompt_of, ks=(1, 5))
+    hits = {1: np.zeros(len(generated)), 5: np.zeros(len(generated))}
+    for fold in np.unique(graded.fold_of_prompt):
+        prompts = np.nonzero(graded.fold_of_prompt == fold)[0]
+        rows = np.nonzero(np.isin(graded.prompt_of, prompts))[0]
+        local = metrics.prompt_accuracy(generated[rows], graded.text[prompts],
+                                        np.searchsorted(prompts, graded.prompt_of[rows]), ks=(1, 5))
+        for k in hits:
+            hits[k][rows] = local[k]
+    return hits
 
 
 def save_features(out: Path, graded: Graded) -> None:
@@ -109,8 +129,7 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
 
     check_paired(a_result, a, b_result, b)
     groups, rows = a.prompt_of, []
-    acc_a = metrics.prompt_accuracy(a.generated, a.text, groups, ks=(1, 5))
-    acc_b = metrics.prompt_accuracy(b.generated, a.text, groups, ks=(1, 5))
+    acc_a, acc_b = prompt_hits(a), prompt_hits(a, b.generated)
     ga, gb = a_result["generated"], b_result["generated"]
     for k in (1, 5):
         key = f"prompt_accuracy@{k}"
@@ -142,7 +161,7 @@ def compare(a_result: dict, a: Graded, b_result: dict, b: Graded, n_boot: int) -
             for i, key in enumerate(("precision", "recall")):
                 rows.append(_row(f"{key} (k=3) to {label}", True, a_set[key], b_set[key], (value[i], low[i], high[i])))
     return {"a": _side(a_result), "b": _side(b_result), "prompts": a_result["prompts"], "images": a_result["images"],
-            "bootstrap": n_boot, "rows": rows, "skipped": skipped}
+            "folds": a_result.get("folds", 1), "bootstrap": n_boot, "rows": rows, "skipped": skipped}
 
 
 def _side(result: dict) -> dict:
@@ -155,7 +174,8 @@ def print_comparison(result: dict, a_name: str = "A", b_name: str = "B") -> None
     a, b = result["a"], result["b"]
     print(f"\npaired: A = {a_name}: {a['condition']}; {a['sampling']}; step {a['step']}\n"
           f"        B = {b_name}: {b['condition']}; {b['sampling']}; step {b['step']}\n"
-          f"        {result['prompts']} prompts, {result['images']} images each, same noise")
+          f"        {result['prompts']} prompts, {result['images']} images in all, the same noise for A and B"
+          + (f"; pooled over {result['folds']} folds" if result.get("folds", 1) > 1 else ""))
     print(f"{'metric':<36} {'A':>9} {'B':>9} {'A - B':>9}  {'95 % interval':<22} verdict")
     for row in result["rows"]:
         a, b, d = row["a"], row["b"], row["difference"]
@@ -174,15 +194,22 @@ def report_rows(result: dict) -> list[dict]:
              "note": row["verdict"]} for row in result["rows"]]
 
 
-def compare_command(a_dir: str, b_dir: str, out: str | None, n_boot: int) -> int:
-    """`knnd compare A B`: print the paired table and write it as JSON (default A/compare-<B's name>.json)."""
+def compare_command(a_dir: str, b_dir: str, out: str | None, n_boot: int, pools: list | None = None) -> int:
+    """`knnd compare A B [--pool A2 B2 ...]`: print the paired table (pooled over the pairs given) and
+    write it as JSON (default A/compare-<B's name>.json, or A/compare-<B's name>-pooled<n>.json)."""
     if n_boot < 50:
         raise UsageError(f"--bootstrap must be at least 50, got {n_boot}")
-    a_result, a = load_evaluation(Path(a_dir))
-    b_result, b = load_evaluation(Path(b_dir))
+    pairs = [(Path(a_dir), Path(b_dir)), *((Path(x), Path(y)) for x, y in pools or [])]
+    if pools:
+        from pipeline.evaluate_pool import pool
+
+        a_result, a, b_result, b = pool(pairs, n_boot)
+    else:
+        (a_result, a), (b_result, b) = load_evaluation(pairs[0][0]), load_evaluation(pairs[0][1])
     result = compare(a_result, a, b_result, b, n_boot)
-    result["a"]["folder"], result["b"]["folder"] = str(Path(a_dir).resolve()), str(Path(b_dir).resolve())
-    path = Path(out) if out else Path(a_dir) / f"compare-{Path(b_dir).resolve().name}.json"
+    result["a"]["folder"], result["b"]["folder"] = (", ".join(str(p[i].resolve()) for p in pairs) for i in (0, 1))
+    suffix = f"-pooled{len(pairs)}" if pools else ""
+    path = Path(out) if out else Path(a_dir) / f"compare-{Path(b_dir).resolve().name}{suffix}.json"
     write_json(path, result)
     print_comparison(result, Path(a_dir).name, Path(b_dir).name)
     print(f"compare: written to {path}", file=sys.stderr)
