@@ -24,8 +24,9 @@ import faiss
 import numpy as np
 
 from pipeline.cell_assign import PROJECTED_SAMPLE, centroid_assigner
+from pipeline.config import KMEANS_REFINE
 
-REFINE_ITERATIONS = 3  # full k-means iterations after the two levels (index.kmeans_refine)
+REFINE_ITERATIONS = KMEANS_REFINE  # full k-means iterations after the two levels (index.kmeans_refine's default)
 SEED = 1234
 
 

@@ -22,6 +22,7 @@ __all__ = ["Config", "ConfigError", "load_config", "with_overrides", "check_conf
 
 
 _UNSET = object()
+KMEANS_REFINE = 3  # index.kmeans_refine's default, also the default of the library functions (coarse_train)
 
 
 def opt(default, help: str, *, choices=None, min=None, max=None, runtime: bool = False, before=_UNSET):
@@ -113,7 +114,7 @@ class IndexConfig:
                          "of millions raise it (the centroids and the training sample grow as n / cell_size)", min=39)
     hnsw_quantizer_above: int = opt(300_000, "auto factory: above this many vectors the IVF coarse quantizer is an HNSW "
                                     "graph over the centroids (IVF{nlist}_HNSW32)", min=0)
-    kmeans_refine: int = opt(3, "IVF over 1024 cells: full k-means iterations after the two-level k-means, whose "
+    kmeans_refine: int = opt(KMEANS_REFINE, "IVF over 1024 cells: full k-means iterations after the two-level k-means, whose "
                              "groups' borders cost recall per probed cell (README, Performance); 0 to skip", min=0,
                              before=0)  # indexes built before it had none: they count as changed (knnd run index --force)
     nprobe: str | int = opt("auto", '"auto" (tuned to target_recall) or a fixed number of IVF cells to search')
