@@ -21,7 +21,8 @@ import numpy as np
 from pipeline.evaluate_compare import Graded, check_paired, load_evaluation
 from pipeline.runner import UsageError
 
-SHARED = ("images_per_prompt", "seed", "encoder", "steps", "scheduler", "guidance", "k", "no_knn", "neighbours_only")
+SHARED = ("images_per_prompt", "seed", "encoder", "steps", "scheduler", "guidance", "k", "no_knn", "neighbours_only",
+          "where")  # what every fold of one side must share
 
 
 def concat(graded: list[Graded]) -> Graded:
@@ -50,7 +51,7 @@ def pooled_result(results: list[dict], graded: Graded, n_boot: int) -> dict:
     pooled = {key: results[0].get(key) for key in SHARED} | {
         "prompts": len(graded.text), "images": len(graded.generated), "folds": len(results),
         "checkpoint": ", ".join(r["checkpoint"] for r in results), "step": results[0].get("step"),
-        "index": ", ".join(r["index"] for r in results), "where": results[0].get("where"),
+        "index": ", ".join(r["index"] for r in results),
         "generated": {"prompt_accuracy@1": ci(hits[1]), "prompt_accuracy@5": ci(hits[5]),
                       "clip_score": ci(metrics.clip_score(graded.generated, graded.text, groups))},
         "databases": {}}
@@ -65,6 +66,11 @@ def pool(pairs: list[tuple[Path, Path]], n_boot: int) -> tuple[dict, Graded, dic
     for a_dir, b_dir in pairs:
         (a_result, a), (b_result, b) = load_evaluation(a_dir), load_evaluation(b_dir)
         check_paired(a_result, a, b_result, b)
+        for (earlier_dir, _), earlier in zip(pairs, loaded):
+            if earlier[1].text.shape == a.text.shape and np.allclose(earlier[1].text, a.text, atol=1e-4):
+                raise UsageError(f"{a_dir} and {earlier_dir} hold the same prompts: the same fold given twice would "
+                                 f"narrow the intervals without new evidence; pool folds drawn with another "
+                                 f"dedup.holdout_seed")
         loaded.append((a_result, a, b_result, b))
     a, b = concat([x[1] for x in loaded]), concat([x[3] for x in loaded])
     return (pooled_result([x[0] for x in loaded], a, n_boot), a,

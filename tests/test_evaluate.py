@@ -280,6 +280,8 @@ def test_pooled_folds_rank_each_prompt_among_its_own_folds_and_pool_the_set_metr
     fd = metrics.frechet_distance(a.generated, real) - metrics.frechet_distance(b.generated, real)
     assert out["FD to held-out images"]["difference"]["value"] == pytest.approx(fd, rel=1e-4)
     assert a_result["to_real"]["fd"]["value"] == pytest.approx(metrics.frechet_distance(a.generated, real), rel=1e-4)
+    with pytest.raises(UsageError, match=r"a0 hold the same prompts: the same fold given twice"):
+        pool([pairs[0], pairs[1], pairs[0]], 100)
     # the command, and folds evaluated differently
     assert main(["compare", str(pairs[0][0]), str(pairs[0][1]), "--pool", str(pairs[1][0]), str(pairs[1][1]),
                  "--bootstrap", "100"]) == 0
