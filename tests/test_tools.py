@@ -89,3 +89,39 @@ def test_measure_dedup_recall_exact_pairs_and_recall(tmp_path):
     r = tool.compare(found, touching, queries)
     expected = int(np.isin(truth[::2], queries).any(axis=1).sum())
     assert (r["found_of_exact"], r["exact_pairs"], r["extra"]) == (expected, len(touching), 1)
+
+
+def test_neighbour_strata_bands_prompts_by_their_closest_indexed_image(tmp_path, capsys):
+    """Each prompt's band is its held-out image's highest cosine to a kept image (brute force here), and
+    a band's figure is neighbours - text alone over its prompts' images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.synthetic import write_embed_output
+
+    strata = load_tool("neighbour_strata")
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((8, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    write_embed_output(tmp_path, base, shard_size=4)
+    keep = np.array([True, True, True, True, False, False, False, False])
+    (tmp_path / "dedup").mkdir()
+    pq.write_table(pa.table({"row": np.arange(8), "keep": keep}), tmp_path / "dedup" / "keep.parquet")
+    # prompts 0, 1: a held-out image that is a kept image (cosine 1); prompts 2, 3: orthogonal to all kept ones
+    real = np.stack([base[0], base[1], np.zeros(16), np.zeros(16)]).astype(np.float32)
+    kept_basis = np.linalg.svd(base[:4])[2]  # rows 4.. of vt span the complement of the kept images
+    real[2], real[3] = kept_basis[4], kept_basis[5]
+    text = np.eye(4, 16, dtype=np.float32)
+    prompt_of = np.repeat(np.arange(4), 2)
+    right, wrong = text[prompt_of], text[(prompt_of + 1) % 4]
+    with_knn = np.where(prompt_of[:, None] < 2, right, wrong)  # the neighbours fix the prompts with a near twin
+    for sub, generated in (("evaluate", with_knn), ("evaluate/no_knn", wrong)):
+        (tmp_path / sub).mkdir(parents=True)
+        np.savez(tmp_path / sub / "features.npz", generated=generated, prompt_of=prompt_of, text=text, real=real)
+    closest, hits_knn, hits_text, _ = strata.fold_effects(tmp_path)
+    np.testing.assert_allclose(closest, [1, 1, 0, 0], atol=1e-3)
+    assert strata.main([str(tmp_path), "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "closest cosine [0.00, 0.90): 2 prompts; neighbours - text alone: acc@5 +0.000" in out
+    assert "closest cosine [0.98, 1.00): 2 prompts; neighbours - text alone: acc@5 +0.000" in out
+    assert "acc@1 +1.000 [+1.000, +1.000]" in out and "acc@1 +0.000 [+0.000, +0.000]" in out
