@@ -5,10 +5,17 @@ Brute force costs nlist x d per vector. IVF centroids often span far fewer than 
 re-scores the best ``PROJECTED_K_FACTOR`` x k of them in full (faiss ``IndexRefine``). The projection
 is kept only when it finds the same cells as brute force for a sample of the vectors to assign;
 otherwise, and for centroids that need most of d, the assigner is the flat index.
+
+Ranking every centroid still costs nlist per vector, so with cells of constant size assignment grows
+as N^2. Above ``GROUPED_MIN_NLIST`` cells the centroids are grouped too (faiss ``IndexIVFFlat`` over
+them, sqrt(nlist) groups, in the same space): a vector scores the group centres, then the centroids
+of its ``nprobe`` nearest groups, about (1 + nprobe) sqrt(nlist) instead of nlist. The fewest probed
+groups that agree with brute force on the sample, as for the projection, or no grouping.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import faiss
 import numpy as np
@@ -23,6 +30,10 @@ PROJECTED_SAMPLE = 1000  # vectors checked
 # exact, and at 3M vectors (22,893 cells, 2 threads, in full) 7.7k vectors/s against 7.0k (adds,
 # efSearch 32) and 3.9k (queries, 64).
 EXACT_COARSE_MAX_NLIST = 32_768
+
+GROUPED_MIN_NLIST = 4096  # below it ranking every centroid costs little more than ranking groups
+GROUPED_NPROBES = (4, 8, 16, 32, 64)  # groups probed, tried in order
+GROUPED_SEED = 1234
 
 
 def centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
@@ -40,8 +51,11 @@ def cell_assigner(ivf: faiss.IndexIVF, sample: np.ndarray, k: int) -> faiss.Inde
     return centroid_assigner(flat.reconstruct_n(0, ivf.nlist), flat.metric_type, sample, k)
 
 
-def centroid_assigner(centroids: np.ndarray, metric: int, sample: np.ndarray, k: int) -> faiss.Index:
-    """``cell_assigner`` for bare ``centroids`` [nlist, d] (e.g. k-means' own, between iterations)."""
+def centroid_assigner(centroids: np.ndarray, metric: int, sample: np.ndarray, k: int,
+                      grouped_agreement: float = PROJECTED_MIN_AGREEMENT) -> faiss.Index:
+    """``cell_assigner`` for bare ``centroids`` [nlist, d] (e.g. k-means' own, between iterations).
+    ``grouped_agreement``: what a grouping must find of brute force's cells (k-means iterations
+    can take less than an add)."""
     nlist, d = centroids.shape
     flat = faiss.IndexFlat(d, metric)
     flat.add(centroids)
@@ -50,27 +64,33 @@ def centroid_assigner(centroids: np.ndarray, metric: int, sample: np.ndarray, k:
     if len(x) == 0:
         return flat
     _, truth = flat.search(x, k)
+    agrees = lambda index, at=PROJECTED_MIN_AGREEMENT: cell_agreement(index.search(x, k)[1], truth) >= at  # noqa: E731
     directions = principal_directions(centroids)
-    for dims in PROJECTED_DIMS:
-        if dims >= d / 2 or dims >= nlist:
-            break
-        projected = projected_index(centroids, directions[:dims], metric)
-        _, found = projected.search(x, k)
-        if cell_agreement(found, truth) >= PROJECTED_MIN_AGREEMENT:
-            return projected
+    bases = [directions[:dims] for dims in PROJECTED_DIMS if dims < d / 2 and dims < nlist] + [None]
+    for basis in bases:
+        plain = flat if basis is None else projected_index(centroids, basis, metric)
+        if plain is not flat and not agrees(plain):
+            continue
+        if nlist >= GROUPED_MIN_NLIST:
+            grouped = projected_index(centroids, basis, metric, GROUPED_NPROBES[0])
+            for nprobe in GROUPED_NPROBES:
+                groups_of(grouped).nprobe = nprobe
+                if agrees(grouped, grouped_agreement):
+                    return grouped
+        return plain
     return flat
 
 
 def exact_assigner(ivf: faiss.IndexIVF, sample: np.ndarray, k: int) -> faiss.Index | None:
     """Brute force over the centroids (``cell_assigner``, checked on ``sample`` for ``k``
-    cells) where it beats the HNSW quantizer: up to ``EXACT_COARSE_MAX_NLIST`` centroids of d
-    dimensions, proportionally more when a projection to fewer dimensions finds the same cells. None
+    cells) where it beats the HNSW quantizer: ranking up to ``EXACT_COARSE_MAX_NLIST`` centroids of d
+    dimensions a vector, proportionally more when a projection or grouping finds the same cells. None
     for a flat quantizer (already exact) or a graph too large for either."""
     hnsw = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
-    if not hnsw or ivf.nlist > EXACT_COARSE_MAX_NLIST * ivf.d / 32:
+    if not hnsw or ivf.nlist > EXACT_COARSE_MAX_NLIST * ivf.d / 32:  # beyond: copies of GBs of centroids
         return None
     assigner = cell_assigner(ivf, sample, k)
-    return assigner if ivf.nlist * assigner_dims(assigner) <= EXACT_COARSE_MAX_NLIST * ivf.d else None
+    return assigner if assigner_cost(assigner, ivf.nlist) <= EXACT_COARSE_MAX_NLIST * ivf.d else None
 
 
 def principal_directions(centroids: np.ndarray) -> np.ndarray:
@@ -80,16 +100,33 @@ def principal_directions(centroids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors[:, ::-1].T, dtype=np.float32)
 
 
-def projected_index(centroids: np.ndarray, basis: np.ndarray, metric: int) -> faiss.IndexRefine:
-    """Flat search over the centroids projected on ``basis`` (d' rows of d), re-scored in full by an
-    IndexFlat."""
-    dims = len(basis)
-    transform = faiss.LinearTransform(centroids.shape[1], dims, False)
-    faiss.copy_array_to_vector(basis.ravel(), transform.A)
-    transform.is_trained = True
-    low = faiss.IndexPreTransform(transform, faiss.IndexFlat(dims, metric))
+def projected_index(centroids: np.ndarray, basis: np.ndarray | None, metric: int, nprobe: int = 0) -> faiss.IndexRefine:
+    """Search over the centroids projected on ``basis`` (d' rows of d; None: all d dimensions), re-scored
+    in full by an IndexFlat: flat, or with ``nprobe`` > 0 grouped (an IndexIVFFlat of sqrt(nlist)
+    groups trained on the projected centroids, ``nprobe`` of them searched)."""
+    nlist, d = centroids.shape
+    dims = d if basis is None else len(basis)
+    if nprobe:
+        groups = max(1, int(math.sqrt(nlist)))
+        quantizer = faiss.IndexFlat(dims, metric)
+        low = faiss.IndexIVFFlat(quantizer, dims, groups, metric)
+        low.own_fields = True
+        quantizer.this.disown()
+        low.cp.seed, low.cp.spherical = GROUPED_SEED, metric == faiss.METRIC_INNER_PRODUCT
+        low.nprobe = min(nprobe, groups)
+    else:
+        low = faiss.IndexFlat(dims, metric)
+    if basis is not None:
+        transform = faiss.LinearTransform(d, dims, False)
+        faiss.copy_array_to_vector(np.ascontiguousarray(basis, np.float32).ravel(), transform.A)
+        transform.is_trained = True
+        pre = faiss.IndexPreTransform(transform, low)
+        pre.own_fields = True
+        transform.this.disown(), low.this.disown()
+        low = pre
+    low.train(centroids)  # the groups (a flat or a transform has nothing to train)
     low.add(centroids)
-    full = faiss.IndexFlat(centroids.shape[1], metric)
+    full = faiss.IndexFlat(d, metric)
     full.add(centroids)
     index = faiss.IndexRefine(low, full)
     index.own_fields = index.own_refine_index = True
@@ -116,10 +153,25 @@ def stored_sample(ivf: faiss.IndexIVFFlat, n: int, seed: int = 0) -> np.ndarray:
 
 
 def assigner_dims(assigner: faiss.Index) -> int:
-    """Dimensions a ``cell_assigner`` ranks every centroid in (the projection's, or d for brute force)."""
-    if isinstance(assigner, faiss.IndexRefine):
-        return faiss.downcast_index(assigner.base_index).index.d
-    return assigner.d
+    """Dimensions a ``cell_assigner`` ranks centroids in (the projection's, or d)."""
+    low = faiss.downcast_index(assigner.base_index) if isinstance(assigner, faiss.IndexRefine) else assigner
+    return low.index.d if isinstance(low, faiss.IndexPreTransform) else low.d
+
+
+def groups_of(assigner: faiss.Index) -> faiss.IndexIVF | None:
+    """The IndexIVFFlat that groups a grouped ``cell_assigner``'s centroids, None for one that ranks all."""
+    low = faiss.downcast_index(assigner.base_index) if isinstance(assigner, faiss.IndexRefine) else assigner
+    if isinstance(low, faiss.IndexPreTransform):
+        low = faiss.downcast_index(low.index)
+    return low if isinstance(low, faiss.IndexIVF) else None
+
+
+def assigner_cost(assigner: faiss.Index, nlist: int) -> float:
+    """Multiply-adds per vector a ``cell_assigner`` over ``nlist`` centroids spends ranking them (about:
+    a grouped one scores every group centre and the centroids of the groups it probes)."""
+    groups = groups_of(assigner)
+    scored = groups.nlist + groups.nprobe * nlist / groups.nlist if groups is not None else nlist
+    return scored * assigner_dims(assigner)
 
 
 @contextlib.contextmanager
@@ -157,17 +209,11 @@ def cells_by_row(ivf: faiss.IndexIVF, n_rows: int) -> np.ndarray:
     return cells
 
 
-def basis_of(assigner: faiss.Index) -> np.ndarray:
-    """The projection of a ``cell_assigner`` ([d', d] rows), or [0, d] for brute force in full."""
-    if not isinstance(assigner, faiss.IndexRefine):
-        return np.zeros((0, assigner.d), np.float32)
-    transform = faiss.downcast_VectorTransform(faiss.downcast_index(assigner.base_index).chain.at(0))
-    return faiss.vector_to_array(transform.A).reshape(transform.d_out, transform.d_in)
+def to_bytes(assigner: faiss.Index | None) -> np.ndarray:
+    """uint8 [n]: a ``cell_assigner`` serialized (faiss), empty for None (the index's own quantizer)."""
+    return np.zeros(0, np.uint8) if assigner is None else faiss.serialize_index(assigner)
 
 
-def assigner_from_basis(ivf: faiss.IndexIVF, basis: np.ndarray) -> faiss.Index:
-    """The ``cell_assigner`` that ``basis_of`` describes, over ``ivf``'s centroids, without checking again."""
-    flat = centroid_index(ivf)
-    if len(basis) == 0:
-        return flat
-    return projected_index(flat.reconstruct_n(0, ivf.nlist), np.ascontiguousarray(basis, np.float32), flat.metric_type)
+def from_bytes(blob: np.ndarray) -> faiss.Index | None:
+    """The assigner ``to_bytes`` wrote (unchecked: it was checked where it was chosen), or None."""
+    return faiss.deserialize_index(np.ascontiguousarray(blob, np.uint8)) if blob.size else None

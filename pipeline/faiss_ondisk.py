@@ -25,7 +25,6 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from pipeline.cell_assign import assigner_from_basis
 from pipeline.faiss_build import add_batches, make_index, on_gpu
 from pipeline.files import atomic_path
 
@@ -87,16 +86,15 @@ def supports_parts(factory: str, d: int) -> bool:
 
 def write_partial(
     trained_path: str | os.PathLike, batches: Iterable[tuple[np.ndarray, np.ndarray]], out_path: str | os.PathLike,
-    basis: np.ndarray | None = None,
+    assigner: faiss.Index | None = None,
 ) -> int:
     """Add (rows, vectors) blocks to a copy of the trained index at ``trained_path`` and write it to
     ``out_path`` (atomically); returns how many vectors it holds. Assignment runs on the CPU: parts
-    are CPU tasks; with ``basis`` (``cell_assign.basis_of``, chosen once for every part) brute force
-    over the centroids, projected on it when it has rows."""
+    are CPU tasks; with ``assigner`` (a ``cell_assign.exact_assigner``, chosen once for every part),
+    through it instead of the index's quantizer."""
     index = faiss.read_index(os.fspath(trained_path))
     if index.ntotal:
         raise ValueError(f"{trained_path} already holds {index.ntotal} vectors: pass the empty trained index")
-    assigner = None if basis is None else assigner_from_basis(faiss.extract_index_ivf(index), basis)
     added = add_batches(index, batches, use_gpu=False, assigner=assigner)
     save_index(index, out_path)
     return added

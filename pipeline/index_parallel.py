@@ -3,7 +3,7 @@ vectors in its own Ray task into a partial index, merge the parts into image.ind
 (faiss on-disk inverted lists, pipeline.faiss_ondisk).
 
     index/parts/trained.index        the trained, empty index (written once; a resume reuses it)
-    index/parts/assign_basis.npy     how the tasks assign vectors to cells (written once, after it)
+    index/parts/assigner.npy         how the tasks assign vectors to cells (written once, after it)
     index/parts/part_{shard:05d}.index  one embed shard's kept vectors, ids = embed rows
     index/_run/done/{shard:05d}.json    written after its part: a resume does not redo that shard
 
@@ -28,27 +28,28 @@ PARTS = "parts"
 
 
 def add_shard(trained_path: str, vectors_path: str, row_offset: int, rows: np.ndarray, out_path: str,
-              batch_size: int, basis_path: str) -> dict:
+              batch_size: int, assigner_path: str) -> dict:
     """One Ray task: the kept `rows` (global embed rows) of one embed shard's float16 file, added to a
-    copy of the trained index and written to `out_path`, cells assigned as `basis_path` says
-    (`_assign_basis`). Returns {vectors, node}."""
+    copy of the trained index and written to `out_path`, cells assigned by the assigner at
+    `assigner_path` (`_assigner`). Returns {vectors, node}."""
     vectors = np.load(vectors_path, mmap_mode="r")
     batches = ((rows[i:i + batch_size], vectors[rows[i:i + batch_size] - row_offset])
                for i in range(0, len(rows), batch_size))
-    basis = np.load(basis_path)  # [0, 0]: the index's own quantizer assigns
-    added = write_partial(trained_path, batches, out_path, basis if basis.shape[1] else None)
+    from pipeline.cell_assign import from_bytes
+
+    added = write_partial(trained_path, batches, out_path, from_bytes(np.load(assigner_path)))
     return {"vectors": int(added), "node": node_id()}
 
 
-def _assign_basis(parts: Path, trained_path: Path, emb: Embeddings, kept_rows: np.ndarray) -> Path:
-    """parts/assign_basis.npy, written once: how every task assigns its vectors to cells, chosen here on
-    a sample of the kept vectors instead of in each task (~1.9 s of a 3M task's ~3.2 s):
-    `cell_assign.basis_of` the assigner, or [0, 0] where the index's own quantizer assigns."""
-    path = parts / "assign_basis.npy"
+def _assigner(parts: Path, trained_path: Path, emb: Embeddings, kept_rows: np.ndarray) -> Path:
+    """parts/assigner.npy, written once: how every task assigns its vectors to cells, chosen here on
+    a sample of the kept vectors instead of in each task (~1.9 s of a 3M task's ~3.2 s): the
+    `cell_assign.exact_assigner` serialized (`to_bytes`), empty where the index's own quantizer assigns."""
+    path = parts / "assigner.npy"
     if not path.exists():
         import faiss
 
-        from pipeline.cell_assign import PROJECTED_SAMPLE, basis_of, exact_assigner
+        from pipeline.cell_assign import PROJECTED_SAMPLE, exact_assigner, to_bytes
         from pipeline.faiss_assign import pretransformed
 
         index = faiss.read_index(str(trained_path))
@@ -56,7 +57,7 @@ def _assign_basis(parts: Path, trained_path: Path, emb: Embeddings, kept_rows: n
         rows = np.sort(rng.choice(kept_rows, size=min(len(kept_rows), PROJECTED_SAMPLE), replace=False))
         assigner = exact_assigner(faiss.extract_index_ivf(index), pretransformed(index, emb[rows].astype(np.float32)), 1)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.zeros((0, 0), np.float32) if assigner is None else basis_of(assigner))
+            np.save(f, to_bytes(assigner))
     return path
 
 
@@ -69,7 +70,7 @@ def build_parallel(stage: StageRun, emb: Embeddings, kept_rows: np.ndarray, trai
     trained_path = parts / "trained.index"
     if not trained_path.exists():
         save_index(train(), trained_path)
-    basis_path = _assign_basis(parts, trained_path, emb, kept_rows)
+    assigner_path = _assigner(parts, trained_path, emb, kept_rows)
     shards = _shard_rows(emb, kept_rows)
     stage.plan(len(shards))
     reused = [s for s in shards if stage.shard_done(s) and _part(parts, s).exists()]
@@ -77,7 +78,7 @@ def build_parallel(stage: StageRun, emb: Embeddings, kept_rows: np.ndarray, trai
     progress = stage.progress(len(shards), unit="vectors")
     if todo:
         calls = {s: (str(trained_path), str((emb.dir / emb.shards[s]["img_emb"]).resolve()), int(emb.offsets[s]),
-                     shards[s], str(_part(parts, s)), stage.conf.add_batch_size, str(basis_path)) for s in todo}
+                     shards[s], str(_part(parts, s)), stage.conf.add_batch_size, str(assigner_path)) for s in todo}
         failed = lambda shard, cause: StageError(  # noqa: E731
             f"index: adding embed shard {shard} failed ({str(cause)[:300]}); "
             f"re-run `knnd run index` to resume (finished shards are kept)")

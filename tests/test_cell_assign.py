@@ -139,24 +139,73 @@ def _ids_by_list(index) -> list:
 
 
 def test_parallel_build_tasks_use_the_assigner_the_driver_chose(low_rank, tmp_path):
-    """The index stage's parallel build chooses the assigner once (parts/assign_basis.npy) and every
-    task rebuilds it from that basis unchecked: each vector still lands in its nearest centroid's list.
-    A flat quantizer records [0, 0]: the tasks add through the index itself."""
+    """The index stage's parallel build chooses the assigner once (parts/assigner.npy, faiss-serialized)
+    and every task reads it back unchecked: each vector still lands in its nearest centroid's list.
+    A flat quantizer records nothing: the tasks add through the index itself."""
     from pipeline.faiss_ondisk import write_partial
-    from pipeline.index_parallel import _assign_basis
+    from pipeline.index_parallel import _assigner
 
     vectors, rows = low_rank["vectors"], np.arange(len(low_rank["vectors"]))
     oracle = ivf_over(low_rank["centroids"])
     oracle.add_with_ids(vectors, rows)
-    for hnsw, shape in ((True, (32, D)), (False, (0, 0))):
+    for hnsw in (True, False):
         parts = tmp_path / f"parts_{hnsw}"
         parts.mkdir()
         trained = ivf_over(low_rank["centroids"], hnsw=hnsw)
         faiss.write_index(trained, str(parts / "trained.index"))
-        basis = np.load(_assign_basis(parts, parts / "trained.index", vectors, rows))
-        assert basis.shape == shape
-        assert np.load(_assign_basis(parts, parts / "trained.index", vectors[:0], rows[:0])).shape == shape  # kept
-        written = write_partial(parts / "trained.index", [(rows, vectors)], parts / "part.index",
-                                basis if len(basis) else None)
+        blob = np.load(_assigner(parts, parts / "trained.index", vectors, rows))
+        assert (blob.size > 0) == hnsw
+        assert np.array_equal(np.load(_assigner(parts, parts / "trained.index", vectors[:0], rows[:0])), blob)  # kept
+        assigner = cell_assign.from_bytes(blob)
+        assert (assigner is not None and cell_assign.assigner_dims(assigner) == 32) == hnsw
+        written = write_partial(parts / "trained.index", [(rows, vectors)], parts / "part.index", assigner)
         assert written == len(vectors)
         assert _ids_by_list(faiss.read_index(str(parts / "part.index"))) == _ids_by_list(oracle)
+
+
+def blobs(rng: np.random.Generator, n_blobs: int, per_blob: int, spread: float) -> np.ndarray:
+    """Unit vectors in ``n_blobs`` tight groups of ``per_blob`` around random directions of D."""
+    centres = rng.standard_normal((n_blobs, D))
+    x = np.repeat(centres, per_blob, axis=0) + spread * rng.standard_normal((n_blobs * per_blob, D))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", [IP, faiss.METRIC_L2])
+def test_grouped_centroids_are_ranked_by_group_and_give_brute_forces_cells(monkeypatch, metric):
+    """1,600 centroids in 40 tight blobs: above GROUPED_MIN_NLIST the assigner scores the 40 group
+    centres and the centroids of the fewest groups that agree with brute force (4 here), a tenth of
+    the scores brute force spends, and finds brute force's cells for vectors it was not checked on.
+    Serialized (a parallel build's tasks), it finds the same cells."""
+    monkeypatch.setattr(cell_assign, "GROUPED_MIN_NLIST", 1000)
+    rng = np.random.default_rng(2)
+    centroids = blobs(rng, 40, 40, 0.3)
+    vectors = centroids[rng.integers(0, len(centroids), 3000)] + 0.02 * rng.standard_normal((3000, D)).astype(np.float32)
+    assigner = cell_assign.centroid_assigner(centroids, metric, vectors[:1000], 2)
+    groups = cell_assign.groups_of(assigner)
+    assert groups is not None and (groups.nlist, groups.nprobe) == (40, 4)
+    assert cell_assign.assigner_cost(assigner, 1600) == (40 + 4 * 1600 / 40) * cell_assign.assigner_dims(assigner)
+    assert cell_assign.assigner_cost(assigner, 1600) < 0.15 * 1600 * D
+    flat = faiss.IndexFlat(D, metric)
+    flat.add(centroids)
+    want_sims, want_cells = flat.search(vectors[1000:], 2)
+    sims, cells = assigner.search(vectors[1000:], 2)
+    assert cell_assign.cell_agreement(cells, want_cells) >= 0.998
+    same = (cells == want_cells).all(1)
+    np.testing.assert_allclose(sims[same], want_sims[same], rtol=1e-5, atol=1e-5)  # re-scored in full
+    np.testing.assert_array_equal(cell_assign.from_bytes(cell_assign.to_bytes(assigner)).search(vectors, 2)[1],
+                                  assigner.search(vectors, 2)[1])
+
+
+def test_centroids_that_do_not_group_are_ranked_all(monkeypatch):
+    """Centroids spread evenly: no number of probed groups the assigner may try finds brute force's
+    cells, so every centroid is ranked (no grouping), unless the caller accepts less agreement."""
+    monkeypatch.setattr(cell_assign, "GROUPED_MIN_NLIST", 1000)
+    monkeypatch.setattr(cell_assign, "GROUPED_NPROBES", (2, 4))
+    rng = np.random.default_rng(3)
+    centroids = blobs(rng, 1200, 1, 0.0)
+    sample = centroids[rng.integers(0, 1200, 1000)] + 0.05 * rng.standard_normal((1000, D)).astype(np.float32)
+    assert cell_assign.groups_of(cell_assign.centroid_assigner(centroids, IP, sample, 1)) is None
+    loose = cell_assign.centroid_assigner(centroids, IP, sample, 1, grouped_agreement=0.0)
+    assert cell_assign.groups_of(loose).nprobe == 2
+
+
