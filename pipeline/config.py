@@ -22,7 +22,7 @@ __all__ = ["Config", "ConfigError", "load_config", "with_overrides", "check_conf
 
 
 _UNSET = object()
-KMEANS_REFINE = 3  # index.kmeans_refine's default, also the default of the library functions (coarse_train)
+KMEANS_REFINE = 5  # index.kmeans_refine's default, also the default of the library functions (coarse_train)
 
 
 def opt(default, help: str, *, choices=None, min=None, max=None, runtime: bool = False, before=_UNSET):

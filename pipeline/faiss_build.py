@@ -24,7 +24,8 @@ import faiss
 import numpy as np
 
 from pipeline.cell_assign import EXACT_COARSE_MAX_NLIST, centroid_index, exact_assigner  # noqa: F401 - re-exported
-from pipeline.coarse_train import REFINE_ITERATIONS, coarse_centroids
+from pipeline.coarse_train import coarse_centroids
+from pipeline.config import KMEANS_REFINE
 from pipeline.sizes import format_bytes, parse_bytes
 
 METRIC = faiss.METRIC_INNER_PRODUCT
@@ -261,7 +262,7 @@ def _min_training_points(index: faiss.Index) -> int:
 
 def train_index(
     factory: str, d: int, train_vectors: np.ndarray | None, use_gpu: bool | None = None,
-    refine_iterations: int = REFINE_ITERATIONS,
+    refine_iterations: int = KMEANS_REFINE,
 ) -> faiss.Index:
     """An empty, trained index for ``factory`` (see ``training_sample_size`` for the sample to pass).
 
@@ -332,7 +333,7 @@ def add_batches(
     on the first batch) up to ``EXACT_COARSE_MAX_NLIST`` cells, more where a projection finds the
     same cells; above that it assigns with efSearch >= ``QUANTIZER_ADD_EF``: 97 % of vectors reach
     their nearest cell (3M) instead of 78 % with the graph's default of 16. ``assigner``: one built
-    already (a parallel build's tasks get it from the driver, ``cell_assign.assigner_from_basis``).
+    already (a parallel build's tasks get it from the driver, ``cell_assign.from_bytes``).
     """
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and assigner is None and resolve_gpu(use_gpu):

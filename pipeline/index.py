@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.coarse_train import REFINE_ITERATIONS
+from pipeline.config import KMEANS_REFINE
 from pipeline.embeddings import Embeddings, metadata_files, read_keep
 from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, train_index,
                                   training_sample_size)
@@ -49,7 +49,7 @@ def check(cfg) -> None:
                              f'use "auto" or e.g. "IVF1024,Flat", "OPQ64_256,IVF4096,PQ64", "HNSW32"') from None
 
 
-def train(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, refine_iterations: int = REFINE_ITERATIONS):
+def train(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, refine_iterations: int = KMEANS_REFINE):
     """`factory` trained on a random sample of the kept rows (sized by training_sample_size), empty."""
     rng = np.random.default_rng(seed)
     size = training_sample_size(factory, len(kept_rows))
