@@ -17,8 +17,9 @@ and above ``cell_assign.GROUPED_MIN_NLIST`` cells only among the centroids of th
 long as that finds ``REFINE_AGREEMENT`` of the nearest centroids (k-means with approximate assignment:
 a point that lands in its second-nearest cell moves that centroid a little). Or a flat index on the
 GPUs. Three exact iterations took recall@10 at nprobe 1 from 0.830 to 0.965 at 1M; five grouped ones
-(the default since) build the 1M and 3M growth indexes in 0.85x and 0.72x the time, with nprobe 1
-reaching the recall target at both (README, Performance, "2026-12-01").
+(the default since) fit better (0.971 at 1M; at 3M nprobe 1 reaches the 0.95 target where three exact
+ones needed 2) at about the same cost, measured between 0.86x and 1.39x as fast depending on the
+host's state (README, Performance, "2026-12-01").
 """
 from __future__ import annotations
 
