@@ -46,7 +46,7 @@ def centroid_index(ivf: faiss.IndexIVF) -> faiss.IndexFlat:
 def cell_assigner(ivf: faiss.IndexIVF, sample: np.ndarray, k: int) -> faiss.Index:
     """An index over ``ivf``'s centroids whose ``search(x, k)`` gives each vector's k nearest cells:
     the projected one of the fewest dimensions that agrees with brute force on ``sample`` (vectors in
-    the IVF's space, after any OPQ), else ``centroid_index``."""
+    the IVF's space, after any OPQ), grouped where that agrees too, else ``centroid_index``."""
     flat = centroid_index(ivf)
     return centroid_assigner(flat.reconstruct_n(0, ivf.nlist), flat.metric_type, sample, k)
 
@@ -154,16 +154,19 @@ def stored_sample(ivf: faiss.IndexIVFFlat, n: int, seed: int = 0) -> np.ndarray:
 
 def assigner_dims(assigner: faiss.Index) -> int:
     """Dimensions a ``cell_assigner`` ranks centroids in (the projection's, or d)."""
-    low = faiss.downcast_index(assigner.base_index) if isinstance(assigner, faiss.IndexRefine) else assigner
-    return low.index.d if isinstance(low, faiss.IndexPreTransform) else low.d
+    return _ranking_index(assigner).d
 
 
 def groups_of(assigner: faiss.Index) -> faiss.IndexIVF | None:
     """The IndexIVFFlat that groups a grouped ``cell_assigner``'s centroids, None for one that ranks all."""
-    low = faiss.downcast_index(assigner.base_index) if isinstance(assigner, faiss.IndexRefine) else assigner
-    if isinstance(low, faiss.IndexPreTransform):
-        low = faiss.downcast_index(low.index)
+    low = _ranking_index(assigner)
     return low if isinstance(low, faiss.IndexIVF) else None
+
+
+def _ranking_index(assigner: faiss.Index) -> faiss.Index:
+    """The index a ``cell_assigner`` ranks centroids with: inside its re-scoring and projection, if any."""
+    low = faiss.downcast_index(assigner.base_index) if isinstance(assigner, faiss.IndexRefine) else assigner
+    return faiss.downcast_index(low.index) if isinstance(low, faiss.IndexPreTransform) else low
 
 
 def assigner_cost(assigner: faiss.Index, nlist: int) -> float:
