@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))  # the benchmarks package beside this script, and the tools it calls
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import pipeline  # noqa: E402,F401  sets OPENBLAS_CORETYPE before faiss loads, for the bare baselines' processes too
+
 from benchmarks.bulk_search import section_bulk_search  # noqa: E402
 from benchmarks.common import FULL, QUICK, Bench, Row, Sizes, clock, config, table  # noqa: E402
 from benchmarks.dedup import section_dedup  # noqa: E402

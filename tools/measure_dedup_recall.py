@@ -28,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+import pipeline  # noqa: E402,F401  sets OPENBLAS_CORETYPE before faiss loads (pipeline/openblas.py)
 
 
 def exact_pairs(emb, threshold: float, queries: np.ndarray, block: int = 8192) -> np.ndarray:

@@ -210,7 +210,8 @@ class Bench:
                 import torch
 
                 return {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads(),
-                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+                        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
 
             return ray.get(threads.remote())
         return self.once("worker_threads", probe)
