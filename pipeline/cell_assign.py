@@ -10,7 +10,9 @@ Ranking every centroid still costs nlist per vector, so with cells of constant s
 as N^2. Above ``GROUPED_MIN_NLIST`` cells the centroids are grouped too (faiss ``IndexIVFFlat`` over
 them, sqrt(nlist) groups, in the same space): a vector scores the group centres, then the centroids
 of its ``nprobe`` nearest groups, about (1 + nprobe) sqrt(nlist) instead of nlist. The fewest probed
-groups that agree with brute force on the sample, as for the projection, or no grouping.
+groups that agree with brute force on the sample, as for the projection, or no grouping. Those scores
+come from faiss's IVF scanning loops, each several times the cost of one in the flat ranking's single
+matrix product (``GROUPED_SCAN_FACTOR``), so a grouping is kept only where it is cheaper counted so.
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ PROJECTED_SAMPLE = 1000  # vectors checked
 EXACT_COARSE_MAX_NLIST = 32_768
 
 GROUPED_MIN_NLIST = 4096  # below it ranking every centroid costs little more than ranking groups
+# A grouped ranking's multiply-add (faiss's IVF scan) against the flat ranking's (one BLAS product),
+# measured on 2 threads with faiss on the CPU's own kernels (pipeline/openblas.py): 103-135 ps against
+# 18 ps over 22,930 centroids, 87-171 against 25 over 7,604 (README, Performance, "faiss was running
+# on generic kernels").
+GROUPED_SCAN_FACTOR = 6
 GROUPED_NPROBES = (4, 8, 16, 32, 64)  # groups probed, tried in order
 GROUPED_SEED = 1234
 
@@ -75,6 +82,8 @@ def centroid_assigner(centroids: np.ndarray, metric: int, sample: np.ndarray, k:
             grouped = projected_index(centroids, basis, metric, GROUPED_NPROBES[0])
             for nprobe in GROUPED_NPROBES:
                 groups_of(grouped).nprobe = nprobe
+                if assigner_cost(grouped, nlist) >= assigner_cost(plain, nlist):
+                    break  # more probed groups only cost more
                 if agrees(grouped, grouped_agreement):
                     return grouped
         return plain
@@ -170,10 +179,11 @@ def _ranking_index(assigner: faiss.Index) -> faiss.Index:
 
 
 def assigner_cost(assigner: faiss.Index, nlist: int) -> float:
-    """Multiply-adds per vector a ``cell_assigner`` over ``nlist`` centroids spends ranking them (about:
-    a grouped one scores every group centre and the centroids of the groups it probes)."""
+    """Multiply-adds per vector a ``cell_assigner`` over ``nlist`` centroids spends ranking them, in
+    units of the flat ranking's (about: a grouped one scores every group centre, then the centroids of
+    the groups it probes at ``GROUPED_SCAN_FACTOR`` each)."""
     groups = groups_of(assigner)
-    scored = groups.nlist + groups.nprobe * nlist / groups.nlist if groups is not None else nlist
+    scored = groups.nlist + GROUPED_SCAN_FACTOR * groups.nprobe * nlist / groups.nlist if groups is not None else nlist
     return scored * assigner_dims(assigner)
 
 

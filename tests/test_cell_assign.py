@@ -174,7 +174,8 @@ def blobs(rng: np.random.Generator, n_blobs: int, per_blob: int, spread: float) 
 def test_grouped_centroids_are_ranked_by_group_and_give_brute_forces_cells(monkeypatch, metric):
     """1,600 centroids in 40 tight blobs: above GROUPED_MIN_NLIST the assigner scores the 40 group
     centres and the centroids of the fewest groups that agree with brute force (4 here), a tenth of
-    the scores brute force spends, and finds brute force's cells for vectors it was not checked on.
+    the scores brute force spends (under two thirds of its cost, a scanned score costing
+    GROUPED_SCAN_FACTOR), and finds brute force's cells for vectors it was not checked on.
     Serialized (a parallel build's tasks), it finds the same cells."""
     monkeypatch.setattr(cell_assign, "GROUPED_MIN_NLIST", 1000)
     rng = np.random.default_rng(2)
@@ -183,8 +184,9 @@ def test_grouped_centroids_are_ranked_by_group_and_give_brute_forces_cells(monke
     assigner = cell_assign.centroid_assigner(centroids, metric, vectors[:1000], 2)
     groups = cell_assign.groups_of(assigner)
     assert groups is not None and (groups.nlist, groups.nprobe) == (40, 4)
-    assert cell_assign.assigner_cost(assigner, 1600) == (40 + 4 * 1600 / 40) * cell_assign.assigner_dims(assigner)
-    assert cell_assign.assigner_cost(assigner, 1600) < 0.15 * 1600 * D
+    dims = cell_assign.assigner_dims(assigner)
+    assert cell_assign.assigner_cost(assigner, 1600) == (40 + cell_assign.GROUPED_SCAN_FACTOR * 4 * 1600 / 40) * dims
+    assert cell_assign.assigner_cost(assigner, 1600) < 0.67 * 1600 * dims
     flat = faiss.IndexFlat(D, metric)
     flat.add(centroids)
     want_sims, want_cells = flat.search(vectors[1000:], 2)
@@ -194,6 +196,18 @@ def test_grouped_centroids_are_ranked_by_group_and_give_brute_forces_cells(monke
     np.testing.assert_allclose(sims[same], want_sims[same], rtol=1e-5, atol=1e-5)  # re-scored in full
     np.testing.assert_array_equal(cell_assign.from_bytes(cell_assign.to_bytes(assigner)).search(vectors, 2)[1],
                                   assigner.search(vectors, 2)[1])
+
+
+def test_a_grouping_that_costs_more_than_ranking_all_is_not_kept(monkeypatch):
+    """The blobs above group well, but if a scanned score cost 20 flat ones, the 4 groups that agree
+    (40 + 20 x 160 scores) would cost more than ranking all 1,600: every centroid is ranked."""
+    monkeypatch.setattr(cell_assign, "GROUPED_MIN_NLIST", 1000)
+    rng = np.random.default_rng(2)
+    centroids = blobs(rng, 40, 40, 0.3)
+    vectors = centroids[rng.integers(0, len(centroids), 1000)] + 0.02 * rng.standard_normal((1000, D)).astype(np.float32)
+    assert cell_assign.groups_of(cell_assign.centroid_assigner(centroids, IP, vectors, 2)) is not None
+    monkeypatch.setattr(cell_assign, "GROUPED_SCAN_FACTOR", 20)
+    assert cell_assign.groups_of(cell_assign.centroid_assigner(centroids, IP, vectors, 2)) is None
 
 
 def test_centroids_that_do_not_group_are_ranked_all(monkeypatch):
