@@ -97,6 +97,7 @@ def test_neighbour_strata_bands_prompts_by_their_closest_indexed_image(tmp_path,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.evaluate_compare import Graded, save_features
     from pipeline.synthetic import write_embed_output
 
     strata = load_tool("neighbour_strata")
@@ -117,8 +118,9 @@ def test_neighbour_strata_bands_prompts_by_their_closest_indexed_image(tmp_path,
     with_knn = np.where(prompt_of[:, None] < 2, right, wrong)  # the neighbours fix the prompts with a near twin
     for sub, generated in (("evaluate", with_knn), ("evaluate/no_knn", wrong)):
         (tmp_path / sub).mkdir(parents=True)
-        np.savez(tmp_path / sub / "features.npz", generated=generated, prompt_of=prompt_of, text=text, real=real)
-    closest, hits_knn, hits_text, _ = strata.fold_effects(tmp_path)
+        save_features(tmp_path / sub, Graded(generated=generated, prompt_of=prompt_of, text=text, real=real))
+        (tmp_path / sub / "metrics.json").write_text("{}")
+    closest, _, _ = strata.fold_effects(tmp_path)
     np.testing.assert_allclose(closest, [1, 1, 0, 0], atol=1e-3)
     assert strata.main([str(tmp_path), "--bootstrap", "50"]) == 0
     out = capsys.readouterr().out
