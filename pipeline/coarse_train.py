@@ -19,7 +19,9 @@ a point that lands in its second-nearest cell moves that centroid a little). Or 
 GPUs. Three exact iterations took recall@10 at nprobe 1 from 0.830 to 0.965 at 1M; five grouped ones
 (the default since) fit better (0.971 at 1M; at 3M nprobe 1 reaches the 0.95 target where three exact
 ones needed 2) at about the same cost, measured between 0.86x and 1.39x as fast depending on the
-host's state (README, Performance, "2026-12-01").
+host's state (README, Performance, "2026-12-01"). That was with faiss on generic BLAS kernels; on the
+CPU's own (``pipeline.openblas``) ranking every centroid got ~2.5x faster and the grouping is kept
+only where ``cell_assign.GROUPED_SCAN_FACTOR`` says it is still cheaper.
 """
 from __future__ import annotations
 
