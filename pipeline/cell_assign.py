@@ -80,9 +80,10 @@ def centroid_assigner(centroids: np.ndarray, metric: int, sample: np.ndarray, k:
             continue
         if nlist >= GROUPED_MIN_NLIST:
             grouped = projected_index(centroids, basis, metric, GROUPED_NPROBES[0])
+            ranking_all = assigner_cost(plain, nlist)
             for nprobe in GROUPED_NPROBES:
                 groups_of(grouped).nprobe = nprobe
-                if assigner_cost(grouped, nlist) >= assigner_cost(plain, nlist):
+                if assigner_cost(grouped, nlist) >= ranking_all:
                     break  # more probed groups only cost more
                 if agrees(grouped, grouped_agreement):
                     return grouped

@@ -50,4 +50,3 @@ def prefer_cpu_kernels(environ: MutableMapping[str, str] = os.environ,
         if kernel is not None:
             environ[ENV] = kernel
     return environ.get(ENV)
-
