@@ -340,18 +340,13 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 
 def _param_range(index: faiss.Index, name: str, k: int, max_value: int | None) -> tuple[int, int]:
-    """(first value to try, largest value allowed) for ``tune_nprobe``."""
-    gpu_cap = GPU_MAX_K if on_gpu(index) else None
-    if name == "nprobe":
-        high = innermost_index(index).nlist
-        start = 1
-    else:
-        high = HNSW_MAX_EF
-        start = k
-    for cap in (max_value, gpu_cap):
+    """(first value to try, largest value allowed) for ``tune_nprobe``: nprobe from 1 up to nlist,
+    efSearch from k up to ``HNSW_MAX_EF``, both capped by ``max_value`` and on a GPU by faiss-gpu's k."""
+    high = innermost_index(index).nlist if name == "nprobe" else HNSW_MAX_EF
+    for cap in (max_value, GPU_MAX_K if on_gpu(index) else None):
         if cap is not None:
             high = min(high, cap)
-    return min(start, high), high
+    return min(1 if name == "nprobe" else k, high), high
 
 
 def tune_nprobe(
