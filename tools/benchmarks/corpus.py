@@ -32,7 +32,7 @@ def corpus(b: Bench) -> Path:
 
 def chain(b: Bench, upto: str) -> Path:
     """The corpus workdir with every stage through `upto` done (untimed; up-to-date stages do nothing)."""
-    from pipeline.runner import STAGES
+    from pipeline.stages import STAGES
 
     wd = corpus(b)
     cfg = config(wd, *chain_overrides(b))
