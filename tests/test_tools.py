@@ -158,3 +158,23 @@ def resolves(module: str, name: str) -> bool:
     if name == "*" or hasattr(imported, name):
         return True
     return hasattr(imported, "__path__") and importlib.util.find_spec(f"{module}.{name}") is not None
+
+
+def test_bench_train_step_section_times_every_variant_of_bench_train(monkeypatch):
+    # the section unpacks bench_train.VARIANTS; when a field was added there (space-to-depth) it
+    # failed with "too many values to unpack" and the bench printed an error row instead of figures
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(TOOLS))
+    import bench_train
+    from benchmarks.train_step import section_train_step
+
+    seen = []
+    monkeypatch.setattr(bench_train, "ours", lambda config, data, steps: seen.append(("ours", config)) or 2.0)
+    monkeypatch.setattr(bench_train, "bare", lambda config, data, steps: seen.append(("bare", config)) or 4.0)
+    rows = []
+    section_train_step(SimpleNamespace(args=SimpleNamespace(quick=True, reps=1), add=rows.append))
+    assert [row.figure for row in rows] == [f"samples/s, demo U-Net, {name}" for name in bench_train.VARIANTS]
+    assert [(row.ours, row.reference) for row in rows] == [(2.0, 4.0)] * len(bench_train.VARIANTS)
+    variants = list(bench_train.VARIANTS.values())
+    assert [(c.resolution, c.space_to_depth) for who, c in seen if who == "ours"] == [(v[0], v[2]) for v in variants]

@@ -36,6 +36,12 @@ VARIANTS = {  # name: (resolution, attention resolutions, space-to-depth)
 }
 
 
+def variant_config(resolution: int, attention: tuple, space_to_depth: int) -> ModelConfig:
+    """The demo U-Net of one ``VARIANTS`` entry (d = 256, k = 10, as the demo trains)."""
+    return ModelConfig.demo(resolution=resolution, attention_resolutions=attention, clip_dim=256, k=10,
+                            space_to_depth=space_to_depth)
+
+
 def batches(pack: Path | None, resolution: int, d: int = 256, k: int = 10):
     """An endless iterator of (image [-1, 1] [B,3,R,R], emb [B,k+1,d]) from the pack, resized to R."""
     import torch.nn.functional as F
@@ -137,9 +143,8 @@ def main(argv=None) -> int:
     if args.cpu_options:
         return cpu_options(args)
     runs = {}
-    for name, (resolution, attention, s2d) in VARIANTS.items():
-        config = ModelConfig.demo(resolution=resolution, attention_resolutions=attention, clip_dim=256, k=10,
-                                  space_to_depth=s2d)
+    for name, variant in VARIANTS.items():
+        config, resolution = variant_config(*variant), variant[0]
         runs[f"ours, {name}"] = (ours, config, resolution)
         runs[f"bare diffusers, {name}"] = (bare, config, resolution)
     results = {name: [] for name in runs}

@@ -5,14 +5,14 @@ from .common import Bench, interleave, measured
 
 
 def section_train_step(b: Bench) -> None:
-    """Our training step vs a bare diffusers loop over the same U-Net (tools/bench_train.py), at the
-    demo's old (32 px) and new (16 px) settings; random data of the demo's shapes."""
+    """Our training step vs a bare diffusers loop over the same U-Net (tools/bench_train.py), at each
+    of ``bench_train.VARIANTS`` (the old 32 px demo, the 16 px recipe, 32 px with space-to-depth);
+    random data of the demo's shapes."""
     import bench_train  # tools/bench_train.py; tools/ is on sys.path (bench.py puts it there)
-    from model.denoiser import ModelConfig
 
     steps = 10 if b.args.quick else 30
-    for name, (resolution, attention) in bench_train.VARIANTS.items():
-        config = ModelConfig.demo(resolution=resolution, attention_resolutions=attention, clip_dim=256, k=10)
+    for name, variant in bench_train.VARIANTS.items():
+        config, resolution = bench_train.variant_config(*variant), variant[0]
         runs = {"ours": lambda i: bench_train.ours(config, bench_train.batches(None, resolution), steps),
                 "bare": lambda i: bench_train.bare(config, bench_train.batches(None, resolution), steps)}
         res = interleave(b.args.reps, runs)
