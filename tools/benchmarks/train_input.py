@@ -20,16 +20,13 @@ def on_the_fly_batches(b: Bench, wd: Path, batch_size: int, image_size: int, k: 
     import torch
 
     from pipeline import faiss_search
-    from pipeline.embeddings import Embeddings, read_metadata
     from pipeline.shards import load_image
     from pipeline.retrieval import Retriever
 
     retriever = Retriever(wd / "index")
-    emb = retriever.embeddings  # the index's own copy of the vectors, by embed row (the rows dedup kept)
-    embed = Embeddings(wd / "embed")  # keys live in the embed stage's metadata
-    held = set(emb.rows.tolist())
-    row_of = {key: row for key, row in zip(*read_metadata(embed.dir, embed.manifest, ["key", "row"]).values())
-              if row in held}
+    emb = retriever.embeddings  # the index's vectors, by embed row (the rows dedup kept)
+    rows = retriever.index_rows()
+    row_of = {key: int(row) for row, (key, _) in zip(rows, retriever.describe(rows))}
     pending_images, pending_rows = [], []
     for key, data in iter_download_images(wd / "download"):
         if key not in row_of:
