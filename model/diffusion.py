@@ -35,28 +35,42 @@ def training_example(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.
     return x_t, noise
 
 
-def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None, image_cond=None):
-    """Classifier-free guidance, cond and uncond in one batch:
+def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None, image_cond=None,
+                  neighbour_guidance: float | None = None):
+    """Classifier-free guidance, every condition in one batch:
     out = out_uncond + guidance * (out_cond - out_uncond). guidance 1 skips the uncond pass.
-    image_cond (a manipulation model's I_manip) goes to both halves: guidance acts on the condition."""
+    neighbour_guidance (None: the same as guidance) scales what the neighbours add to the query
+    apart from what the query adds to the null context (two-scale guidance, as InstructPix2Pix):
+    out = out_uncond + guidance * (out_query - out_uncond) + neighbour_guidance * (out_cond - out_query),
+    where out_query masks every neighbour slot; a third pass, only when the scales differ.
+    image_cond (a manipulation model's I_manip) goes to every pass: guidance acts on the condition."""
     batch = x_t.shape[0]
     timesteps = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
     extra = {} if image_cond is None else {"image_cond": image_cond}
-    if guidance == 1.0:
+    two_scale = neighbour_guidance is not None and neighbour_guidance != guidance and emb.shape[1] > 1
+    if guidance == 1.0 and not two_scale:
         return model(x_t, timesteps, emb, None, neighbour_mask, **extra).float()
-    drop = torch.arange(2 * batch, device=x_t.device) >= batch  # second half: null context
-    mask = None if neighbour_mask is None else torch.cat([neighbour_mask, neighbour_mask])
-    extra = {name: torch.cat([value, value]) for name, value in extra.items()}
-    out = model(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
-                torch.cat([emb, emb]), drop, mask, **extra).float()
-    cond, uncond = out.chunk(2)
-    return uncond + guidance * (cond - uncond)
+    masks = None if neighbour_mask is None else [neighbour_mask, neighbour_mask]
+    if two_scale:  # the query alone: slot 0 as the full condition has it, every neighbour masked
+        present = torch.ones(emb.shape[:2], dtype=torch.bool) if neighbour_mask is None else neighbour_mask.bool()
+        query = torch.cat([present[:, :1], torch.zeros_like(present[:, 1:])], dim=1)
+        masks = [present, present, query]
+    passes = 3 if two_scale else 2
+    drop = (torch.arange(passes * batch, device=x_t.device) // batch) == 1  # second pass: null context
+    extra = {name: torch.cat([value] * passes) for name, value in extra.items()}
+    out = model(torch.cat([x_t] * passes), torch.cat([timesteps] * passes), torch.cat([emb] * passes), drop,
+                None if masks is None else torch.cat(masks), **extra).float()
+    cond, uncond, *query = out.chunk(passes)
+    if not two_scale:
+        return uncond + guidance * (cond - uncond)
+    return uncond + guidance * (query[0] - uncond) + neighbour_guidance * (cond - query[0])
 
 
 @torch.no_grad()
 def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
            generator: torch.Generator | list[torch.Generator] | None = None, init_image=None, strength: float = 1.0,
-           scheduler: str = "ddim", neighbour_mask=None, progress=None, image_cond=None) -> np.ndarray:
+           scheduler: str = "ddim", neighbour_mask=None, progress=None, image_cond=None,
+           neighbour_guidance: float | None = None) -> np.ndarray:
     """Generate uint8 images [B, H, W, 3] for condition embeddings emb [B, n <= k+1, d].
 
     Deterministic for a given CPU torch.Generator (noise is drawn on the CPU, on any device). A list
@@ -68,6 +82,7 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     ConditionEncoder (e.g. --no-knn with a model trained with neighbours: pass emb[:, :1]).
     progress(done, total), if given, is called after each denoising step (`knnd serve` shows it).
     image_cond (uint8 [B, H, W, 3] or [H, W, 3]): a manipulation model's input image (knnd edit).
+    neighbour_guidance: see guided_output (None: the neighbours are guided with `guidance`).
     A discrete-backbone model samples through model.discrete_sampling (`scheduler` does not apply).
     """
     if getattr(model, "backbone", "continuous") == "discrete":
@@ -96,7 +111,7 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     use_bf16 = device.type == "cuda"
     for i, t in enumerate(timesteps):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = guided_output(model, x, t, emb, guidance, neighbour_mask, image_cond)
+            out = guided_output(model, x, t, emb, guidance, neighbour_mask, image_cond, neighbour_guidance)
         x = sched.step(out, t, x, generator=generator).prev_sample
         if progress is not None:
             progress(i + 1, len(timesteps))

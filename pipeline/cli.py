@@ -109,7 +109,8 @@ def cmd_sample(args) -> int:
         images_per_prompt=conf.images_per_prompt, no_knn=args.no_knn, neighbours_only=args.neighbours_only,
         init_image=args.init_image, strength=args.strength if args.init_image else 1.0,
         allow_other_clip=args.allow_other_clip, where=args.where, unconditional=args.unconditional or 0,
-        scheduler=args.scheduler or conf.scheduler)
+        scheduler=args.scheduler or conf.scheduler,
+        neighbour_guidance=conf.neighbour_guidance if args.neighbour_guidance is None else args.neighbour_guidance)
     sample_into(cfg, request, args.checkpoint, args.index, args.out)
     return 0
 
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint to load (default: the latest in train/checkpoints)")
     p.add_argument("-k", type=int, help="neighbours per prompt")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--neighbour-guidance", type=float, help="guidance scale of what the neighbours add to the text "
+                   "(default: sample.neighbour_guidance; above --guidance: more of the database's look)")
     p.add_argument("--steps", type=int, help="denoising steps")
     p.add_argument("--scheduler", choices=SCHEDULERS, help="sampler: sde-dpmsolver++, ddpm (ancestral) or ddim (default: sample.scheduler)")
     p.add_argument("--seed", type=int, help="seed of the initial noise")

@@ -220,6 +220,9 @@ class SampleConfig:
     prompts: list[str] = opt(["red heart", "smiling face", "green apple", "rocket"], "prompts to sample")
     k: int = opt(10, "neighbours retrieved per prompt", min=0)
     guidance: float = opt(8.0, "classifier-free guidance scale (paper: 8)", min=0.0)
+    neighbour_guidance: float | None = opt(None, "guidance scale of what the neighbours add to the text (a third model "
+                                           "pass; above guidance: more of the database's look, less of the prompt; "
+                                           "null: the same as guidance)", min=0.0)
     steps: int = opt(100, "denoising steps", min=1)
     scheduler: str = opt(DEFAULT_SCHEDULER, "sampler: sde-dpmsolver++ (DPM-Solver++ 2M SDE; on the demo model, 25 steps, "
                          "FD to held-out images 0.116 -> 0.106 and acc@5 +0.033 against ddpm, paired), ddpm (ancestral: "
@@ -239,6 +242,8 @@ class EvaluateConfig:
     scheduler: str = opt(DEFAULT_SCHEDULER, "sampler: sde-dpmsolver++, ddpm (ancestral) or ddim (deterministic), as "
                          "sample.scheduler", choices=SCHEDULERS, before=SCHEDULER_BEFORE)
     guidance: float = opt(3.0, "classifier-free guidance scale", min=0.0)
+    neighbour_guidance: float | None = opt(None, "guidance scale of what the neighbours add to the text, as "
+                                           "sample.neighbour_guidance", min=0.0)
     seed: int = opt(0, "seed of the prompt sample and of the initial noise")
     encoder: str | None = opt(None, "evaluation CLIP: open_clip name or model-config JSON (null: the embed stage's CLIP)")
     encoder_pretrained: str | None = opt(None, "its pretrained tag or checkpoint (with evaluate.encoder)")

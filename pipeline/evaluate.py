@@ -139,7 +139,7 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + conf.batch_size]]
         out.append(diffusion.sample(sampler.model, torch.from_numpy(emb[sel]), steps=conf.steps, guidance=conf.guidance,
                                     generator=generators, neighbour_mask=torch.from_numpy(mask[sel]),
-                                    scheduler=conf.scheduler))
+                                    scheduler=conf.scheduler, neighbour_guidance=conf.neighbour_guidance))
         print(f"evaluate: sampled {s + len(sel)}/{len(prompt_of)} images ({time.time() - start:.0f} s)", file=sys.stderr)
     return {"images": np.concatenate(out), "prompt_of": prompt_of, "rows": rows, "sims": sims,
             "seconds": round(time.time() - start, 1)}
@@ -286,7 +286,8 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
                "index": str(setup.index_dir.resolve()), "k": 0 if setup.no_knn else setup.k, "no_knn": setup.no_knn,
                "neighbours_only": setup.neighbours_only and not setup.no_knn,
                "where": None if setup.no_knn else setup.where,
-               "steps": conf.steps, "scheduler": conf.scheduler, "guidance": conf.guidance, "seed": conf.seed,
+               "steps": conf.steps, "scheduler": conf.scheduler, "guidance": conf.guidance,
+               "neighbour_guidance": None if setup.no_knn else conf.neighbour_guidance, "seed": conf.seed,
                "images_per_prompt": conf.images_per_prompt, "encoder": encoder.name,
                "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
     if setup.samples_from:  # the samples' own condition and sampling, not this call's
@@ -370,15 +371,17 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
         raise UsageError(f"-k must be at least 0, got {k}")
     check_compare_index(cfg)
     where = "-".join(index_dir.resolve().parts[-2:])  # e.g. demo-index, swap-index
-    if no_knn and neighbours_only:
-        raise UsageError("--no-knn and --neighbours-only exclude each other: the first drops the neighbours, the second the text")
+    if neighbours_only and (no_knn or cfg.evaluate.neighbour_guidance is not None):
+        raise UsageError("--neighbours-only drops the text: it excludes --no-knn (which drops the neighbours) and "
+                         "evaluate.neighbour_guidance (which scales what the neighbours add to the text)")
     if no_knn and where_filter:
         raise UsageError("--no-knn and --where exclude each other: --where filters the neighbours, --no-knn has none")
     if baseline and (no_knn or k == 0):
         raise UsageError("--baseline compares the neighbours with the text alone; with --no-knn or -k 0 there are no "
                          "neighbours to compare: drop --baseline")
     name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
-    name += f"-g{cfg.evaluate.guidance:g}-s{cfg.evaluate.steps}"  # a sweep over either keeps every result
+    ng = cfg.evaluate.neighbour_guidance  # a sweep over any of these keeps every result
+    name += f"-g{cfg.evaluate.guidance:g}-s{cfg.evaluate.steps}" + ("" if ng is None else f"-ng{ng:g}")
     name += "" if cfg.evaluate.scheduler == DEFAULT_SCHEDULER else f"-{cfg.evaluate.scheduler}"  # the default adds nothing
     if where_filter:  # one folder per filter: a short digest of its text
         name += "-where-" + hashlib.blake2b(where_filter.encode(), digest_size=4).hexdigest()

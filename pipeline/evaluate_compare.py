@@ -91,6 +91,8 @@ def condition_text(result: dict) -> str:
     text = ("text embedding alone (--no-knn)" if result["no_knn"] else
             f"{result['k']} neighbours alone (--neighbours-only)" if result.get("neighbours_only") else
             f"text embedding + {result['k']} neighbours")
+    if result.get("neighbour_guidance") is not None and not result["no_knn"]:
+        text += f" at neighbour guidance {result['neighbour_guidance']:g}"
     return text + (f", neighbours only where {result['where']}" if result.get("where") else "")
 
 

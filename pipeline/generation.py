@@ -38,6 +38,7 @@ class SampleRequest:
     where: str | None = None  # neighbours only among images whose metadata satisfies this filter
     unconditional: int = 0  # RDM's unconditional mode: this many random database embeddings as the queries
     scheduler: str = DEFAULT_SCHEDULER  # or ddpm (ancestral) or ddim (config.SCHEDULERS)
+    neighbour_guidance: float | None = None  # None: the neighbours are guided with `guidance` (diffusion.guided_output)
     query_rows: list[int] | None = None  # (filled by Sampler.pseudo_queries) the index rows behind the prompts
 
     def validate(self) -> None:
@@ -54,8 +55,13 @@ class SampleRequest:
         if self.no_knn and self.neighbours_only:
             raise UsageError("--no-knn and --neighbours-only exclude each other: the first drops the neighbours, "
                              "the second the text")
-        if not (math.isfinite(self.guidance) and self.guidance >= 0):  # nan passes `< 0`
-            raise UsageError(f"guidance must be a finite number of at least 0, got {self.guidance}")
+        for name in ("guidance", "neighbour_guidance"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):  # nan passes `< 0`
+                raise UsageError(f"{name} must be a finite number of at least 0, got {value}")
+        if self.neighbour_guidance is not None and (self.no_knn or self.neighbours_only):
+            raise UsageError("--neighbour-guidance scales what the neighbours add to the text: it needs both, so it "
+                             "excludes --no-knn and --neighbours-only")
         if self.init_image is not None:
             if not Path(self.init_image).is_file():
                 raise UsageError(f"--init-image {self.init_image} does not exist: give an image file")
@@ -185,11 +191,13 @@ class Sampler:
             mask[:, 0] = False
         images = diffusion.sample(self.model, emb, steps=request.steps, guidance=request.guidance, generator=generators,
                                   init_image=init, strength=request.strength if init_pixels is not None else 1.0,
-                                  neighbour_mask=mask, progress=progress, scheduler=request.scheduler)
+                                  neighbour_mask=mask, progress=progress, scheduler=request.scheduler,
+                                  neighbour_guidance=request.neighbour_guidance)
         records = []
         for i in range(n):
             records.append({"prompt": prompt, "index_in_prompt": i, "seed": request.seed + i,
-                            "guidance": request.guidance, "steps": request.steps, "scheduler": request.scheduler,
+                            "guidance": request.guidance, "neighbour_guidance": request.neighbour_guidance,
+                            "steps": request.steps, "scheduler": request.scheduler,
                             "k": len(record["neighbour_keys"]), "no_knn": request.no_knn,
                             "neighbours_only": request.neighbours_only, **record,
                             "init_image": str(Path(request.init_image).resolve()) if request.init_image else None,
@@ -304,7 +312,8 @@ def generate(sampler: Sampler, request: SampleRequest, out: Path, done=None, ski
 def request_from_config(conf) -> SampleRequest:
     """The sample: section as a request (the stage's, and the demo's swapped-index sampling)."""
     return SampleRequest(prompts=list(conf.prompts), k=conf.k, guidance=conf.guidance, steps=conf.steps,
-                         seed=conf.seed, images_per_prompt=conf.images_per_prompt, scheduler=conf.scheduler)
+                         seed=conf.seed, images_per_prompt=conf.images_per_prompt, scheduler=conf.scheduler,
+                         neighbour_guidance=conf.neighbour_guidance)
 
 
 def sample_into(cfg, request: SampleRequest, checkpoint: str | None = None, index: str | None = None,

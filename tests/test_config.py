@@ -138,7 +138,7 @@ def test_non_finite_numbers_are_refused_everywhere_null_still_passes(tmp_path):
     sections = [s.name for s in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, s.name))]
     floats = [f"{name}.{key}" for name in sections for key, hint in typing.get_type_hints(type(getattr(cfg, name))).items()
               if hint is float or float in typing.get_args(hint)]
-    assert len(floats) == 21 and "evaluate.guidance" in floats and "train.minutes" in floats
+    assert len(floats) == 23 and "evaluate.guidance" in floats and "sample.neighbour_guidance" in floats and "train.minutes" in floats
     for key in floats:
         for bad in (math.nan, math.inf, -math.inf):
             with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be a finite number, got {bad!r}: give a number"):

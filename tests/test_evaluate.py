@@ -130,6 +130,10 @@ def test_evaluate_flag_conflicts_are_usage_errors(tmp_path, capsys):
                  "--checkpoint", str(tmp_path / "ck.pt"), "--index", str(tmp_path / "index"),
                  "--no-knn", "--baseline"]) == 2
     assert "with --no-knn or -k 0 there are no neighbours to compare: drop --baseline" in capsys.readouterr().err
+    assert main(["evaluate", "--set", f"workdir={tmp_path}", "--set", "evaluate.compare_index=[]",
+                 "--set", "evaluate.neighbour_guidance=6", "--checkpoint", str(tmp_path / "ck.pt"),
+                 "--index", str(tmp_path / "index"), "--neighbours-only"]) == 2
+    assert "it excludes --no-knn (which drops the neighbours) and evaluate.neighbour_guidance" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- paired comparison (knnd compare)
@@ -302,3 +306,14 @@ def test_an_evaluation_from_before_the_scheduler_key_was_drawn_with_ddim(tmp_pat
     assert earlier_condition(tmp_path) == {"scheduler": "ddim", "k": 10, "no_knn": False, "steps": 25, "guidance": 3.0}
     write_json(tmp_path / "metrics.json", {"k": 0, "scheduler": "ddpm"})
     assert earlier_condition(tmp_path) == {"scheduler": "ddpm", "k": 0}
+
+
+def test_condition_text_names_the_neighbour_guidance_where_it_was_used():
+    """The report's and the paired table's condition: a two-scale evaluation says its neighbour guidance
+    (metrics.json from before the key have none; the text-alone baseline never has neighbours to guide)."""
+    from pipeline.evaluate_compare import condition_text
+
+    assert condition_text({"no_knn": False, "k": 10, "neighbour_guidance": 6.0}) == \
+        "text embedding + 10 neighbours at neighbour guidance 6"
+    assert condition_text({"no_knn": False, "k": 10}) == "text embedding + 10 neighbours"
+    assert condition_text({"no_knn": True, "k": 0, "neighbour_guidance": 6.0}) == "text embedding alone (--no-knn)"

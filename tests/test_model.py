@@ -142,6 +142,45 @@ def test_guidance_batches_cond_and_uncond_like_separate_calls():
     torch.testing.assert_close(out, uncond + 8.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
 
 
+class SlotCountingStub(torch.nn.Module):
+    """cond = x + (slots present), uncond = 2x - 3: each pass of two-scale guidance is known."""
+
+    def forward(self, x, t, emb, drop_mask=None, neighbour_mask=None):
+        present = torch.full((x.shape[0],), float(emb.shape[1])) if neighbour_mask is None else neighbour_mask.sum(1).float()
+        cond = x + present.view(-1, 1, 1, 1)
+        return torch.where(drop_mask.view(-1, 1, 1, 1), 2 * x - 3, cond)
+
+
+def test_neighbour_guidance_formula_with_a_stub():
+    """out = uncond + g (query - uncond) + g_n (cond - query), the query pass with every neighbour masked;
+    a masked neighbour slot stays masked in the full condition."""
+    x = torch.randn(2, 3, 4, 4)
+    uncond, query = 2 * x - 3, x + 1
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    cond = x + mask.sum(1).float().view(-1, 1, 1, 1)
+    for guidance, neighbour_guidance in ((3.0, 6.0), (1.0, 0.0), (0.0, 2.5)):
+        out = guided_output(SlotCountingStub(), x, torch.tensor(250), torch.zeros(2, 4, 5), guidance, mask,
+                            neighbour_guidance=neighbour_guidance)
+        torch.testing.assert_close(out, uncond + guidance * (query - uncond) + neighbour_guidance * (cond - query))
+
+
+def test_neighbour_guidance_query_pass_is_the_text_alone_and_equal_scales_change_nothing():
+    """With the real denoiser: g_n = 0 leaves the query's guidance alone, which is what the text alone
+    (emb[:, :1], --no-knn) gives; g_n = g is ordinary guidance, bit for bit; g_n > g moves further from it."""
+    model = make_model()
+    emb = random_emb(model.config)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor(300)
+    with torch.no_grad():
+        plain = guided_output(model, x, t, emb, 3.0)
+        text_alone = guided_output(model, x, t, emb[:, :1], 3.0)
+        torch.testing.assert_close(guided_output(model, x, t, emb, 3.0, neighbour_guidance=0.0), text_alone,
+                                   rtol=1e-4, atol=1e-4)
+        assert torch.equal(guided_output(model, x, t, emb, 3.0, neighbour_guidance=3.0), plain)
+        further = guided_output(model, x, t, emb, 3.0, neighbour_guidance=6.0)
+    torch.testing.assert_close(further, plain + (plain - text_alone), rtol=1e-3, atol=1e-3)  # 6 (c - q) = 2 * 3 (c - q)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "sde-dpmsolver++"])
 def test_sampling_is_deterministic_per_seed(scheduler):
     model = make_model()

@@ -23,7 +23,7 @@ from pipeline.synthetic import write_embed_output
 from test_train_stage import write_pack
 
 TINY = os.path.abspath(TINY_CLIP)
-RECORD_FIELDS = {"prompt", "prompt_index", "index_in_prompt", "seed", "image", "guidance", "steps", "scheduler", "k", "no_knn",
+RECORD_FIELDS = {"prompt", "prompt_index", "index_in_prompt", "seed", "image", "guidance", "neighbour_guidance", "steps", "scheduler", "k", "no_knn",
                  "neighbours_only",
                  "neighbour_keys", "neighbour_captions", "similarities", "init_image", "strength", "index_dir",
                  "checkpoint"}
@@ -210,6 +210,27 @@ def test_neighbours_only_masks_the_text_slot_and_depends_on_the_neighbours(work,
     assert mask is not None and not mask[:, 0].any() and mask[:, 1:].all() and emb.shape[1] == 4
     assert all(r["neighbours_only"] and r["k"] == 3 for r in records(tmp_path / "nbo"))
     assert knnd_sample(work, tmp_path / "both", "--neighbours-only", "--no-knn") == 2
+
+
+def test_neighbour_guidance_reaches_the_sampler_and_needs_text_and_neighbours(work, tmp_path, monkeypatch, capsys):
+    """--neighbour-guidance goes to diffusion.sample and into the records; with --no-knn or
+    --neighbours-only (no neighbours, or no text, to scale) it is a usage error naming both flags."""
+    seen = []
+    real = model.diffusion.sample
+
+    def spy_sample(model_, emb, **kwargs):
+        seen.append(kwargs.get("neighbour_guidance"))
+        return real(model_, emb, **kwargs)
+
+    monkeypatch.setattr(model.diffusion, "sample", spy_sample)
+    assert knnd_sample(work, tmp_path / "ng", "--neighbour-guidance", "6") == 0
+    assert seen and set(seen) == {6.0}
+    assert {r["neighbour_guidance"] for r in records(tmp_path / "ng")} == {6.0}
+    for flag in ("--no-knn", "--neighbours-only"):
+        assert knnd_sample(work, tmp_path / "bad", "--neighbour-guidance", "6", flag) == 2
+        assert "--neighbour-guidance scales what the neighbours add to the text" in capsys.readouterr().err
+    assert knnd_sample(work, tmp_path / "bad", "--neighbour-guidance", "nan") == 2
+    assert "neighbour_guidance must be a finite number of at least 0, got nan" in capsys.readouterr().err
 
 
 def test_a_copied_index_folder_samples_with_its_workdir_deleted(tmp_path, capsys):
