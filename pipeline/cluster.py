@@ -9,6 +9,7 @@ evaluation) keeps `runner.resolve_device`.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections import Counter
 
@@ -62,6 +63,8 @@ def require_per_worker(cfg, workers: int, resource: str, setting: str) -> None:
 def node_id() -> str:
     """The id of the Ray node this code runs on (hex), or "" outside Ray. Stage tasks and actors return
     it with their results so the stage's manifest can say where its work ran (`count_nodes`)."""
+    if "ray" not in sys.modules:  # not started here: no need to pay its import (a stage run in-process)
+        return ""
     import ray
 
     if not ray.is_initialized():

@@ -9,7 +9,10 @@ not the current config's, so a re-run after editing dedup.* never mixes two rule
 Ray actors (one per CPU by default, each with one faiss thread) hold the index, memory-mapped so
 they share its pages, and take embed shards one at a time. Their start-up (process, imports, index
 mmap, metadata) is not waited for: shards are queued on them at once, and the driver reads what it
-needs (the neighbours.where rows) meanwhile. The manifest's `nodes` counts the shards each Ray node did.
+needs (the neighbours.where rows) meanwhile. Below neighbours.ray_min_rows on a local Ray the same
+worker runs in this process instead, one thread per CPU (faiss releases the GIL while it searches):
+a Ray actor takes 0.4-0.7 s to reach its constructor on a 2-core machine, about a tenth of the stage
+at 100k rows. The manifest's `nodes` counts the shards each Ray node did.
 """
 from __future__ import annotations
 
@@ -209,11 +212,9 @@ def dedup_thresholds(stage: StageRun) -> tuple[float, int]:
 
 
 def allowed_rows(stage: StageRun):
-    """neighbours.where as a bool mask by embed row (in Ray's object store for the actors), or None."""
+    """neighbours.where as a bool mask by embed row, or None."""
     if not stage.conf.where:
         return None
-    import ray
-
     from pipeline.embeddings import metadata_files
     from pipeline.filters import matching_rows, row_mask
 
@@ -222,20 +223,55 @@ def allowed_rows(stage: StageRun):
     if len(rows) <= stage.conf.k:
         raise UsageError(f"neighbours.where {stage.conf.where!r} leaves {len(rows)} images, not more than "
                          f"neighbours.k={stage.conf.k}: loosen the filter or lower neighbours.k")
-    return ray.put(row_mask(rows, int(embed["rows"])))
+    return row_mask(rows, int(embed["rows"]))
+
+
+def local_threads(stage: StageRun) -> int:
+    """Threads to run the shards on in this process (0: Ray actors): below neighbours.ray_min_rows embed
+    rows, on a local Ray, without GPU assignment; one per CPU Ray is given here."""
+    import os
+
+    conf, cfg = stage.conf, stage.cfg
+    if cfg.ray.address or conf.gpus_per_actor or stage.inputs["embed"]["rows"] >= conf.ray_min_rows:
+        return 0
+    return int(conf.actors) if conf.actors != "auto" else cfg.ray.num_cpus or len(os.sched_getaffinity(0))
+
+
+def run_in_process(stage: StageRun, args: tuple, todo: list, threads: int, progress) -> dict:
+    """The shards on `threads` threads of this process, each with one faiss thread: the actors' code, so
+    the same files; faiss's thread count is restored after. The manifest's `nodes` counts Ray nodes only."""
+    import faiss
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    clock, before = RunClock(), faiss.omp_get_max_threads()
+    try:
+        worker = NeighbourWorker(*args)  # sets faiss to one thread per search
+        if worker.failure is not None:
+            raise worker.failure
+        worker.allowed = allowed_rows(stage)
+        clock.ready()
+        with ThreadPoolExecutor(threads) as pool:
+            futures = [pool.submit(worker, shard, args[1]) for shard in todo]
+            try:
+                for future in as_completed(futures):
+                    shard, count = future.result()
+                    stage.mark_done(shard, {"rows": count, "node": ""})  # no Ray node: `nodes` stays {}
+                    progress.update(1, count)
+                    clock.items += count
+            finally:
+                pool.shutdown(cancel_futures=True)  # a failed shard stops the rest
+    finally:
+        faiss.omp_set_num_threads(before)
+    return clock.report("worker") | {"actors": 0, "threads": threads}
 
 
 def run(stage: StageRun) -> dict:
-    import ray
-    from ray.util import ActorPool
+    from pipeline.cluster import count_nodes
 
-    from pipeline.cluster import count_nodes, release, stage_errors_unwrapped
-
-    conf, cfg = stage.conf, stage.cfg
+    conf = stage.conf
     shards = stage.inputs["embed"]["shards"]
     cosine, manhattan = dedup_thresholds(stage)
     stage.plan(len(shards))
-    ensure_ray(cfg)
     # absolute: Ray workers need not share the driver's working directory
     args = (str(stage.input_dirs["index"].resolve()), str(stage.input_dirs["embed"].resolve()),
             str(stage.input_dirs["dedup"].resolve()), str(stage.dir.resolve()),
@@ -243,28 +279,11 @@ def run(stage: StageRun) -> dict:
     todo = [s for s in shards if not stage.shard_done(s["shard"])]
     progress = stage.progress(len(shards), unit="images")
     timing = {"actors": 0, "images_this_run": 0}
-    if todo:
-        clock = RunClock()
-        n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"], shared=bool(cfg.ray.address)), len(todo))
-        if conf.gpus_per_actor:  # an actor waiting for a GPU share that never frees would hold its shard
-            n_actors = min(n_actors, gpu_actor_slots(ray.nodes(), ray.available_resources(), conf.gpus_per_actor))
-            if n_actors < 1:
-                raise UsageError(f"neighbours.gpus_per_actor is {conf.gpus_per_actor:g} but Ray has no GPU share and "
-                                 f"CPU free on one node: free them, or set neighbours.gpus_per_actor=0")
-        worker = ray.remote(NeighbourWorker).options(num_cpus=1, num_gpus=conf.gpus_per_actor, scheduling_strategy="SPREAD")
-        actors = [worker.remote(*args) for _ in range(n_actors)]
-        ready = [a.ready.remote() for a in actors]  # read at the end: the shards queue behind start-up
-        allowed = allowed_rows(stage)  # while the actors start (process, imports, index mmap, metadata)
-        pool = ActorPool(actors)
-        embed_dir = str(stage.input_dirs["embed"].resolve())
-        with stage_errors_unwrapped():
-            for shard, count, node in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir, allowed), todo):
-                stage.mark_done(shard, {"rows": count, "node": node})
-                progress.update(1, count)
-                clock.items += count
-        clock.ready(wall=min(ray.get(ready)))  # the first actor's start-up
-        release(actors)
-        timing = clock.report("actor") | {"actors": n_actors}
+    threads = local_threads(stage) if todo else 0
+    if threads:
+        timing = run_in_process(stage, args, todo, min(threads, len(todo)), progress)
+    elif todo:
+        timing = run_on_actors(stage, args, todo, progress)
     stats = stage.done_stats()
     total = sum(stats[s["shard"]]["rows"] for s in shards)
     return {
@@ -276,3 +295,36 @@ def run(stage: StageRun) -> dict:
                     "neighbours": f"neighbours_{s['shard']:05d}.parquet"} for s in shards],
         "timing": timing,
     }
+
+
+def run_on_actors(stage: StageRun, args: tuple, todo: list, progress) -> dict:
+    """The shards on single-threaded Ray actors that each hold the index (memory-mapped: shared pages)."""
+    import ray
+    from ray.util import ActorPool
+
+    from pipeline.cluster import release, stage_errors_unwrapped
+
+    conf, cfg = stage.conf, stage.cfg
+    ensure_ray(cfg)
+    clock = RunClock()
+    n_actors = min(actor_count(conf.actors, stage.inputs["embed"]["rows"], shared=bool(cfg.ray.address)), len(todo))
+    if conf.gpus_per_actor:  # an actor waiting for a GPU share that never frees would hold its shard
+        n_actors = min(n_actors, gpu_actor_slots(ray.nodes(), ray.available_resources(), conf.gpus_per_actor))
+        if n_actors < 1:
+            raise UsageError(f"neighbours.gpus_per_actor is {conf.gpus_per_actor:g} but Ray has no GPU share and "
+                             f"CPU free on one node: free them, or set neighbours.gpus_per_actor=0")
+    worker = ray.remote(NeighbourWorker).options(num_cpus=1, num_gpus=conf.gpus_per_actor, scheduling_strategy="SPREAD")
+    actors = [worker.remote(*args) for _ in range(n_actors)]
+    ready = [a.ready.remote() for a in actors]  # read at the end: the shards queue behind start-up
+    allowed = allowed_rows(stage)  # while the actors start (process, imports, index mmap, metadata)
+    allowed = None if allowed is None else ray.put(allowed)  # once to the object store, not with every shard
+    pool = ActorPool(actors)
+    embed_dir = args[1]
+    with stage_errors_unwrapped():
+        for shard, count, node in pool.map_unordered(lambda a, s: a.process.remote(s, embed_dir, allowed), todo):
+            stage.mark_done(shard, {"rows": count, "node": node})
+            progress.update(1, count)
+            clock.items += count
+    clock.ready(wall=min(ray.get(ready)))  # the first actor's start-up
+    release(actors)
+    return clock.report("actor") | {"actors": n_actors}

@@ -53,16 +53,23 @@ def read_all(work):
     return pq.read_table(sorted((work / "neighbours").glob("neighbours_*.parquet"))).to_pandas()
 
 
-def test_identical_to_brute_force_on_exact_index(source, tmp_path):
+@pytest.mark.parametrize("where", ["threads", "actors"])
+def test_identical_to_brute_force_on_exact_index(source, tmp_path, where):
+    """Both ways of running the shards: threads of this process (below neighbours.ray_min_rows, the
+    default at this size) and Ray actors (ray_min_rows 0)."""
     work = tmp_path / "w"
     prepare(source, work)
     cfg = load_config(None, stage_args(work, "dedup.cosine_threshold=0.99", "neighbours.k=5", "neighbours.candidates=8",
-                                       "index.factory=Flat"))
+                                       "index.factory=Flat", f"neighbours.ray_min_rows={0 if where == 'actors' else 10**6}"))
     run_stage("index", cfg)
     m = run_stage("neighbours", cfg)
-    import ray
+    if where == "actors":
+        import ray
 
-    assert m["nodes"] == {ray.get_runtime_context().get_node_id(): 6}  # the one node did the 6 shards
+        assert m["nodes"] == {ray.get_runtime_context().get_node_id(): 6}  # the one node did the 6 shards
+        assert m["timing"]["actors"] > 0
+    else:
+        assert m["nodes"] == {} and m["timing"]["threads"] > 0 and m["timing"]["actors"] == 0
     got = read_all(work)
     x = np.concatenate([np.load(work / "embed" / "img_emb" / f"img_emb_{s:05d}.npy") for s in range(6)]).astype(np.float32)
     bits = phash_bits_from_hex(pq.read_table(sorted((work / "embed" / "metadata").glob("*.parquet"))).column("phash").to_pylist())
@@ -294,7 +301,7 @@ def test_back_to_back_runs_get_an_actor_per_cpu(source, tmp_path, ray_local):
     work = tmp_path / "w"
     prepare(source, work)
     cfg = load_config(None, stage_args(work, "dedup.cosine_threshold=0.99", "neighbours.k=5", "neighbours.candidates=8",
-                                       "index.factory=Flat", "neighbours.actors=auto"))
+                                       "index.factory=Flat", "neighbours.actors=auto", "neighbours.ray_min_rows=0"))
     run_stage("index", cfg)
     counts = [run_stage("neighbours", cfg, force=True)["timing"]["actors"] for _ in range(2)]
     shards = len(list((work / "neighbours").glob("neighbours_*.parquet")))

@@ -44,6 +44,8 @@ def bare_script(b: Bench, index_path, queries_path, param, value, k: int, batch:
 def section_neighbours(b: Bench) -> None:
     import faiss
 
+    from pipeline.config import with_values
+
     wd = search_workdir(b)
     ensure_done(b, wd, ["dedup", "index"])
     cfg = config(wd)
@@ -57,11 +59,15 @@ def section_neighbours(b: Bench) -> None:
     k, batch = cfg.neighbours.candidates, cfg.neighbours.batch_size
 
     timings = []
+    on_actors = with_values(cfg, {"neighbours.ray_min_rows": 0})  # Ray actors at any size
 
     def stage(i):
         seconds, manifest = run_stage_quietly(b, "neighbours", cfg)
         timings.append(manifest["timing"])
         return len(rows) / seconds
+
+    def stage_actors(i):
+        return len(rows) / run_stage_quietly(b, "neighbours", on_actors)[0]
 
     def bare(threads):
         def run(i):
@@ -79,26 +85,29 @@ def section_neighbours(b: Bench) -> None:
         return len(rows) / bare_script(b, wd / "index" / "image.index", queries, infos.get("search_param"),
                                        infos.get("nprobe"), k, batch)
 
-    res = interleave(b.args.reps, {"stage": stage, "same": bare(workers["faiss"]), "all": bare(default_threads),
-                                   "script": script}, warm_up=("stage",))
+    res = interleave(b.args.reps, {"stage": stage, "actors": stage_actors, "same": bare(workers["faiss"]),
+                                   "all": bare(default_threads), "script": script}, warm_up=("stage", "actors"))
     timings = timings[-len(res["stage"]):]  # the timed repetitions, not the warm-up
     param = f"{infos.get('search_param')} {infos.get('nprobe')}" if infos.get("search_param") else "exact"
-    includes = ("ours: run_stage('neighbours') = actor start, index load (mmap), metadata (shards queued on the "
-                "actors at once, each starts when it is ready), search of every kept row "
+    includes = ("ours: run_stage('neighbours') = below neighbours.ray_min_rows one thread per CPU in the driver, "
+                "else actor start (shards queued on the actors at once, each starts when it is ready); index "
+                "load (mmap), metadata, search of every kept row "
                 "with k=candidates, self/duplicate filtering, parquet writes; reference: index.search over the "
                 "same queries, same k and batch size, index and queries already in RAM")
     b.add(measured("neighbours", f"images/s vs faiss search, same threads ({workers['faiss']})", "img/s", res["stage"],
                    res["same"], target=0.9, target_text=">= 0.9", includes=includes,
                    note=f"{infos['factory']} {param}, k={k}, {len(rows):,} queries"))
     actors = timings[0]["actors"]
+    workers_text = f"{actors} actor(s)" if actors else f"{timings[0].get('threads')} thread(s) in the driver"
+    start = median([t.get("actor_start_s", t.get("worker_start_s", 0.0)) for t in timings])
     b.add(measured("neighbours", f"images/s vs faiss search, bench threads ({default_threads})", "img/s",
                    res["stage"], res["all"], target=0.9, target_text=">= 0.9", includes=includes,
-                   note=f"{actors} actor(s) x {workers['faiss']} faiss thread(s)"))
-    b.add(measured("neighbours", f"images/s after actor start-up vs faiss search, bench threads ({default_threads})",
+                   note=f"{workers_text} x {workers['faiss']} faiss thread(s)"))
+    b.add(measured("neighbours", f"images/s after start-up vs faiss search, bench threads ({default_threads})",
                    "img/s", [t["images_per_s_after_start"] for t in timings], res["all"], target=0.9,
                    target_text=">= 0.9", includes=includes,
-                   note=f"{actors} actor(s); actor start-up (process, imports, index mmap, metadata) "
-                        f"{median([t['actor_start_s'] for t in timings]):.1f} s per run excluded here"))
+                   note=f"{workers_text}; start-up (actors: process, imports; index mmap, metadata) "
+                        f"{start:.1f} s per run excluded here"))
     b.add(measured("neighbours", f"images/s end to end vs a bare script, bench threads ({default_threads})", "img/s",
                    res["stage"], res["script"], target=0.9, target_text=">= 0.9",
                    note=f"{infos['factory']} {param}, k={k}, {len(rows):,} queries",
@@ -106,3 +115,9 @@ def section_neighbours(b: Bench) -> None:
                             "into RAM, loads the kept queries from one float32 .npy, sets the tuned search parameter, "
                             "searches in batches of neighbours.batch_size on every thread and saves ids and "
                             "similarities (tools/benchmarks/neighbours.py BARE_SCRIPT): start-up included on both sides"))
+    b.add(measured("neighbours", f"images/s end to end on Ray actors (ray_min_rows 0) vs a bare script, bench threads "
+                   f"({default_threads})", "img/s", res["actors"], res["script"], target=0.9, target_text=">= 0.9",
+                   note=f"{infos['factory']} {param}, k={k}, {len(rows):,} queries; the path from "
+                        f"neighbours.ray_min_rows ({cfg.neighbours.ray_min_rows:,}) rows on, and on a cluster",
+                   includes="ours: the stage with neighbours.ray_min_rows 0 (one single-threaded Ray actor per CPU, "
+                            "started by the stage); reference: the bare script above"))
