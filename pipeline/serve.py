@@ -3,8 +3,8 @@
     GET  /                  the page (pipeline/serve_page.html: plain HTML/JS, nothing from the network)
     GET  /api/info          the indexes, the model, the limits and defaults of every field
     GET  /api/search?prompt=...&index=...&k=...  the k nearest images, with thumbnails (PNG data URLs)
-    POST /api/sample {"prompt": ..., "index", "k", "guidance", "steps", "seed", "images", "no_knn",
-                      "neighbours_only", "wait"}  queue a sampling job: 202 and where it stands in the queue
+    POST /api/sample {"prompt": ..., "index", "k", "guidance", "neighbour_guidance", "steps", "seed", "images",
+                      "no_knn", "neighbours_only", "where", "wait"}  queue a sampling job: 202 and where it stands in the queue
                                                   ("wait": true answers 200 once it is done)
     GET  /api/jobs/{id}     its state, denoising progress, and once done its images (PNG data URLs)
     GET  /api/jobs/{id}/{i}.png  image i of a finished job

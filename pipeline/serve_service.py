@@ -25,8 +25,8 @@ MAX_SEARCH_K, MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_PROMPT = 100, 2
 THUMBNAIL_SIZE = 64  # decoded size for index folders without thumbnails.npy
 THUMBNAIL_CACHE = 20_000  # data URLs kept per index
 SEARCH_FIELDS = {"prompt", "index", "k", "where"}
-SAMPLE_FIELDS = {"prompt", "index", "k", "guidance", "steps", "seed", "images", "no_knn", "neighbours_only", "where",
-                 "wait"}
+SAMPLE_FIELDS = {"prompt", "index", "k", "guidance", "neighbour_guidance", "steps", "seed", "images", "no_knn",
+                 "neighbours_only", "where", "wait"}
 
 
 class BadInput(Exception):
@@ -176,6 +176,7 @@ class Service:
                     "sample_k_max": sample_k_max(db) if self.sampling else None}
                    for i, db in enumerate(self.databases)]
         limits = {"search_k": [1, MAX_SEARCH_K], "steps": [1, MAX_STEPS], "guidance": [0, MAX_GUIDANCE],
+                  "neighbour_guidance": [0, MAX_GUIDANCE],
                   "seed": [0, MAX_SEED], "images": [1, MAX_IMAGES]}
         return {"indexes": indexes, "model": model, "limits": limits, "defaults": self.defaults,
                 "queue": self.queue.counts()}
@@ -235,6 +236,9 @@ class Service:
             images_per_prompt=number_field(values, "images", d["images"], 1, MAX_IMAGES),
             no_knn=bool_field(values, "no_knn"), neighbours_only=bool_field(values, "neighbours_only"),
             scheduler=d["scheduler"])
+        if values.get("neighbour_guidance", d["neighbour_guidance"]) is not None:  # null: the same as guidance
+            request.neighbour_guidance = number_field(values, "neighbour_guidance", d["neighbour_guidance"], 0.0,
+                                                      MAX_GUIDANCE, kind=float)
         request.where = where_field(values, db, 0 if request.no_knn else request.k)
         if request.no_knn and request.neighbours_only:
             raise BadInput("neighbours_only", "no_knn and neighbours_only exclude each other (the first drops the "
@@ -256,7 +260,8 @@ class Service:
             return {"pngs": [png_bytes(image) for image in images], "records": records}
 
         describe = {"prompt": prompt, "index": db.name, "k": 0 if request.no_knn else request.k,
-                    "guidance": request.guidance, "steps": request.steps, "seed": request.seed,
+                    "guidance": request.guidance, "neighbour_guidance": request.neighbour_guidance,
+                    "steps": request.steps, "seed": request.seed,
                     "images": request.images_per_prompt, "no_knn": request.no_knn,
                     "neighbours_only": request.neighbours_only}
         try:
@@ -311,7 +316,8 @@ def make_service(cfg, index_dirs: list[str] | None = None, checkpoint: str | Non
     databases = load_databases(dirs, found, resolve_device(cfg), allow_other_clip)
     conf = cfg.sample
     defaults = {"k": max(1, conf.k), "guidance": min(conf.guidance, MAX_GUIDANCE), "steps": min(conf.steps, MAX_STEPS),
-                "seed": conf.seed, "images": min(conf.images_per_prompt, MAX_IMAGES), "scheduler": conf.scheduler}
+                "seed": conf.seed, "images": min(conf.images_per_prompt, MAX_IMAGES), "scheduler": conf.scheduler,
+                "neighbour_guidance": None if conf.neighbour_guidance is None else min(conf.neighbour_guidance, MAX_GUIDANCE)}
     if found is not None:
         defaults["k"] = min(defaults["k"], sample_k_max(databases[0]))
     return Service(databases, defaults)

@@ -99,8 +99,23 @@ def test_sample_gives_the_png_bytes_knnd_sample_writes(work, tmp_path):
         assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content == expected
     record = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     assert [n["key"] for n in job["neighbours"]] == record["neighbour_keys"]
-    assert job["request"] == {"prompt": "red heart", "index": work["indexes"][0], "k": 3, "guidance": 3.0, "steps": 2,
-                              "seed": 3, "images": 2, "no_knn": False, "neighbours_only": False}
+    assert job["request"] == {"prompt": "red heart", "index": work["indexes"][0], "k": 3, "guidance": 3.0,
+                              "neighbour_guidance": None, "steps": 2, "seed": 3, "images": 2, "no_knn": False,
+                              "neighbours_only": False}
+
+
+def test_neighbour_guidance_gives_the_pngs_knnd_sample_writes_with_it(work, tmp_path):
+    """The API's neighbour_guidance is `knnd sample --neighbour-guidance`: the same PNG bytes, and it
+    changes them (a model given neighbours draws differently when what they add is scaled)."""
+    out = tmp_path / "cli"
+    assert main(["sample", "red heart", "-k", "3", "--steps", "2", "--seed", "3", "--guidance", "3",
+                 "--neighbour-guidance", "8", "--out", str(out), "-c", work["config"], "--index", work["indexes"][0]]) == 0
+    body = {"prompt": "red heart", "index": 0, "k": 3, "steps": 2, "seed": 3, "guidance": 3, "images": 1, "wait": True}
+    job = work["client"].post("/api/sample", json=body | {"neighbour_guidance": 8}).json()
+    assert job["status"] == "done" and job["request"]["neighbour_guidance"] == 8.0
+    assert decode(job["images"][0]) == (out / "red-heart_0.png").read_bytes()
+    plain = work["client"].post("/api/sample", json=body).json()
+    assert decode(plain["images"][0]) != decode(job["images"][0])
 
 
 def test_progress_is_reported_per_denoising_step_without_changing_the_images(work):
@@ -132,7 +147,9 @@ def test_info_lists_indexes_limits_and_defaults(work):
     assert [ix["name"] for ix in info["indexes"]] == work["indexes"]
     assert [ix["sample_k_max"] for ix in info["indexes"]] == [3, 3]
     assert info["model"]["k"] == 3 and info["model"]["resolution"] == 16
-    assert info["defaults"] == {"k": 3, "guidance": 3.0, "steps": 2, "seed": 3, "images": 2, "scheduler": "sde-dpmsolver++"}
+    assert info["defaults"] == {"k": 3, "guidance": 3.0, "steps": 2, "seed": 3, "images": 2, "scheduler": "sde-dpmsolver++",
+                                "neighbour_guidance": None}
+    assert info["limits"]["neighbour_guidance"] == [0, 30.0]
     assert info["queue"]["max_waiting"] == 16
 
 
@@ -140,7 +157,7 @@ def test_the_page_is_served_with_nothing_from_the_network(work):
     page = work["client"].get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
-    for needle in ('id="prompt"', 'id="index"', 'id="index2"', 'id="side"', 'id="k"', 'id="guidance"',
+    for needle in ('id="prompt"', 'id="index"', 'id="index2"', 'id="side"', 'id="k"', 'id="guidance"', 'id="neighbour_guidance"',
                    'id="steps"', 'id="seed"', 'id="no_knn"', "/api/search", "/api/sample", "/api/jobs/"):
         assert needle in page.text, needle
     assert "http://" not in page.text and "https://" not in page.text and "//cdn" not in page.text
@@ -171,6 +188,9 @@ SAMPLE_ERRORS = [
     ({"prompt": "x", "steps": 2.5}, "steps", "must be an integer"),
     ({"prompt": "x", "guidance": -1}, "guidance", "guidance must be from 0.0 to 30.0"),
     ({"prompt": "x", "guidance": "lots"}, "guidance", "must be a number"),
+    ({"prompt": "x", "neighbour_guidance": -1}, "neighbour_guidance", "neighbour_guidance must be from 0.0 to 30.0"),
+    ({"prompt": "x", "neighbour_guidance": "lots"}, "neighbour_guidance", "must be a number"),
+    ({"prompt": "x", "neighbour_guidance": 6, "no_knn": True}, None, "--neighbour-guidance scales what the neighbours add"),
     ({"prompt": "x", "seed": -1}, "seed", "raise seed"),
     ({"prompt": "x", "images": 9}, "images", "lower images"),
     ({"prompt": "x", "index": "elsewhere"}, "index", "is not one this server was started with"),
