@@ -42,28 +42,43 @@ def guided_output(model, x_t, t, emb, guidance: float, neighbour_mask=None, imag
     neighbour_guidance (None: the same as guidance) scales what the neighbours add to the query
     apart from what the query adds to the null context (two-scale guidance, as InstructPix2Pix):
     out = out_uncond + guidance * (out_query - out_uncond) + neighbour_guidance * (out_cond - out_query),
-    where out_query masks every neighbour slot; a third pass, only when the scales differ.
+    where out_query masks every slot but 0 (an editing reference in slot 1 too); a third pass, only
+    when the scales differ. It needs the query in every row (not --neighbours-only).
     image_cond (a manipulation model's I_manip) goes to every pass: guidance acts on the condition."""
-    batch = x_t.shape[0]
-    timesteps = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
     extra = {} if image_cond is None else {"image_cond": image_cond}
+    return combine_guidance(*guidance_passes(model, x_t, t, emb, guidance, neighbour_mask, neighbour_guidance, extra),
+                            guidance, neighbour_guidance)
+
+
+def guidance_passes(model, x_t, t, emb, guidance: float, neighbour_mask=None, neighbour_guidance=None, extra=None):
+    """(out_cond, out_uncond or None, out_query or None) from one batched model call (see guided_output)."""
+    batch, extra = x_t.shape[0], extra or {}
+    timesteps = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
     two_scale = neighbour_guidance is not None and neighbour_guidance != guidance and emb.shape[1] > 1
     if guidance == 1.0 and not two_scale:
-        return model(x_t, timesteps, emb, None, neighbour_mask, **extra).float()
+        return model(x_t, timesteps, emb, None, neighbour_mask, **extra).float(), None, None
     masks = None if neighbour_mask is None else [neighbour_mask, neighbour_mask]
     if two_scale:  # the query alone: slot 0 as the full condition has it, every neighbour masked
         present = torch.ones(emb.shape[:2], dtype=torch.bool) if neighbour_mask is None else neighbour_mask.bool()
-        query = torch.cat([present[:, :1], torch.zeros_like(present[:, 1:])], dim=1)
-        masks = [present, present, query]
+        if not present[:, 0].all():
+            raise ValueError("neighbour_guidance scales what the neighbours add to the query: a row without its "
+                             "query slot (neighbours only) has nothing to add it to")
+        masks = [present, present, torch.cat([present[:, :1], torch.zeros_like(present[:, 1:])], dim=1)]
     passes = 3 if two_scale else 2
     drop = (torch.arange(passes * batch, device=x_t.device) // batch) == 1  # second pass: null context
     extra = {name: torch.cat([value] * passes) for name, value in extra.items()}
     out = model(torch.cat([x_t] * passes), torch.cat([timesteps] * passes), torch.cat([emb] * passes), drop,
                 None if masks is None else torch.cat(masks), **extra).float()
     cond, uncond, *query = out.chunk(passes)
-    if not two_scale:
+    return cond, uncond, query[0] if query else None
+
+
+def combine_guidance(cond, uncond, query, guidance: float, neighbour_guidance: float | None):
+    if uncond is None:
+        return cond
+    if query is None:
         return uncond + guidance * (cond - uncond)
-    return uncond + guidance * (query[0] - uncond) + neighbour_guidance * (cond - query[0])
+    return uncond + guidance * (query - uncond) + neighbour_guidance * (cond - query)
 
 
 @torch.no_grad()
@@ -87,7 +102,8 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     """
     if getattr(model, "backbone", "continuous") == "discrete":
         from model.discrete_sampling import sample_discrete
-        return sample_discrete(model, emb, steps, guidance, generator, init_image, strength, neighbour_mask, progress)
+        return sample_discrete(model, emb, steps, guidance, generator, init_image, strength, neighbour_mask, progress,
+                               neighbour_guidance)
     config = model.config
     device = next(model.parameters()).device
     sched = make_scheduler(config, scheduler)

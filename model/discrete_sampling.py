@@ -12,24 +12,24 @@ from model.discrete_diffusion import q_sample, respaced_scheduler
 from model.vq import decode_tokens, encode_tokens
 
 
-def guide_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """uncond + guidance * (cond - uncond), renormalised to log probabilities over dim 1."""
-    out = uncond + guidance * (cond - uncond)
+def guide_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float, query: torch.Tensor | None = None,
+                 neighbour_guidance: float | None = None) -> torch.Tensor:
+    """uncond + guidance * (cond - uncond), or with the query pass the two-scale form
+    (model.diffusion.combine_guidance), renormalised to log probabilities over dim 1."""
+    from model.diffusion import combine_guidance
+
+    out = combine_guidance(cond, uncond, query, guidance, neighbour_guidance)
     return out - torch.logsumexp(out, dim=1, keepdim=True)
 
 
-def guided_log_x0(model, x_t, t: int, emb, guidance: float, neighbour_mask=None) -> torch.Tensor:
-    """log p(x_0 | x_t) [B, K, N] with classifier-free guidance (cond and null context in one batch;
-    guidance 1 skips the null pass)."""
-    batch = x_t.shape[0]
-    timesteps = torch.full((batch,), int(t), device=x_t.device, dtype=torch.long)
-    if guidance == 1.0:
-        return model(x_t, timesteps, emb, None, neighbour_mask).float()
-    drop = torch.arange(2 * batch, device=x_t.device) >= batch  # second half: the learned null context
-    mask = None if neighbour_mask is None else torch.cat([neighbour_mask, neighbour_mask])
-    out = model(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([emb, emb]), drop, mask).float()
-    cond, uncond = out.chunk(2)
-    return guide_logits(cond, uncond, guidance)
+def guided_log_x0(model, x_t, t: int, emb, guidance: float, neighbour_mask=None,
+                  neighbour_guidance: float | None = None) -> torch.Tensor:
+    """log p(x_0 | x_t) [B, K, N] with classifier-free guidance (the conditions in one batch; guidance 1
+    skips the null pass; neighbour_guidance as model.diffusion.guided_output's, on logits)."""
+    from model.diffusion import guidance_passes
+
+    cond, uncond, query = guidance_passes(model, x_t, t, emb, guidance, neighbour_mask, neighbour_guidance)
+    return cond if uncond is None else guide_logits(cond, uncond, guidance, query, neighbour_guidance)
 
 
 def _uniforms(generators, batch: int, n: int):
@@ -50,7 +50,8 @@ def _step(sched, log_x0, i: int, x, generators):
 
 @torch.no_grad()
 def sample_discrete(model, emb: torch.Tensor, steps: int = 100, guidance: float = 8.0, generator=None,
-                    init_image=None, strength: float = 1.0, neighbour_mask=None, progress=None) -> np.ndarray:
+                    init_image=None, strength: float = 1.0, neighbour_mask=None, progress=None,
+                    neighbour_guidance: float | None = None) -> np.ndarray:
     """uint8 images [B, H, W, 3] for condition embeddings emb [B, n <= k+1, d]; the arguments are
     model.diffusion.sample's. init_image with strength s: its tokens, corrupted by q(x_tau | x_0) at the
     timestep ~s along the respaced chain (a partly masked, partly replaced start), then the remaining
@@ -77,7 +78,7 @@ def sample_discrete(model, emb: torch.Tensor, steps: int = 100, guidance: float 
     emb = emb.to(device, torch.float32)
     for done, i in enumerate(indices):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            log_x0 = guided_log_x0(model, x.to(device), int(taus[i]), emb, guidance, neighbour_mask)
+            log_x0 = guided_log_x0(model, x.to(device), int(taus[i]), emb, guidance, neighbour_mask, neighbour_guidance)
         x = _step(sched, log_x0, i, x, generator)
         if progress is not None:
             progress(done + 1, len(indices))

@@ -287,7 +287,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
                "neighbours_only": setup.neighbours_only and not setup.no_knn,
                "where": None if setup.no_knn else setup.where,
                "steps": conf.steps, "scheduler": conf.scheduler, "guidance": conf.guidance,
-               "neighbour_guidance": None if setup.no_knn else conf.neighbour_guidance, "seed": conf.seed,
+               "neighbour_guidance": None if setup.no_knn or not setup.k else conf.neighbour_guidance, "seed": conf.seed,
                "images_per_prompt": conf.images_per_prompt, "encoder": encoder.name,
                "sampling_seconds": generated["seconds"], "seconds": round(time.time() - start, 1)}
     if setup.samples_from:  # the samples' own condition and sampling, not this call's
@@ -380,7 +380,7 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
         raise UsageError("--baseline compares the neighbours with the text alone; with --no-knn or -k 0 there are no "
                          "neighbours to compare: drop --baseline")
     name = f"{path.stem}-{where}-{'noknn' if no_knn else f'k{k}'}{'-neighbours-only' if neighbours_only else ''}"
-    ng = cfg.evaluate.neighbour_guidance  # a sweep over any of these keeps every result
+    ng = None if no_knn or k == 0 else cfg.evaluate.neighbour_guidance  # a sweep over any of these keeps every result
     name += f"-g{cfg.evaluate.guidance:g}-s{cfg.evaluate.steps}" + ("" if ng is None else f"-ng{ng:g}")
     name += "" if cfg.evaluate.scheduler == DEFAULT_SCHEDULER else f"-{cfg.evaluate.scheduler}"  # the default adds nothing
     if where_filter:  # one folder per filter: a short digest of its text

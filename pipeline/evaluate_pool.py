@@ -21,8 +21,8 @@ import numpy as np
 from pipeline.evaluate_compare import Graded, check_paired, load_evaluation
 from pipeline.runner import UsageError
 
-SHARED = ("images_per_prompt", "seed", "encoder", "steps", "scheduler", "guidance", "k", "no_knn", "neighbours_only",
-          "where")  # what every fold of one side must share
+SHARED = ("images_per_prompt", "seed", "encoder", "steps", "scheduler", "guidance", "neighbour_guidance", "k", "no_knn",
+          "neighbours_only", "where")  # what every fold of one side must share
 
 
 def concat(graded: list[Graded]) -> Graded:

@@ -16,7 +16,7 @@ from pipeline.runner import UsageError, read_json
 
 # what the saved samples were drawn with: taken from their metrics.json, never from this call
 CONDITION_KEYS = ("checkpoint", "step", "index", "k", "no_knn", "neighbours_only", "where", "steps", "scheduler",
-                  "guidance", "seed", "images_per_prompt", "sampling_seconds")
+                  "guidance", "neighbour_guidance", "seed", "images_per_prompt", "sampling_seconds")
 
 
 def earlier(folder: Path) -> dict:
@@ -25,7 +25,8 @@ def earlier(folder: Path) -> dict:
 
 def earlier_condition(folder: Path) -> dict:
     result = earlier(folder)
-    return {"scheduler": SCHEDULER_BEFORE} | {key: result[key] for key in CONDITION_KEYS if key in result}
+    return ({"scheduler": SCHEDULER_BEFORE, "neighbour_guidance": None}  # what results from before either key were
+            | {key: result[key] for key in CONDITION_KEYS if key in result})
 
 
 def reuse_samples(folder: Path, prompts: list[str]) -> dict:

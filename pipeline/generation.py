@@ -60,8 +60,8 @@ class SampleRequest:
             if value is not None and not (math.isfinite(value) and value >= 0):  # nan passes `< 0`
                 raise UsageError(f"{name} must be a finite number of at least 0, got {value}")
         if self.neighbour_guidance is not None and (self.no_knn or self.neighbours_only):
-            raise UsageError("--neighbour-guidance scales what the neighbours add to the text: it needs both, so it "
-                             "excludes --no-knn and --neighbours-only")
+            raise UsageError("--neighbour-guidance (sample.neighbour_guidance) scales what the neighbours add to the "
+                             "text: it needs both, so it excludes --no-knn and --neighbours-only; unset it for them")
         if self.init_image is not None:
             if not Path(self.init_image).is_file():
                 raise UsageError(f"--init-image {self.init_image} does not exist: give an image file")

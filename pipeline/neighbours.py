@@ -9,8 +9,8 @@ not the current config's, so a re-run after editing dedup.* never mixes two rule
 Ray actors (one per CPU by default, each with one faiss thread) hold the index, memory-mapped so
 they share its pages, and take embed shards one at a time. Their start-up (process, imports, index
 mmap, metadata) is not waited for: shards are queued on them at once, and the driver reads what it
-needs (the neighbours.where rows) meanwhile. Below neighbours.ray_min_rows on a local Ray the same
-worker runs in this process instead, one thread per CPU (faiss releases the GIL while it searches):
+needs (the neighbours.where rows) meanwhile. Below neighbours.ray_min_rows, unless ray.address names a
+cluster, the same worker runs in this process instead, one thread per CPU (faiss releases the GIL):
 a Ray actor takes 0.4-0.7 s to reach its constructor on a 2-core machine, about a tenth of the stage
 at 100k rows. The manifest's `nodes` counts the shards each Ray node did.
 """
@@ -75,6 +75,8 @@ class NeighbourWorker:
             self.failure = e  # actor start-up's reaches the driver only as the text of an ActorDiedError
             return
         except RuntimeError as e:
+            if not gpu_assign:
+                raise
             self.failure = StageError(f"neighbours.gpus_per_actor: {e}: set neighbours.gpus_per_actor=0 "
                                       f"to assign cells on the CPU")
             return
@@ -228,7 +230,7 @@ def allowed_rows(stage: StageRun):
 
 def local_threads(stage: StageRun) -> int:
     """Threads to run the shards on in this process (0: Ray actors): below neighbours.ray_min_rows embed
-    rows, on a local Ray, without GPU assignment; one per CPU Ray is given here."""
+    rows, without a cluster (ray.address) or GPU assignment; one per CPU (ray.num_cpus, else this process's)."""
     import os
 
     conf, cfg = stage.conf, stage.cfg
@@ -249,8 +251,10 @@ def run_in_process(stage: StageRun, args: tuple, todo: list, threads: int, progr
         if worker.failure is not None:
             raise worker.failure
         worker.allowed = allowed_rows(stage)
+        worker.retriever.warm_bulk()  # its lazily built search state, once, not in every thread at the first search
         clock.ready()
-        with ThreadPoolExecutor(threads) as pool:
+        # OpenMP's thread count is per thread: each pool thread sets its own, or searches on every CPU
+        with ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:
             futures = [pool.submit(worker, shard, args[1]) for shard in todo]
             try:
                 for future in as_completed(futures):

@@ -137,6 +137,9 @@ def test_guidance_on_logits_is_the_formula():
     offset = torch.randn(2, 1, 7, generator=g)
     assert torch.allclose(guide_logits(cond + offset, uncond - offset, 3.0), guided, atol=1e-5)
     assert torch.allclose(guide_logits(cond, uncond, 1.0), cond, atol=1e-6)
+    query = torch.log_softmax(torch.randn(2, 5, 7, generator=g), dim=1)  # two-scale: the neighbours apart
+    expected = torch.log_softmax(uncond + 3.0 * (query - uncond) + 6.0 * (cond - query), dim=1)
+    assert torch.allclose(guide_logits(cond, uncond, 3.0, query, 6.0), expected, atol=1e-5)
 
 
 def test_respaced_tables_equal_diffusers_at_full_length():
@@ -246,6 +249,10 @@ def test_sampling_is_deterministic_per_seed_and_per_image(token_pack, tmp_path):
     one = torch.Generator().manual_seed(4)
     via = diffusion.sample(model, emb[:, :1], steps=3, guidance=1.0, generator=one)  # --no-knn, no guidance
     assert via.shape == (2, 8, 8, 3)
+    two_scale = diffusion.sample(model, emb, steps=5, guidance=3.0, generator=[torch.Generator().manual_seed(s) for s in
+                                                                                 (0, 1)], neighbour_guidance=3.0)
+    assert np.array_equal(two_scale, a)  # equal scales: plain guidance, the same tokens
+    assert run([0, 1], neighbour_guidance=12.0).shape == a.shape  # the discrete sampler takes the third pass too
 
 
 @pytest.mark.skipif(not os.environ.get("KNND_RAY_TESTS"),

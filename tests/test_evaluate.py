@@ -296,16 +296,24 @@ def test_pooled_folds_rank_each_prompt_among_its_own_folds_and_pool_the_set_metr
     write_json(tmp_path / "b1" / "metrics.json", json.loads((tmp_path / "b1" / "metrics.json").read_text()) | {"guidance": 1.5})
     with pytest.raises(UsageError, match=r"the folds were not evaluated alike \(guidance differ between them\)"):
         pool(pairs, 100)
+    write_json(tmp_path / "a1" / "metrics.json", other | {"guidance": 3.0, "neighbour_guidance": 6.0})
+    with pytest.raises(UsageError, match=r"\(neighbour_guidance differ between them\)"):
+        pool(pairs, 100)
 
 
 def test_an_evaluation_from_before_the_scheduler_key_was_drawn_with_ddim(tmp_path):
+    """Regrading keeps the samples' own condition; keys older results lack take what they were then
+    (ddim; no neighbour guidance), not the current config's."""
     from pipeline.evaluate_regrade import earlier_condition
     from pipeline.runner import write_json
 
     write_json(tmp_path / "metrics.json", {"k": 10, "no_knn": False, "steps": 25, "guidance": 3.0, "prompts": 5})
-    assert earlier_condition(tmp_path) == {"scheduler": "ddim", "k": 10, "no_knn": False, "steps": 25, "guidance": 3.0}
+    assert earlier_condition(tmp_path) == {"scheduler": "ddim", "neighbour_guidance": None, "k": 10, "no_knn": False,
+                                           "steps": 25, "guidance": 3.0}
     write_json(tmp_path / "metrics.json", {"k": 0, "scheduler": "ddpm"})
-    assert earlier_condition(tmp_path) == {"scheduler": "ddpm", "k": 0}
+    assert earlier_condition(tmp_path) == {"scheduler": "ddpm", "neighbour_guidance": None, "k": 0}
+    write_json(tmp_path / "metrics.json", {"k": 10, "scheduler": "ddpm", "neighbour_guidance": 6.0})
+    assert earlier_condition(tmp_path)["neighbour_guidance"] == 6.0
 
 
 def test_condition_text_names_the_neighbour_guidance_where_it_was_used():

@@ -179,6 +179,9 @@ def test_neighbour_guidance_query_pass_is_the_text_alone_and_equal_scales_change
         assert torch.equal(guided_output(model, x, t, emb, 3.0, neighbour_guidance=3.0), plain)
         further = guided_output(model, x, t, emb, 3.0, neighbour_guidance=6.0)
     torch.testing.assert_close(further, plain + (plain - text_alone), rtol=1e-3, atol=1e-3)  # 6 (c - q) = 2 * 3 (c - q)
+    no_query = torch.tensor([[False] + [True] * model.config.k] * 2)
+    with pytest.raises(ValueError, match="a row without its query slot"):
+        guided_output(model, x, t, emb, 3.0, no_query, neighbour_guidance=6.0)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "sde-dpmsolver++"])

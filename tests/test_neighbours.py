@@ -54,9 +54,17 @@ def read_all(work):
 
 
 @pytest.mark.parametrize("where", ["threads", "actors"])
-def test_identical_to_brute_force_on_exact_index(source, tmp_path, where):
+def test_identical_to_brute_force_on_exact_index(source, tmp_path, where, monkeypatch):
     """Both ways of running the shards: threads of this process (below neighbours.ray_min_rows, the
-    default at this size) and Ray actors (ray_min_rows 0)."""
+    default at this size; each searching on one faiss thread, which OpenMP sets per thread) and Ray
+    actors (ray_min_rows 0)."""
+    import faiss
+
+    from pipeline.neighbours import NeighbourWorker
+
+    faiss_threads, real_call = [], NeighbourWorker.__call__
+    monkeypatch.setattr(NeighbourWorker, "__call__",
+                        lambda self, *a: faiss_threads.append(faiss.omp_get_max_threads()) or real_call(self, *a))
     work = tmp_path / "w"
     prepare(source, work)
     cfg = load_config(None, stage_args(work, "dedup.cosine_threshold=0.99", "neighbours.k=5", "neighbours.candidates=8",
@@ -70,6 +78,7 @@ def test_identical_to_brute_force_on_exact_index(source, tmp_path, where):
         assert m["timing"]["actors"] > 0
     else:
         assert m["nodes"] == {} and m["timing"]["threads"] > 0 and m["timing"]["actors"] == 0
+        assert faiss_threads == [1] * 6
     got = read_all(work)
     x = np.concatenate([np.load(work / "embed" / "img_emb" / f"img_emb_{s:05d}.npy") for s in range(6)]).astype(np.float32)
     bits = phash_bits_from_hex(pq.read_table(sorted((work / "embed" / "metadata").glob("*.parquet"))).column("phash").to_pylist())

@@ -228,7 +228,7 @@ def test_neighbour_guidance_reaches_the_sampler_and_needs_text_and_neighbours(wo
     assert {r["neighbour_guidance"] for r in records(tmp_path / "ng")} == {6.0}
     for flag in ("--no-knn", "--neighbours-only"):
         assert knnd_sample(work, tmp_path / "bad", "--neighbour-guidance", "6", flag) == 2
-        assert "--neighbour-guidance scales what the neighbours add to the text" in capsys.readouterr().err
+        assert "--neighbour-guidance (sample.neighbour_guidance) scales what the neighbours add" in capsys.readouterr().err
     assert knnd_sample(work, tmp_path / "bad", "--neighbour-guidance", "nan") == 2
     assert "neighbour_guidance must be a finite number of at least 0, got nan" in capsys.readouterr().err
 

@@ -190,7 +190,7 @@ SAMPLE_ERRORS = [
     ({"prompt": "x", "guidance": "lots"}, "guidance", "must be a number"),
     ({"prompt": "x", "neighbour_guidance": -1}, "neighbour_guidance", "neighbour_guidance must be from 0.0 to 30.0"),
     ({"prompt": "x", "neighbour_guidance": "lots"}, "neighbour_guidance", "must be a number"),
-    ({"prompt": "x", "neighbour_guidance": 6, "no_knn": True}, None, "--neighbour-guidance scales what the neighbours add"),
+    ({"prompt": "x", "neighbour_guidance": 6, "no_knn": True}, None, "--neighbour-guidance (sample.neighbour_guidance) scales what the neighbours add"),
     ({"prompt": "x", "seed": -1}, "seed", "raise seed"),
     ({"prompt": "x", "images": 9}, "images", "lower images"),
     ({"prompt": "x", "index": "elsewhere"}, "index", "is not one this server was started with"),
