@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image
 
 from model.clip import ClipBundle, encode_images, encode_texts, flatten_alpha, load_clip
-from pipeline.files import atomic_path, write_text
+from pipeline.files import atomic_path, usable_cpus, write_text
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ def train_demo_clip(
         return cached
 
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(train.num_threads or _usable_cores())  # the loop is compute-bound
+    torch.set_num_threads(train.num_threads or usable_cpus())  # the loop is compute-bound
     try:
         torch.manual_seed(seed)  # model init
         bundle = load_clip(str(config_json), None)
@@ -131,11 +130,6 @@ def train_demo_clip(
 
 # ---------------------------------------------------------------------------------------- data
 
-
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset and container CPU sets
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _data_hash(images: list[Image.Image], captions: list[str]) -> str:

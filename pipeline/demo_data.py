@@ -16,7 +16,6 @@ rendered file is recognised by its path and size only).
 
 import functools
 import logging
-import os
 import re
 import struct
 import threading
@@ -35,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import resvg_py
 
-from pipeline.files import atomic_path, write_bytes
+from pipeline.files import atomic_path, usable_cpus, write_bytes
 from pipeline.loopback import LoopbackHTTPServer
 
 log = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ def render_stickers(out_dir: Path, size: int = 72, limit: int | None = None, wor
         for h in chosen
         if not _is_rendered(out_dir / f"{h}.png", size)
     ]
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     if workers == 1 or len(jobs) < 2:
         for job in jobs:
             _render_one(job)

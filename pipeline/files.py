@@ -1,4 +1,5 @@
-"""Files every stage and the model code write and read: one atomic write, JSON, the two errors.
+"""Files every stage and the model code write and read: one atomic write, JSON, the two errors; and
+the CPUs this process may use.
 
 Nothing here imports a stage, torch or faiss, so any module (Ray workers included) can use it.
 """
@@ -63,3 +64,23 @@ def file_hash(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+CGROUP_CPU_FILES = ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # cgroup v2, v1
+
+
+def usable_cpus(cgroup_files=CGROUP_CPU_FILES) -> int:
+    """CPUs this process may use: its affinity mask (taskset, cpusets), capped by a cgroup CPU quota
+    (`docker run --cpus 2` on a 64-core host is 2, where os.cpu_count() says 64); at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for path in map(Path, cgroup_files):
+        try:
+            if path.name == "cpu.max":  # "max 100000" or "<quota> <period>"
+                quota, period = path.read_text().split()[:2]
+            else:
+                quota, period = path.read_text().strip(), (path.parent / "cpu.cfs_period_us").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            return max(1, min(cpus, int(quota) // int(period)))
+    return max(1, cpus)

@@ -231,12 +231,12 @@ def allowed_rows(stage: StageRun):
 def local_threads(stage: StageRun) -> int:
     """Threads to run the shards on in this process (0: Ray actors): below neighbours.ray_min_rows embed
     rows, without a cluster (ray.address) or GPU assignment; one per CPU (ray.num_cpus, else this process's)."""
-    import os
+    from pipeline.files import usable_cpus
 
     conf, cfg = stage.conf, stage.cfg
     if cfg.ray.address or conf.gpus_per_actor or stage.inputs["embed"]["rows"] >= conf.ray_min_rows:
         return 0
-    return int(conf.actors) if conf.actors != "auto" else cfg.ray.num_cpus or len(os.sched_getaffinity(0))
+    return int(conf.actors) if conf.actors != "auto" else cfg.ray.num_cpus or usable_cpus()
 
 
 def run_in_process(stage: StageRun, args: tuple, todo: list, threads: int, progress) -> dict:

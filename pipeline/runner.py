@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.config import Config, fingerprint_hash, legacy_fingerprint, output_fingerprint, section, to_dict
 # Errors, atomic writes and JSON live in pipeline.files (no stage owns them); re-exported for callers.
-from pipeline.files import StageError, UsageError, atomic_path, file_hash, read_json, write_json  # noqa: F401
+from pipeline.files import StageError, UsageError, atomic_path, file_hash, read_json, usable_cpus, write_json  # noqa: F401
 
 VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray", "img2dataset", "webdataset",
                       "diffusers", "numpy", "pyarrow", "imagehash", "knn-diffusion"]
@@ -326,4 +326,4 @@ def ensure_ray(cfg: Config) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or usable_cpus(), **kwargs)

@@ -178,3 +178,25 @@ def test_progress_line_has_shards_rate_eta():
 def test_stage_graph_is_ordered():
     for name, stage in TABLE.items():
         assert all(STAGES.index(u) < STAGES.index(name) for u in stage.upstream)
+
+
+def test_usable_cpus_honours_a_cgroup_quota(tmp_path):
+    """A container's CPU quota caps the count (cgroup v2 cpu.max, v1 cfs_quota_us/cfs_period_us); no quota,
+    or no cgroup files, leaves the affinity mask's count; a fraction of a CPU is still one."""
+    import os
+
+    from pipeline.files import usable_cpus
+
+    cpus = len(os.sched_getaffinity(0))
+    v2, v1 = tmp_path / "cpu.max", tmp_path / "v1" / "cpu.cfs_quota_us"
+    v1.parent.mkdir()
+    assert usable_cpus([tmp_path / "missing" / "cpu.max"]) == cpus
+    for text, expected in (("max 100000", cpus), ("100000 100000", 1), ("50000 100000", 1),
+                           (f"{(cpus + 4) * 100000} 100000", cpus)):
+        v2.write_text(text + "\n")
+        assert usable_cpus([v2]) == expected, text
+    (v1.parent / "cpu.cfs_period_us").write_text("100000\n")
+    v1.write_text("-1\n")
+    assert usable_cpus([v1]) == cpus
+    v1.write_text("150000\n")
+    assert usable_cpus([tmp_path / "missing" / "cpu.max", v1]) == 1
