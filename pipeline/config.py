@@ -45,7 +45,8 @@ def opt(default, help: str, *, choices=None, min=None, max=None, runtime: bool =
 @dataclass
 class RayConfig:
     address: str | None = opt(None, 'null: start a local Ray; "auto" or ray://host:port: join a cluster', runtime=True)
-    num_cpus: int | None = opt(None, "CPUs for a local Ray (null: all)", min=1, runtime=True)
+    num_cpus: int | None = opt(None, "CPUs for a local Ray (null: those this process may use: its affinity, capped by a "
+                               "cgroup CPU quota)", min=1, runtime=True)
 
 
 @dataclass
