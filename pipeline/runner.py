@@ -61,9 +61,10 @@ class RunClock:
         self.started, self.ready_at, self.items = time.perf_counter(), None, 0
 
     def ready(self, wall: float | None = None) -> None:
-        """Now, or when the workers reported ready (`wall`: their `time.time()`; they start while work is queued)."""
+        """Now, or when the workers reported ready (`wall`: their `time.time()`; they start while work is queued).
+        Not before the clock started: the wall clock can step (a VM syncing it), perf_counter does not."""
         now = time.perf_counter()
-        self.ready_at = now if wall is None else now - max(0.0, time.time() - wall)
+        self.ready_at = now if wall is None else max(self.started, now - max(0.0, time.time() - wall))
 
     def report(self, workers: str) -> dict:
         after = time.perf_counter() - self.ready_at

@@ -200,3 +200,19 @@ def test_usable_cpus_honours_a_cgroup_quota(tmp_path):
     assert usable_cpus([v1]) == cpus
     v1.write_text("150000\n")
     assert usable_cpus([tmp_path / "missing" / "cpu.max", v1]) == 1
+
+
+def test_run_clock_start_up_is_never_negative():
+    """Workers report readiness in wall-clock time; a wall clock stepped back (seen once: -2.07 s of
+    start-up) must not give a negative start-up or a rate over more time than the run took."""
+    import time
+
+    from pipeline.runner import RunClock
+
+    clock = RunClock()
+    clock.items = 100
+    clock.ready(wall=time.time() - 3600)  # "ready an hour ago"
+    report = clock.report("actor")
+    assert 0.0 <= report["actor_start_s"] < 1.0 and report["images_this_run"] == 100
+    clock.ready(wall=time.time())
+    assert clock.report("actor")["actor_start_s"] >= 0.0
