@@ -137,9 +137,9 @@ class NeighboursConfig:
     batch_size: int = opt(8192, "queries per search batch", min=1, runtime=True)
     actors: str | int = opt("auto", '"auto" (one per CPU, as memory allows) or a number of Ray actors holding the index',
                             runtime=True)
-    ray_min_rows: int = opt(1_000_000, "from this many embed rows on (and always on a joined cluster or with "
-                            "gpus_per_actor) the shards go to Ray actors; below it, to one thread per CPU in this "
-                            "process, with no actor to start. Same neighbours either way", min=0, runtime=True)
+    ray_min_rows: int = opt(1_000_000, "from this many embed rows on (and always for an IVF index, on a joined "
+                            "cluster or with gpus_per_actor) the shards go to Ray actors; below it, to one thread per "
+                            "CPU in this process, with no actor to start. Same neighbours either way", min=0, runtime=True)
     gpus_per_actor: float = opt(0.0, "share of a GPU each actor takes to assign its queries to IVF cells by brute force "
                                 "(faiss-gpu; 0.25: four actors per GPU, as many actors as the GPUs hold); 0: on the CPU",
                                 min=0.0, max=1.0, runtime=True)

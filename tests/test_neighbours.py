@@ -353,3 +353,23 @@ def test_gpu_actors_fit_on_one_node_each_and_in_what_is_free():
     assert gpu_actor_slots(nodes, {"CPU": 90, "GPU": 2}, 0.25) == 8  # other jobs hold 7 GPUs
     assert gpu_actor_slots(nodes, {"CPU": 5, "GPU": 9}, 0.25) == 5
     assert gpu_actor_slots(nodes[1:2], {"CPU": 64}, 0.5) == 0
+
+
+def test_the_driver_threads_take_small_whole_searched_indexes_only():
+    """Threads in the driver below neighbours.ray_min_rows for HNSW / flat indexes; Ray actors for an IVF
+    (its bulk search holds the GIL in Python loops: 1.9x slower on threads at 1M), on a cluster, with GPU
+    assignment, at ray_min_rows rows and above, or when the index manifest does not name its factory."""
+    from types import SimpleNamespace
+
+    from pipeline.neighbours import local_threads
+
+    def threads(factory="HNSW32", rows=1000, address=None, gpus=0.0, actors="auto", num_cpus=3):
+        conf = SimpleNamespace(gpus_per_actor=gpus, ray_min_rows=10_000, actors=actors)
+        cfg = SimpleNamespace(ray=SimpleNamespace(address=address, num_cpus=num_cpus))
+        index = {} if factory is None else {"factory": factory}
+        return local_threads(SimpleNamespace(conf=conf, cfg=cfg, inputs={"index": index, "embed": {"rows": rows}}))
+
+    assert threads() == 3 and threads(factory="Flat") == 3 and threads(actors=2) == 2
+    for case in (dict(factory="IVF24,Flat"), dict(factory="OPQ16_64,IVF1024_HNSW32,PQ16"), dict(factory=None),
+                 dict(rows=10_000), dict(address="auto"), dict(gpus=0.25)):
+        assert threads(**case) == 0, case
