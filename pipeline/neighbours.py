@@ -9,8 +9,9 @@ not the current config's, so a re-run after editing dedup.* never mixes two rule
 Ray actors (one per CPU by default, each with one faiss thread) hold the index, memory-mapped so
 they share its pages, and take embed shards one at a time. Their start-up (process, imports, index
 mmap, metadata) is not waited for: shards are queued on them at once, and the driver reads what it
-needs (the neighbours.where rows) meanwhile. Below neighbours.ray_min_rows, unless ray.address names a
-cluster, the same worker runs in this process instead, one thread per CPU (faiss releases the GIL):
+needs (the neighbours.where rows) meanwhile. Below neighbours.ray_min_rows, for an HNSW or flat index,
+unless ray.address names a cluster, the same worker runs in this process, one thread per CPU (faiss
+releases the GIL; an IVF's bulk search does not, in its Python loops, so it always gets actors):
 a Ray actor takes 0.4-0.7 s to reach its constructor on a 2-core machine, about a tenth of the stage
 at 100k rows. The manifest's `nodes` counts the shards each Ray node did.
 """
