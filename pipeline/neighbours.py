@@ -255,8 +255,7 @@ def run_in_process(stage: StageRun, args: tuple, todo: list, threads: int, progr
         worker = NeighbourWorker(*args)  # sets faiss to one thread per search
         if worker.failure is not None:
             raise worker.failure
-        worker.allowed = allowed_rows(stage)
-        worker.retriever.warm_bulk()  # its lazily built search state, once, not in every thread at the first search
+        worker.allowed = allowed_rows(stage)  # HNSW / flat only (local_threads): no lazily built bulk-search state
         clock.ready()
         # OpenMP's thread count is per thread: each pool thread sets its own, or searches on every CPU
         with ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads, initargs=(1,)) as pool:

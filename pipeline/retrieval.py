@@ -92,12 +92,6 @@ class Retriever:
         taken = np.take_along_axis(ok, order, axis=1)
         return np.where(taken, sims, -np.inf).astype(sims.dtype), np.where(taken, rows, -1)
 
-    def warm_bulk(self) -> None:
-        """Build what bulk searches build lazily (the own-cell table or the cell assigner) now: threads that
-        search at once would each build it (cached_property locks nothing from Python 3.12 on)."""
-        if self._cells_by_row is None:
-            self.prepare_bulk()
-
     def prepare_bulk(self) -> None:
         """Build the bulk searches' cell assigner now (on the GPU with `gpu_assign`), not at the first search."""
         self._bulk_coarse  # noqa: B018 - a cached property: built once
