@@ -1,4 +1,4 @@
-"""Near duplicates, shared by the dedup and neighbours stages: the rule, candidate pairs, removal in row order, pHash.
+"""Near duplicates, shared by the dedup and neighbours stages: the rule, removal in row order, pHash.
 
 The rule (``near_duplicates``): two images are near-identical when their CLIP cosine similarity is
 above the cosine threshold, or their perceptual hashes differ in at most the Manhattan threshold
@@ -10,15 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-
-
-def candidate_pairs(
-    query_rows: np.ndarray, sims: np.ndarray, rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """kNN results as (pairs int64 [m, 2] of (query row, neighbour row), sims [m]); self and -1 dropped."""
-    queries = np.broadcast_to(np.asarray(query_rows, dtype=np.int64)[:, None], rows.shape)
-    valid = (rows >= 0) & (rows != queries)
-    return np.stack([queries[valid], rows[valid]], axis=1), sims[valid]
 
 
 def near_duplicates(

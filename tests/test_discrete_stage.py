@@ -86,12 +86,20 @@ def test_knnd_sample_flags_with_a_discrete_checkpoint(work, tmp_path):
     assert (tmp_path / "x" / "red-heart_1.png").read_bytes() == (tmp_path / "seed" / "red-heart_0.png").read_bytes()
     assert sample(work, tmp_path / "noknn", "--no-knn", "--guidance", "1") == 0
     assert all(r["k"] == 0 and r["no_knn"] and r["guidance"] == 1.0 for r in lines(tmp_path / "noknn"))
+    assert pixels(tmp_path / "noknn" / "red-heart_0.png") != pixels(tmp_path / "x" / "red-heart_0.png")
     assert sample(work, tmp_path / "swap", "--index", str(work["b"]), "-k", "2") == 0
     assert all(key.startswith("b") and r["k"] == 2 for r in lines(tmp_path / "swap") for key in r["neighbour_keys"])
     reference = tmp_path / "x" / "red-heart_0.png"
     assert sample(work, tmp_path / "edit", "--init-image", str(reference), "--strength", "0.5", "--steps", "4") == 0
     edits = lines(tmp_path / "edit")
     assert all(r["strength"] == 0.5 and r["steps"] == 4 for r in edits)
+    assert sample(work, tmp_path / "plain", "--steps", "4") == 0  # the same noise and steps, no reference (which
+    # sets the start and the first neighbour slot: test_discrete checks the start alone)
+    assert pixels(tmp_path / "edit" / "red-heart_0.png") != pixels(tmp_path / "plain" / "red-heart_0.png")
+
+
+def pixels(path) -> bytes:
+    return np.asarray(Image.open(path)).tobytes()
 
 
 def test_discrete_train_without_tokens_is_a_usage_error(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""pipeline/duplicates.py: the near-duplicate rule, candidate pairs, groups against BFS, pHash distances."""
+"""pipeline/duplicates.py: the near-duplicate rule, groups against BFS, pHash distances."""
 
 from __future__ import annotations
 
@@ -6,14 +6,6 @@ import numpy as np
 import pytest
 
 from pipeline import duplicates
-
-
-def test_candidate_pairs_drop_self_and_missing():
-    sims = np.array([[1.0, 0.9, 0.8], [0.95, 0.9, 0.1]], dtype=np.float32)
-    rows = np.array([[10, 11, 12], [10, 13, -1]])
-    pairs, pair_sims = duplicates.candidate_pairs(np.array([10, 20]), sims, rows)
-    assert pairs.tolist() == [[10, 11], [10, 12], [20, 10], [20, 13]]
-    assert pair_sims.tolist() == pytest.approx([0.9, 0.8, 0.95, 0.9])
 
 
 def test_near_duplicates_rule():

@@ -211,7 +211,7 @@ def test_save_index_leaves_nothing_on_failure(ivf_flat, tmp_path, monkeypatch):
         faiss_ondisk.save_index(ivf_flat, tmp_path / "image.index")
     assert os.listdir(tmp_path) == ["image.index"]  # no temporary file left beside it
     assert (tmp_path / "image.index").read_bytes() == before  # the previous index is untouched
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"no faiss index at .*nothing\.index"):
         faiss_ondisk.load_index(tmp_path / "nothing.index")
 
 

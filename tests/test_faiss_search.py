@@ -162,20 +162,41 @@ def test_drop_self():
 
 
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64_HNSW32,Flat"])
-def test_bulk_search_equals_search_on_ivf_flat(data, factory):
+def test_bulk_search_equals_search_on_ivf_flat(data, factory, monkeypatch):
     """List by list (big_batch_search) must give what index.search gives: same rows, same sims, same
     -1 / -inf padding when k exceeds what the probed cells hold; rows are ids, not positions."""
     index = build(factory, data["database"], data["rows"], n_train=5000)
     faiss_search.set_nprobe(index, 4)
     queries = data["database"][:2000]  # 2000 x 4 probes over 64 cells: the bulk path is taken
-    assert len(queries) * 4 >= faiss_search.BULK_MIN_QUERIES_PER_LIST * 64
+    blocks = count_block_searches(monkeypatch)
     for k in (10, 2000):
         want_sims, want_rows = faiss_search.search(index, queries, k)
         sims, rows = faiss_search.bulk_search(index, queries, k)
         np.testing.assert_array_equal(rows, want_rows)
         np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
+    assert len(blocks) > 64  # list by list: each probed list scored once per call, for both k
     assert (rows == -1).any() and np.isneginf(sims[rows == -1]).all()
     assert set(rows[rows >= 0].ravel()) <= set(data["rows"])
+
+
+def count_block_searches(monkeypatch) -> list:
+    """Every list scored by the list-by-list path appends to the returned list."""
+    from faiss.contrib.big_batch_search import BlockComputer
+
+    blocks, real = [], BlockComputer.block_search
+    monkeypatch.setattr(BlockComputer, "block_search", lambda self, *a, **k: blocks.append(1) or real(self, *a, **k))
+    return blocks
+
+
+class CountingAssigner:
+    """A coarse assigner (a flat index of the centroids) that counts its searches."""
+
+    def __init__(self, index: faiss.Index):
+        self.index, self.calls = index, 0
+
+    def search(self, x, k):
+        self.calls += 1
+        return self.index.search(x, k)
 
 
 def test_bulk_search_with_exact_coarse_probes_the_exact_nearest_cells(data):
@@ -200,13 +221,22 @@ def test_bulk_search_with_exact_coarse_probes_the_exact_nearest_cells(data):
     assert faiss_search.exact_coarse(build("IVF64,Flat", data["database"], data["rows"], n_train=5000)) is None
 
 
-def test_bulk_search_falls_back_where_it_cannot_help(data, ivf_pq):
+def test_bulk_search_falls_back_where_it_cannot_help(data, ivf_pq, monkeypatch):
     """PQ codes (big_batch_search scores IP residuals wrongly) and small batches use index.search."""
-    queries = data["queries"][:50]
     faiss_search.set_nprobe(ivf_pq, 8)
-    for index in (ivf_pq,):
-        np.testing.assert_array_equal(faiss_search.bulk_search(index, queries, K)[1],
-                                      faiss_search.search(index, queries, K)[1])
+    many = data["queries"][:500]  # 500 x 8 probes over 128 cells: large enough for the list-by-list path
+    assert len(many) * 8 >= faiss_search.BULK_MIN_QUERIES_PER_LIST * faiss.extract_index_ivf(ivf_pq).nlist
+    flat = build("IVF64,Flat", data["database"], data["rows"], n_train=5000)
+    faiss_search.set_nprobe(flat, 4)
+    few = data["queries"][:12]  # 12 x 4 probes over 64 cells: too few
+    assert len(few) * 4 < faiss_search.BULK_MIN_QUERIES_PER_LIST * 64
+    blocks = count_block_searches(monkeypatch)
+    for index, queries in ((ivf_pq, many), (flat, few)):
+        sims, rows = faiss_search.bulk_search(index, queries, K)
+        want_sims, want_rows = faiss_search.search(index, queries, K)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(sims, want_sims)
+    assert blocks == []  # neither went list by list
 
 
 @pytest.mark.parametrize("factory, batch", [("OPQ8_32,IVF64,PQ8", 2000), ("IVF64,Flat", 12)])
@@ -219,9 +249,10 @@ def test_bulk_search_with_a_coarse_assigner_searches_its_cells_on_any_ivf(data, 
     faiss_search.set_nprobe(index, 8)
     queries = data["database"][:batch]
     assert batch * 8 < faiss_search.BULK_MIN_QUERIES_PER_LIST * 64 or factory.startswith("OPQ")  # not list by list
-    coarse = faiss_build.centroid_index(faiss.extract_index_ivf(index))
+    coarse = CountingAssigner(faiss_build.centroid_index(faiss.extract_index_ivf(index)))
     want_sims, want_rows = faiss_search.search(index, queries, K)
     sims, rows = faiss_search.bulk_search(index, queries, K, coarse)
+    assert coarse.calls == 1  # the assigner, not the index's own quantizer, picked the cells
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_allclose(sims, want_sims, rtol=1e-5, atol=1e-6)
     assert (rows[:, 0] == data["rows"][:batch]).mean() > 0.5  # a database vector mostly finds itself first

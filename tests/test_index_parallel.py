@@ -119,7 +119,7 @@ def test_killed_parallel_build_resumes_per_shard(database, single_and_parallel, 
     sets = [f"workdir={work}", *SETS, "index.parallel_min_vectors=0", "ray.num_cpus=1"]
     done = work / "index" / "_run" / "done"
     at_kill = run_and_kill("index", sets, markers(done), at_least=2)
-    assert at_kill >= 2 and not (work / "index" / "manifest.json").exists()
+    assert 2 <= at_kill < N // SHARD and not (work / "index" / "manifest.json").exists()  # some shards left to add
     stamps = {p.name: p.stat().st_mtime_ns for p in done.glob("*.json")}
     run_stage("index", load_config(None, sets))
     infos = json.loads((work / "index" / "index_infos.json").read_text())

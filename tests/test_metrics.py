@@ -44,7 +44,7 @@ def test_prompt_accuracy_ties_do_not_push_out_own_prompt():
 
 
 def test_prompt_accuracy_rejects_bad_prompt_index():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"prompt_of indexes outside 0\.\.1"):
         prompt_accuracy(np.ones((2, 2)), np.ones((2, 2)), np.array([0, 2]))
 
 
@@ -208,7 +208,7 @@ def test_bootstrap_pair_ci_tuple_metric():
                                             lambda x, y: (float(len(x)), float(len(y))), n_boot=30)
     for arr in (estimate, low, high):
         np.testing.assert_array_equal(arr, [6.0, 3.0])  # 3 groups of 2 drawn each time; b whole
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"b_groups must have shape \(3,\), got \(4,\)"):
         bootstrap_pair_ci(a, b, None, np.arange(4), lambda x, y: 0.0, n_boot=2)
 
 

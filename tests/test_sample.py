@@ -294,9 +294,15 @@ def test_unconditional_samples_database_images_conditioned_on_their_neighbours(w
     labels = list(dict.fromkeys(r["prompt"] for r in rows))
     assert len(labels) == 3 and all(label.startswith("pseudo-query a") for label in labels)
     embeddings = Embeddings(work["a"] / "embed")
+    indexed = np.load(work["a"] / "index" / "rows.npy")  # a flat index at 24 items: exact, brute force agrees
+    vectors = embeddings[indexed].astype(np.float32)
     for record in rows:
         key = record["prompt"].removeprefix("pseudo-query ")
-        assert len(record["neighbour_keys"]) == 3 and key not in record["neighbour_keys"]
+        row = int(key.removeprefix("a"))
+        sims = vectors @ embeddings[[row]][0].astype(np.float32)
+        sims[indexed == row] = -np.inf  # other images only
+        nearest = [f"a{r:08d}" for r in indexed[np.argsort(-sims, kind="stable")[:3]]]
+        assert record["neighbour_keys"] == nearest and key not in nearest
     for call, label in zip(spy, labels):  # slot 0 holds the pseudo-query image's own embedding
         row = int(label.removeprefix("pseudo-query a"))
         assert np.allclose(call["emb"][0, 0].numpy(), embeddings[[row]][0].astype(np.float32), atol=1e-6)

@@ -138,7 +138,7 @@ def test_stream_training_resumes_bit_for_bit(tmp_path, every, stop):
     assert final_a["data_input"] == {"input": "stream", "shuffle_buffer": 3}
 
 
-def test_memory_and_stream_train_the_same_model_and_a_run_keeps_its_input(tmp_path):
+def test_memory_and_stream_inputs_both_train_the_model_and_a_run_keeps_its_input(tmp_path):
     paths, _ = write_pack(tmp_path / "pack", [5, 3])
     results = {name: train(tiny_params(steps=5, batch_size=2, input=name), ModelConfig.tiny(), paths, tmp_path / name)
                for name in ("memory", "stream")}
