@@ -129,7 +129,7 @@ def metric_rows(result: dict) -> list[dict]:
     if "to_real" in result:
         t, floor = result["to_real"], result["floor"]
         add("FD to held-out images", t["fd"], f"floor (train vs held-out) {floor['fd']:.3f}")
-        add("KID to held-out images", t["kid"], f"floor {floor['kid']:.4f}")
+        add("KID to held-out images", t["kid"], f"floor {floor['kid']:.6f}")
         add("precision (k=3)", t["precision"])
         add("recall (k=3)", t["recall"])
     add("memorisation (max cos to a training image)", g["memorisation"],
