@@ -7,16 +7,17 @@ a random sample sized to the index; vectors are added shard by shard from the fl
 this process, or from `parallel_min_vectors` on (IVF factories) in one Ray task per embed shard
 whose partial indexes merge into image.index + image.ivfdata (pipeline.index_parallel).
 `nprobe: auto` is tuned to `target_recall` (recall@10 against exact search) on image queries (the
-value neighbours uses) and, when the embed stage wrote caption embeddings, separately on text-like
-queries (`nprobe_text`, the value search and sampling use). Recall is then
-measured on image queries (database items, self excluded, as the neighbours stage searches)
-and on text-like queries (caption embeddings, when the embed stage wrote them: what sampling
-sends), with and without exact re-ranking from the stored float16 embeddings.
+value neighbours uses) and separately on text-like queries (`nprobe_text`, the value search and
+sampling use): the caption embeddings the embed stage wrote, else captions of indexed images embedded
+here by its CLIP. Recall is then measured on image queries (database items, self excluded, as the
+neighbours stage searches) and on text-like queries (what sampling sends), with and without exact
+re-ranking from the stored float16 embeddings.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -142,7 +143,7 @@ def run(stage: StageRun) -> dict:
     image_queries = emb[q_rows].astype(np.float32)
     image_true = ground_truth(emb, kept_rows, image_queries, K_EVAL + 1)
     sets = {"image": (image_queries, image_true, q_rows)}
-    text_queries = _text_queries(embed_dir, stage.inputs["embed"], conf, rng)
+    text_queries = _text_queries(embed_dir, stage.inputs["embed"], conf, rng, kept_rows)
     if text_queries is not None:
         sets["text"] = (text_queries, ground_truth(emb, kept_rows, text_queries, K_EVAL), None)
     tuning = _tune(index, {name: (q, true[:, :K_EVAL]) for name, (q, true, _) in sets.items()}, conf,
@@ -228,9 +229,39 @@ def _tune(index, query_sets: dict, conf, refine_from: Embeddings | None) -> dict
                                   "reached": bool(t.reached)} for kind, t in by_set.items()}}
 
 
-def _text_queries(embed_dir, manifest, conf, rng):
-    if not manifest.get("text_emb"):
+def _text_queries(embed_dir, manifest, conf, rng, kept_rows):
+    """Text-like queries, what sampling sends: the caption embeddings the embed stage wrote (embed.text), else
+    the captions of some indexed images embedded here by the CLIP named in the embed manifest. None where
+    there are no captions or that CLIP cannot be loaded here (a synthetic set): image queries only then."""
+    if manifest.get("text_emb"):
+        text = Embeddings(embed_dir, manifest, kind="text")
+        rows = np.sort(rng.choice(len(text), size=min(conf.eval_queries, len(text)), replace=False))
+        return text[rows].astype(np.float32)
+    rows = np.sort(rng.choice(kept_rows, size=min(conf.eval_queries, len(kept_rows)), replace=False))
+    captions = [c for c in _captions(embed_dir, manifest, rows) if c]
+    if len(captions) < 2:
         return None
-    text = Embeddings(embed_dir, manifest, kind="text")
-    rows = np.sort(rng.choice(len(text), size=min(conf.eval_queries, len(text)), replace=False))
-    return text[rows].astype(np.float32)
+    from model.clip import encode_texts, load_clip_spec
+
+    spec = manifest.get("model") or {}
+    try:  # a random-init CLIP (tests) is rebuilt from the seed the embed stage used
+        bundle = load_clip_spec({"model": spec.get("model"), "pretrained": spec.get("pretrained")}, "cpu")
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        print(f"index: no text-like queries: the embed stage's CLIP {spec.get('model')!r} cannot be loaded here "
+              f"({str(e).splitlines()[0][:120]}); image queries only")
+        return None
+    return encode_texts(bundle, captions).astype(np.float32)
+
+
+def _captions(embed_dir, manifest, rows: np.ndarray) -> list:
+    """The captions of embed rows (sorted), reading only the metadata shards that hold them."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for shard in manifest["shards"]:
+        start, stop = shard["row_offset"], shard["row_offset"] + shard["rows"]
+        wanted = rows[(rows >= start) & (rows < stop)] - start
+        if len(wanted) and "caption" in pq.read_schema(Path(embed_dir) / shard["metadata"]).names:
+            table = pq.read_table(Path(embed_dir) / shard["metadata"], columns=["caption"])
+            out += table.column("caption").take(wanted).to_pylist()
+    return out

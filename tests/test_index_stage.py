@@ -109,3 +109,42 @@ def test_bad_factory_and_budget_exit_2(database, tmp_path, capsys):
                  "--set", "index.cell_size=1000", "--set", "index.hnsw_quantizer_above=0", "--force"]) == 2
     assert "'OPQ16_32,IVF12_HNSW32,PQ16'" in capsys.readouterr().err  # 12,000 vectors / 1,000
     assert not (work / "index" / "image.index").exists()
+
+
+def test_text_recall_from_captions_when_the_embed_stage_wrote_no_text(tmp_path, monkeypatch, capsys):
+    """Without embed.text, the index embeds captions of sampled indexed images with the embed stage's CLIP
+    (here a random-init tiny one, rebuilt from its seed) and tunes and reports text-like recall on them; a
+    CLIP that cannot be loaded here (a synthetic set) leaves image queries only, saying why."""
+    from conftest import TINY_CLIP
+    from model import clip
+    from pipeline.runner import write_json
+
+    n = 300
+    x = clustered_unit_vectors(n, 32, n_clusters=20, spread=0.9, seed=3)
+    captions = [f"item {i}" for i in range(n)]
+    manifest = write_embed_output(tmp_path, x, shard_size=100, captions=captions)
+    write_json(tmp_path / "embed" / "manifest.json", {**manifest, "model": {"model": TINY_CLIP, "pretrained": None,
+                                                                            "name": "tiny", "dim": 32}})
+    sets = [f"workdir={tmp_path}", "dedup.holdout=0", "index.eval_queries=50"]
+    run_stage("dedup", load_config(None, sets))
+    encoded, real = [], clip.encode_texts
+
+    def spy(bundle, texts, **kw):
+        encoded.append((list(texts), real(bundle, texts, **kw)))
+        return encoded[-1][1]
+
+    monkeypatch.setattr(clip, "encode_texts", spy)
+    run_stage("index", load_config(None, sets))
+    infos = json.loads((tmp_path / "index" / "index_infos.json").read_text())
+    (texts, used), = encoded
+    assert len(texts) == 50 and len(set(texts)) == 50 and set(texts) <= set(captions)
+    rebuilt = real(clip.load_clip_spec({"model": TINY_CLIP, "pretrained": None}), texts)  # the embed stage's CLIP
+    np.testing.assert_array_equal(used, rebuilt)
+    assert infos["recall"]["text"]["queries"] == 50 and infos["recall"]["text"]["recall@10"] == 1.0  # exact index
+
+    write_json(tmp_path / "embed" / "manifest.json", {**manifest, "model": {"model": "synthetic", "pretrained": None,
+                                                                            "name": "synthetic", "dim": 32}})
+    capsys.readouterr()
+    run_stage("index", load_config(None, sets), force=True)
+    assert "index: no text-like queries: the embed stage's CLIP 'synthetic' cannot be loaded here" in capsys.readouterr().out
+    assert set(json.loads((tmp_path / "index" / "index_infos.json").read_text())["recall"]) == {"image"}
