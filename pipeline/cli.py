@@ -42,6 +42,7 @@ def cmd_run(args) -> int:
     for name in names:
         if name not in STAGES:
             raise UsageError(f"unknown stage {name!r}: choose from {', '.join(STAGES)} or all")
+    names = [name for name in STAGES if name in names]  # pipeline order, whatever order they were typed in
     for name in names:
         run_stage(name, cfg, force=args.force)
     print_table(cfg, names)

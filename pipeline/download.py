@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.cluster import count_nodes, node_id
-from pipeline.files import write_text
+from pipeline.files import read_json, write_text
 from pipeline.runner import StageError, StageRun, UsageError, ensure_ray
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
@@ -123,6 +123,7 @@ def run(stage: StageRun) -> dict:
     fmt = url_list_format(conf)
     n_shards = sum(math.ceil(n / conf.shard_size) for n in count_urls(Path(conf.url_list), fmt))
     stage.plan(n_shards)
+    drop_broken_shards(stage.dir)
     ensure_ray(stage.cfg)
     progress = stage.progress(n_shards, unit="images")
     stop = threading.Event()
@@ -217,6 +218,24 @@ def _watch(out: Path, progress, stop: threading.Event) -> None:
             progress.update(shards=len(new), items=items)
 
 
+def missing_shards(out: Path, manifest: dict) -> str | None:
+    """For the runner: the finished download's shards whose tar or _stats.json was deleted since (e.g. a
+    corrupt one, as embed's error says to), so that `knnd run download` fetches them again."""
+    gone = [s["shard"] for s in manifest.get("shards", [])
+            if not (out / s["tar"]).exists() or not (out / f"{s['shard']:05d}_stats.json").exists()]
+    return f"{len(gone)} shard(s) deleted (first: {gone[0]:05d})" if gone else None
+
+
+def drop_broken_shards(out: Path) -> None:
+    """Before img2dataset resumes: a shard is done when its _stats.json exists, so one whose tar was
+    deleted (a corrupt shard, as embed's error asks) loses its _stats.json and parquet too, to be redone."""
+    for stats in out.glob("*_stats.json"):
+        shard = stats.name.removesuffix("_stats.json")
+        if not (out / f"{shard}.tar").exists():
+            (out / f"{shard}.parquet").unlink(missing_ok=True)
+            stats.unlink()
+
+
 def summarise(out: Path, n_shards: int) -> dict:
     """Sum img2dataset's per-shard stats; every planned shard must have finished."""
     shards, failures, messages = [], Counter(), Counter()
@@ -227,7 +246,7 @@ def summarise(out: Path, n_shards: int) -> dict:
         if not stats_path.exists():
             missing.append(shard)
             continue
-        stats = json.loads(stats_path.read_text())
+        stats = read_json(stats_path, f"Delete it with {shard:05d}.tar and re-run `knnd run download` to fetch that shard again.")
         for message, count in stats.get("status_dict", {}).items():
             if message != "success":
                 failures[reason(message)] += count

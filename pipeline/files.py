@@ -1,5 +1,5 @@
-"""Files every stage and the model code write and read: one atomic write, JSON, the two errors; and
-the CPUs this process may use.
+"""Files every stage and the model code write and read: one atomic write, JSON, the two errors, a stage
+folder set aside for its rebuild; and the CPUs this process may use.
 
 Nothing here imports a stage, torch or faiss, so any module (Ray workers included) can use it.
 """
@@ -9,7 +9,11 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
+
+STATE = "_run/state.json"  # a stage's run state (pipeline.runner)
+SET_ASIDE = ".replaced"  # a rebuilt stage's previous output, `.<stage>.replaced` beside it, until the rebuild ends
 
 
 class UsageError(Exception):
@@ -84,3 +88,50 @@ def usable_cpus(cgroup_files=CGROUP_CPU_FILES) -> int:
         if quota not in ("max", "-1") and int(period) > 0:
             return max(1, min(cpus, int(quota) // int(period)))
     return max(1, cpus)
+
+
+def set_aside(out: Path) -> Path | None:
+    """Move a stage's output out of the way of its rebuild (`.<stage>.replaced` beside it); a folder that is
+    a symlink or a mount point is emptied in place instead (no way back then), as rebuilds always did."""
+    if out.is_symlink() or os.path.ismount(out):
+        empty(out)
+        return None
+    return out.rename(out.with_name(f".{out.name}{SET_ASIDE}"))
+
+
+def only_state(out: Path) -> bool:
+    """Whether this run wrote nothing but its run state (stages keep partial work, e.g. trained centroids,
+    for a re-run to resume from, before any shard is done)."""
+    return all(p == out / STATE for p in out.rglob("*") if not p.is_dir())
+
+
+def put_back(out: Path, aside: Path | None) -> None:
+    """Undo a run that was refused before it wrote anything: the folder it made goes, the set-aside output
+    comes back. Renamed away first, so a straggling worker writing into it cannot block either step."""
+    if out.is_symlink() or os.path.ismount(out):
+        empty(out)
+        return
+    refused = out.rename(out.with_name(f".{out.name}.refused-{os.getpid()}"))
+    if aside is not None:
+        aside.rename(out)
+    shutil.rmtree(refused, ignore_errors=True)
+
+
+def empty(folder: Path) -> None:
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def drop_set_aside(out: Path) -> None:
+    """Delete the output a rebuild set aside: run_stage keeps it until the rebuild finishes, and a run that
+    finds one left by a rebuild that died (after passing its checks) drops it."""
+    aside = out.with_name(f".{out.name}{SET_ASIDE}")
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def sweep_temporaries(out: Path) -> None:
+    """Files a killed run was writing (atomic_path's `.name.tmp-PID`): a resumed run writes them anew."""
+    for path in out.rglob(".*.tmp-*"):
+        if path.is_file():
+            path.unlink()

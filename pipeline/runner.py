@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from pipeline.config import Config, fingerprint_hash, legacy_fingerprint, output_fingerprint, section, to_dict
 # Errors, atomic writes and JSON live in pipeline.files (no stage owns them); re-exported for callers.
 from pipeline.files import StageError, UsageError, atomic_path, file_hash, read_json, usable_cpus, write_json  # noqa: F401
+from pipeline.files import SET_ASIDE, STATE, drop_set_aside, only_state, put_back, set_aside, sweep_temporaries  # noqa: F401
 
 VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray", "img2dataset", "webdataset",
                       "diffusers", "numpy", "pyarrow", "imagehash", "knn-diffusion"]
@@ -27,7 +27,6 @@ VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray
 
 # Runner bookkeeping lives in <stage>/_run/ so that it never mixes with a stage's own outputs
 # (img2dataset, for one, treats every top-level *.json in its folder as a finished shard).
-STATE = "_run/state.json"
 
 
 def package_versions() -> dict:
@@ -156,11 +155,15 @@ class StageRun:
 
 
 def resolve_device(cfg: Config) -> str:
-    """The `device` global: auto means cuda when available, else cpu."""
-    if cfg.device != "auto":
-        return cfg.device
+    """The `device` global: auto means cuda when available, else cpu; cuda without a CUDA device here is
+    a UsageError (on a cluster, `cluster.work_device` checks the cluster's GPUs instead)."""
+    if cfg.device == "cpu":
+        return "cpu"
     import torch
 
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device is cuda, but torch sees no CUDA device on this machine: set device=auto (or cpu), "
+                         "or run where a GPU is visible")
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -230,7 +233,7 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
     cfg_hash = fingerprint_hash(conf)
     state = {"config_hash": cfg_hash, "fingerprint": output_fingerprint(conf), "input_hash": in_hash}
 
-    previous = None
+    previous, aside = None, None
     if (out / "manifest.json").exists():
         previous = read_json(out / "manifest.json", f"Rebuild with `knnd run {name} --force`.")
     elif (out / STATE).exists():
@@ -240,8 +243,13 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
         changed = _changed_keys(previous.get("fingerprint", {}), state["fingerprint"], legacy_fingerprint(type(conf)))
         if not changed:  # only keys added since (at their defaults) or made runtime knobs since
             cfg_hash = state["config_hash"] = previous["config_hash"]
+    finished = (out / "manifest.json").exists()
+    current = finished and previous.get("config_hash") == cfg_hash and previous.get("input_hash") == in_hash
+    if current and not force and (gone := stages[name].missing and stages[name].missing(out, previous)):
+        log(f"{name}: {gone} since it finished: resuming to redo them")
+        (out / "manifest.json").unlink()  # the run state beside it stays: the same config resumes
+        finished = False
     if previous is not None:
-        finished = (out / "manifest.json").exists()
         if previous.get("config_hash") != cfg_hash and not force:
             raise UsageError(f"{name} was {'built' if finished else 'started'} with a different config "
                              f"({'; '.join(changed) or 'config'}): "
@@ -252,15 +260,25 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
         if force or finished or previous.get("config_hash") != cfg_hash or previous.get("input_hash") != in_hash:
             why = "forced" if force else "its input changed"
             log(f"{name}: rebuilding ({why})")
-            shutil.rmtree(out)
+            drop_set_aside(out)  # an earlier rebuild's, which got past its checks and died: not coming back
+            aside = set_aside(out)  # deleted when this rebuild finishes
         else:
             log(f"{name}: resuming")
+            sweep_temporaries(out)
 
+    if aside is None:
+        drop_set_aside(out)  # likewise, before resuming that rebuild (or starting afresh)
+    fresh = not (out / STATE).exists()
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / STATE).exists():
+    if fresh:
         write_json(out / STATE, state)
     start = time.time()
-    body = stages[name].run(StageRun(name, cfg, out, manifests, dirs))
+    try:
+        body = stages[name].run(StageRun(name, cfg, out, manifests, dirs))
+    except (UsageError, StageError):
+        if fresh and only_state(out):  # refused before writing anything: as if never run, the old output back
+            put_back(out, aside)
+        raise
     manifest = {
         "stage": name,
         "config": to_dict(conf),
@@ -273,6 +291,7 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
         **body,
     }
     write_json(out / "manifest.json", manifest)
+    drop_set_aside(out)
     return manifest
 
 
@@ -290,6 +309,9 @@ def stage_status(cfg: Config, name: str) -> tuple[str, str]:
         except UsageError:
             current = None
         counts = ", ".join(f"{k} {v}" for k, v in manifest.get("counts", {}).items() if not isinstance(v, dict))
+        missing = table()[name].missing
+        if missing is not None and (gone := missing(out, manifest)):
+            return "partial", f"{gone} since it finished"
         state = "done" if current == manifest.get("input_hash") else "stale"
         return state, counts
     if (out / STATE).exists():
@@ -325,6 +347,23 @@ def ensure_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level="warning", configure_logging=True)
     if cfg.ray.address:
+        check_reachable(cfg.ray.address)
         ray.init(address=cfg.ray.address, **kwargs)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or usable_cpus(), **kwargs)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A UsageError, at once, when `ray.address` names a host:port nothing answers on (ray.init would
+    retry for minutes without saying why). "auto" and addresses without a port are left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit() or (":" in host and not host.startswith("[")):
+        return  # "auto", no port, or an unbracketed IPv6 address: left to Ray
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"ray.address {address!r}: nothing answers at {host}:{port} ({e}): start the cluster "
+                         "(`ray start --head` on its head node) or fix ray.address") from None

@@ -20,10 +20,12 @@ class Stage:
     check: Callable | None = None       # check(cfg): usage errors found before anything is written
     config_inputs: Callable | None = None  # config_inputs(cfg) -> [Path]: files the config names that are inputs too
     count_done: Callable | None = None  # count_done(out) -> int: finished units for `knnd status`, if not shard markers
+    missing: Callable | None = None     # missing(out, manifest) -> str | None: finished outputs deleted since (resumed)
 
 
 TABLE: dict[str, Stage] = {
-    "download": Stage(download.run, (), "images", download.check, download.config_inputs, download.count_done_shards),
+    "download": Stage(download.run, (), "images", download.check, download.config_inputs, download.count_done_shards,
+                      download.missing_shards),
     "embed": Stage(embed.run, ("download",), "images", embed.check),
     "dedup": Stage(dedup.run, ("embed",), "images"),
     "index": Stage(index.run, ("embed", "dedup"), "vectors", index.check),

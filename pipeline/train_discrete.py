@@ -44,7 +44,9 @@ def run(stage: StageRun) -> dict:
 
     conf, pack = stage.conf, stage.inputs["pack"]
     config = discrete_config(conf.model, pack, conf)
-    use_gpu = conf.use_gpu or stage.device() == "cuda"
+    from pipeline.cluster import work_device
+
+    use_gpu = conf.use_gpu or work_device(stage.cfg, conf.num_workers) == "cuda"  # the cluster's GPUs, as train.py
     params = train_params(conf, use_gpu)
     pack_dir = stage.input_dirs["pack"].resolve()
     paths = [pack_dir / s["tar"] for s in pack["shards"] if s["samples"]]

@@ -102,6 +102,37 @@ def test_status_and_up_to_date_through_the_cli(image_server, tmp_path, ray_local
     assert "--force" in capsys.readouterr().err
 
 
+def test_deleted_or_corrupt_shards_are_fetched_again_as_the_errors_say(image_server, tmp_path, ray_local, capsys):
+    """embed's corrupt-shard error says: delete the tar and its _stats.json, re-run download. A finished
+    download then redoes that shard (it used to say "up to date" forever); a corrupt _stats.json stops the
+    run naming the file, and following its advice gives the same shards."""
+    server = image_server(n_good=6)
+    url_list = write_urls(tmp_path / "urls.parquet", [server.base + p for p in server.good])
+    args = dl_args(tmp_path / "w", url_list, "download.shard_size=3")
+    sets = [a for s in args for a in ("--set", s)]
+    out = tmp_path / "w" / "download"
+    assert main(["run", "download"] + sets) == 0
+    before = shard_contents(out)
+    for name in ("00001.tar", "00001_stats.json"):
+        (out / name).unlink()
+    assert stage_status(load_config(None, args), "download") == ("partial", "1 shard(s) deleted (first: 00001) "
+                                                                             "since it finished")
+    capsys.readouterr()
+    assert main(["run", "download"] + sets) == 0
+    assert "download: 1 shard(s) deleted (first: 00001) since it finished: resuming to redo them" in capsys.readouterr().out
+    assert shard_contents(out) == before and stage_status(load_config(None, args), "download")[0] == "done"
+
+    (out / "manifest.json").unlink()
+    (out / "00000_stats.json").write_text('{"count": 3, "succ')
+    assert main(["run", "download"] + sets) == 1
+    err = capsys.readouterr().err
+    assert "00000_stats.json is corrupt" in err and "Delete it with 00000.tar and re-run `knnd run download`" in err
+    for name in ("00000.tar", "00000_stats.json"):
+        (out / name).unlink()
+    assert main(["run", "download"] + sets) == 0
+    assert shard_contents(out) == before
+
+
 def test_csv_and_txt_url_lists(image_server, tmp_path, ray_local):
     server = image_server(n_good=3)
     urls = [server.base + p for p in server.good]

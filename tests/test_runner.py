@@ -216,3 +216,152 @@ def test_run_clock_start_up_is_never_negative():
     assert report["actor_start_s"] == 0.0 and report["images_this_run"] == 100  # clamped to the clock's start
     clock.ready(wall=time.time())
     assert clock.report("actor")["actor_start_s"] >= 0.0
+
+
+def refusing(message: str, shards_first: int = 0):
+    """A download stand-in that does `shards_first` shards, then refuses its config (a check only the run can make)."""
+    def run(stage):
+        stage.plan(2)
+        for shard in range(shards_first):
+            with atomic_path(stage.dir / f"{shard}.txt") as tmp:
+                tmp.write_text("new")
+            stage.mark_done(shard, {"items": 1})
+        raise UsageError(message)
+
+    return Stage(run, (), "items")
+
+
+def test_a_refused_run_leaves_the_stage_as_it_found_it(tmp_path, fake_stages, monkeypatch):
+    """A usage error the run raises before any work: a first run leaves nothing behind (so the corrected
+    run needs no --force); a rebuild (--force or stale input) gets the previous output back, byte for byte."""
+    c, real = cfg(tmp_path), TABLE["download"]
+    monkeypatch.setitem(TABLE, "download", refusing("memory_budget too small"))
+    with pytest.raises(UsageError, match="memory_budget too small"):
+        run_stage("download", c)
+    assert stage_status(c, "download") == ("pending", "") and not (tmp_path / "download").exists()
+    monkeypatch.setitem(TABLE, "download", real)
+    run_stage("download", c)  # the corrected run: no "started with a different config"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "download").rglob("*") if p.is_file()}
+
+    monkeypatch.setitem(TABLE, "download", refusing("device is cuda"))
+    with pytest.raises(UsageError, match="device is cuda"):
+        run_stage("download", c, force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "download").rglob("*") if p.is_file()} == before
+    assert stage_status(c, "download")[0] == "done" and [p.name for p in tmp_path.iterdir()] == ["download"]
+
+    monkeypatch.setitem(TABLE, "download", refusing("late", shards_first=1))  # refused after some work: kept
+    with pytest.raises(UsageError, match="late"):
+        run_stage("download", c, force=True)
+    assert stage_status(c, "download") == ("partial", "1 of 2 shards")
+    assert (tmp_path / ".download.replaced" / "manifest.json").exists()  # until the rebuild gets under way
+    monkeypatch.setitem(TABLE, "download", real)
+    logs = []
+    run_stage("download", c, log=logs.append)
+    assert logs == ["download: resuming"] and not (tmp_path / ".download.replaced").exists()
+    assert (tmp_path / "download" / "0.txt").read_text() == "new"  # the rebuild's shard kept, not redone
+
+
+def test_a_refused_first_run_keeps_what_it_wrote_for_its_resume(tmp_path, fake_stages, monkeypatch):
+    """Stages keep work a re-run resumes from before any shard is done (an index's trained centroids,
+    dedup's): a refusal after writing some keeps the folder; a symlinked stage folder is emptied in place."""
+    c, real = cfg(tmp_path), TABLE["download"]
+
+    def trained_then_failed(stage):
+        stage.plan(2)
+        (stage.dir / "parts").mkdir()
+        (stage.dir / "parts" / "trained.index").write_text("hours of k-means")
+        raise StageError("a Ray task failed: re-run to resume")
+
+    monkeypatch.setitem(TABLE, "download", Stage(trained_then_failed, (), "items"))
+    with pytest.raises(StageError):
+        run_stage("download", c)
+    assert (tmp_path / "download" / "parts" / "trained.index").read_text() == "hours of k-means"
+
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-disk"
+    (tmp_path / "download").rename(elsewhere)
+    (tmp_path / "download").symlink_to(elsewhere)  # the stage's folder on another disk
+    monkeypatch.setitem(TABLE, "download", real)
+    run_stage("download", c, force=True)
+    run_stage("download", c, force=True)
+    assert (tmp_path / "download").is_symlink() and (elsewhere / "manifest.json").exists()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["0.txt", "1.txt", "_run", "manifest.json"]
+
+
+def test_resume_sweeps_what_a_killed_write_left(tmp_path, fake_stages, monkeypatch):
+    c, real = cfg(tmp_path), TABLE["download"]
+
+    def killed_mid_write(stage):
+        stage.plan(2)
+        (stage.dir / ".0.txt.tmp-4242").write_text("half")  # atomic_path's temporary, its process killed
+        raise RuntimeError("killed")
+
+    monkeypatch.setitem(TABLE, "download", Stage(killed_mid_write, (), "items"))
+    with pytest.raises(RuntimeError):
+        run_stage("download", c)
+    monkeypatch.setitem(TABLE, "download", real)
+    run_stage("download", c)
+    assert sorted(p.name for p in (tmp_path / "download").iterdir()) == ["0.txt", "1.txt", "_run", "manifest.json"]
+
+
+def test_a_finished_stage_redoes_the_outputs_deleted_since(tmp_path, fake_stages, monkeypatch):
+    """A stage's `missing` hook (download's: shards whose tar was deleted, as a corrupt-shard error asks):
+    the next run resumes and redoes them instead of saying up to date."""
+    c, real = cfg(tmp_path), TABLE["download"]
+    monkeypatch.setitem(TABLE, "download", Stage(real.run, (), "items", missing=lambda out, manifest: (
+        None if (out / "1.txt").exists() else "shard 1 deleted")))
+    run_stage("download", c)
+    assert fake_stages["download"] == 1
+    (tmp_path / "download" / "1.txt").unlink()
+    (tmp_path / "download" / "_run" / "done" / "00001.json").unlink()  # what the hook does for its shards
+    logs = []
+    run_stage("download", c, log=logs.append)
+    assert logs == ["download: shard 1 deleted since it finished: resuming to redo them", "download: resuming"]
+    assert fake_stages["download"] == 2 and (tmp_path / "download" / "1.txt").read_text() == "download 1 256"
+    run_stage("download", c, log=logs.append)
+    assert logs[-1] == "download: up to date, nothing to do"
+
+
+def test_an_unreachable_ray_address_is_a_usage_error_at_once():
+    import socket
+
+    from pipeline.runner import check_reachable
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UsageError, match=rf"ray.address '127.0.0.1:{port}': nothing answers at 127.0.0.1:{port} .*"
+                                         r"`ray start --head`"):
+        check_reachable(f"127.0.0.1:{port}", timeout=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_reachable(f"ray://127.0.0.1:{s.getsockname()[1]}")  # something answers: left to Ray
+    check_reachable("auto")
+    check_reachable("::1")  # an unbracketed IPv6 address (no port to tell apart): left to Ray
+    try:
+        six = socket.socket(socket.AF_INET6)
+        six.bind(("::1", 0))
+    except OSError:
+        return  # no IPv6 loopback here
+    with six:
+        six.listen()
+        check_reachable(f"[::1]:{six.getsockname()[1]}")  # bracketed: the brackets are not part of the host
+
+
+def test_device_cuda_without_cuda_is_a_usage_error(tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.runner import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="device is cuda, but torch sees no CUDA device on this machine: set device=auto"):
+        resolve_device(cfg(tmp_path, "device=cuda"))
+    assert resolve_device(cfg(tmp_path, "device=auto")) == "cpu" and resolve_device(cfg(tmp_path, "device=cpu")) == "cpu"
+
+
+def test_knnd_run_takes_stages_in_pipeline_order(tmp_path, fake_stages, capsys):
+    from pipeline.cli import main
+
+    assert main(["run", "embed", "download", "--set", f"workdir={tmp_path}"]) == 0  # typed out of order
+    assert fake_stages == {"download": 1, "embed": 1}
+    assert stage_status(cfg(tmp_path), "embed")[0] == "done"
