@@ -31,7 +31,7 @@ from pipeline.faiss_search import (drop_self, exact_search, recall_at_k, refine_
 from pipeline.filters import check_where_on_embed, matching_rows
 from pipeline.index_files import clip_identity, write_index_files
 from pipeline.index_parallel import build_parallel, remove_parts
-from pipeline.runner import StageRun, UsageError, atomic_path, stage_dir, write_json
+from pipeline.runner import Progress, StageRun, UsageError, atomic_path, stage_dir, write_json
 from pipeline.sizes import parse_bytes
 
 K_EVAL = 10
@@ -61,16 +61,19 @@ def train(emb: Embeddings, kept_rows: np.ndarray, factory: str, seed: int, refin
 
 
 def build(emb: Embeddings, kept_rows: np.ndarray, train: Callable, batch_size: int):
-    """The index `train()` gives, with every kept row added, shard by shard, in this process."""
+    """The index `train()` gives, with every kept row added, shard by shard, in this process (a progress
+    line per embed shard added)."""
     index = train()
     keep = np.zeros(len(emb), bool)
     keep[kept_rows] = True
+    progress = Progress("index", len(emb.shards), unit="vectors", parts="embed shards added")
 
     def kept_blocks():
         for rows, vectors in emb.blocks():
             mask = keep[rows]
             for start in range(0, int(mask.sum()), batch_size):
                 yield rows[mask][start:start + batch_size], vectors[mask][start:start + batch_size]
+            progress.update(shards=1, items=int(mask.sum()))  # resumed once the shard's last batch is added
 
     add_batches(index, kept_blocks())
     return index
@@ -250,7 +253,12 @@ def _text_queries(embed_dir, manifest, conf, rng, kept_rows):
         print(f"index: no text-like queries: the embed stage's CLIP {spec.get('model')!r} cannot be loaded here "
               f"({str(e).splitlines()[0][:120]}); image queries only")
         return None
-    return encode_texts(bundle, captions).astype(np.float32)
+    text = encode_texts(bundle, captions).astype(np.float32)
+    if text.shape[1] != int(manifest["dim"]):
+        print(f"index: no text-like queries: the CLIP named in the embed manifest gives {text.shape[1]}-d text "
+              f"embeddings, the images are {manifest['dim']}-d; image queries only")
+        return None
+    return text
 
 
 def _captions(embed_dir, manifest, rows: np.ndarray) -> list:
