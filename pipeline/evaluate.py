@@ -31,7 +31,7 @@ from pipeline.config import DEFAULT_SCHEDULER
 from pipeline.evaluate_compare import Graded, compare, load_evaluation, print_comparison
 from pipeline.evaluate_outputs import print_metrics, summary_line, write_outputs
 from pipeline.evaluate_regrade import earlier_condition, regrade_command, reuse_samples
-from pipeline.runner import StageRun, UsageError, read_json, resolve_device, stage_dir
+from pipeline.runner import Progress, StageRun, UsageError, read_json, resolve_device, stage_dir
 
 
 NO_KNN_BASELINE = "no_knn"  # the evaluate stage's folder for its text-alone baseline
@@ -133,14 +133,14 @@ def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
     n = conf.images_per_prompt
     prompt_of = np.repeat(np.arange(len(prompts)), n)
     seeds = [noise_seed(conf.seed, p, j) for p in range(len(prompts)) for j in range(n)]
-    out, start = [], time.time()
+    out, start, progress = [], time.time(), Progress("evaluate", -(-len(prompt_of) // conf.batch_size), unit="images", parts="batches")
     for s in range(0, len(prompt_of), conf.batch_size):
         sel = prompt_of[s:s + conf.batch_size]
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + conf.batch_size]]
         out.append(diffusion.sample(sampler.model, torch.from_numpy(emb[sel]), steps=conf.steps, guidance=conf.guidance,
                                     generator=generators, neighbour_mask=torch.from_numpy(mask[sel]),
                                     scheduler=conf.scheduler, neighbour_guidance=conf.neighbour_guidance))
-        print(f"evaluate: sampled {s + len(sel)}/{len(prompt_of)} images ({time.time() - start:.0f} s)", file=sys.stderr)
+        progress.update(shards=1, items=len(sel))
     return {"images": np.concatenate(out), "prompt_of": prompt_of, "rows": rows, "sims": sims,
             "seconds": round(time.time() - start, 1)}
 

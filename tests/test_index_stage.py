@@ -134,7 +134,9 @@ def test_text_recall_from_captions_when_the_embed_stage_wrote_no_text(tmp_path, 
         return encoded[-1][1]
 
     monkeypatch.setattr(clip, "encode_texts", spy)
+    capsys.readouterr()
     run_stage("index", load_config(None, sets))
+    assert "index: 3/3 embed shards added, 300 vectors (" in capsys.readouterr().err  # built in this process
     infos = json.loads((tmp_path / "index" / "index_infos.json").read_text())
     (texts, used), = encoded
     assert len(texts) == 50 and len(set(texts)) == 50 and set(texts) <= set(captions)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -97,8 +98,10 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
                                                       abs=2e-4)
     assert "Paired: this evaluation (A) - no_knn/" in report and "paired: A = with neighbours" in out
     # any checkpoint against any index, without neighbours, into its own folder
+    capsys.readouterr()
     assert main(["evaluate", "--no-knn", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "noknn")]) == 0
     no_knn = json.loads((tmp_path / "noknn" / "metrics.json").read_text())
+    assert re.search(rf"evaluate: (\d+)/\1 batches, {no_knn['images']} images \(", capsys.readouterr().err)  # progress
     assert no_knn["k"] == 0 and no_knn["prompts"] == metrics["prompts"] and no_knn["checkpoint"] == metrics["checkpoint"]
     capsys.readouterr()  # --baseline: the text alone first, on the same prompts and noise, then the paired table
     assert main(["evaluate", "--neighbours-only", "--baseline", "-c", str(work / "stages.yaml"),
