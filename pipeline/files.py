@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+# Runner bookkeeping lives in <stage>/_run/ so that it never mixes with a stage's own outputs
+# (img2dataset, for one, treats every top-level *.json in its folder as a finished shard).
 STATE = "_run/state.json"  # a stage's run state (pipeline.runner)
 SET_ASIDE = ".replaced"  # a rebuilt stage's previous output, `.<stage>.replaced` beside it, until the rebuild ends
 

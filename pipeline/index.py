@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import KMEANS_REFINE
-from pipeline.embeddings import Embeddings, metadata_files, read_keep
+from pipeline.embeddings import Embeddings, metadata_files, metadata_schema, read_keep
 from pipeline.faiss_build import (add_batches, choose_factory, estimate_index_bytes, index_cost, make_index, train_index,
                                   training_sample_size)
 from pipeline.faiss_ondisk import ivfdata_path, save_index, supports_parts
@@ -265,11 +265,13 @@ def _captions(embed_dir, manifest, rows: np.ndarray) -> list:
     """The captions of embed rows (sorted), reading only the metadata shards that hold them."""
     import pyarrow.parquet as pq
 
+    if "caption" not in metadata_schema(embed_dir, manifest).names:  # one schema for every shard
+        return []
     out = []
     for shard in manifest["shards"]:
         start, stop = shard["row_offset"], shard["row_offset"] + shard["rows"]
         wanted = rows[(rows >= start) & (rows < stop)] - start
-        if len(wanted) and "caption" in pq.read_schema(Path(embed_dir) / shard["metadata"]).names:
+        if len(wanted):
             table = pq.read_table(Path(embed_dir) / shard["metadata"], columns=["caption"])
             out += table.column("caption").take(wanted).to_pylist()
     return out

@@ -19,14 +19,11 @@ from pathlib import Path
 from pipeline.config import Config, fingerprint_hash, legacy_fingerprint, output_fingerprint, section, to_dict
 # Errors, atomic writes and JSON live in pipeline.files (no stage owns them); re-exported for callers.
 from pipeline.files import StageError, UsageError, atomic_path, file_hash, read_json, usable_cpus, write_json  # noqa: F401
-from pipeline.files import SET_ASIDE, STATE, drop_set_aside, only_state, put_back, set_aside, sweep_temporaries  # noqa: F401
+from pipeline.files import STATE, drop_set_aside, only_state, put_back, set_aside, sweep_temporaries
 
 VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray", "img2dataset", "webdataset",
                       "diffusers", "numpy", "pyarrow", "imagehash", "knn-diffusion"]
 
-
-# Runner bookkeeping lives in <stage>/_run/ so that it never mixes with a stage's own outputs
-# (img2dataset, for one, treats every top-level *.json in its folder as a finished shard).
 
 
 def package_versions() -> dict:
@@ -248,13 +245,13 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
     if current and not force and (gone := stages[name].missing and stages[name].missing(out, previous)):
         log(f"{name}: {gone} since it finished: resuming to redo them")
         (out / "manifest.json").unlink()  # the run state beside it stays: the same config resumes
-        finished = False
+        finished = current = False
     if previous is not None:
         if previous.get("config_hash") != cfg_hash and not force:
             raise UsageError(f"{name} was {'built' if finished else 'started'} with a different config "
                              f"({'; '.join(changed) or 'config'}): "
                              f"re-run with --force to rebuild it, or restore the old values")
-        if finished and previous["config_hash"] == cfg_hash and previous.get("input_hash") == in_hash and not force:
+        if current and not force:
             log(f"{name}: up to date, nothing to do")
             return previous
         if force or finished or previous.get("config_hash") != cfg_hash or previous.get("input_hash") != in_hash:
