@@ -5,7 +5,8 @@ stage table (`pipeline.stages.TABLE`: its upstream stages, checks and progress u
 - reads the upstream manifests (never globs), refusing to start when one is missing;
 - decides between "up to date", resume, rebuild (stale input) and refusal (changed config);
 - hands the stage shard markers, atomic writes and a progress line;
-- writes `manifest.json` last: resolved config, input hash, counts, seconds, versions.
+- writes `manifest.json` last: resolved config and globals, input hash, counts, the outputs' schema
+  (pipeline.outputs_schema), seconds, versions.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pipeline.config import Config, fingerprint_hash, legacy_fingerprint, output
 # Errors, atomic writes and JSON live in pipeline.files (no stage owns them); re-exported for callers.
 from pipeline.files import StageError, UsageError, atomic_path, file_hash, read_json, usable_cpus, write_json  # noqa: F401
 from pipeline.files import STATE, drop_set_aside, only_state, put_back, set_aside, sweep_temporaries
+from pipeline.outputs_schema import describe_outputs
 
 VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray", "img2dataset", "webdataset",
                       "diffusers", "numpy", "pyarrow", "imagehash", "knn-diffusion"]
@@ -164,6 +166,21 @@ def resolve_device(cfg: Config) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def run_globals(cfg: Config) -> dict:
+    """The global settings a stage ran under, for its manifest (not its config hash: moving the workdir
+    or switching device or cluster does not change what a stage writes)."""
+    out = {"workdir": str(Path(cfg.workdir).resolve()), "device": cfg.device, "ray": to_dict(cfg.ray)}
+    # What `device` resolved to, only where asking is free and the answer is the stage's: not on a
+    # cluster (its GPUs decide, cluster.work_device), not by importing torch for a stage that never
+    # did, and not by raising for device=cuda without CUDA in a stage that never needed a device.
+    if cfg.device == "cpu" or (cfg.ray.address is None and "torch" in sys.modules):
+        try:
+            out["device_resolved"] = resolve_device(cfg)
+        except UsageError:
+            pass
+    return out
+
+
 def stage_dir(cfg: Config, name: str) -> Path:
     return Path(cfg.workdir) / name
 
@@ -279,12 +296,14 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
     manifest = {
         "stage": name,
         "config": to_dict(conf),
+        "globals": run_globals(cfg),
         "config_hash": cfg_hash,
         "fingerprint": state["fingerprint"],
         "input_hash": in_hash,
         "inputs": {up: str(dirs[up] / "manifest.json") for up in dirs},
         "seconds": round(time.time() - start, 3),
         "versions": package_versions(),
+        "outputs": describe_outputs(out),
         **body,
     }
     write_json(out / "manifest.json", manifest)

@@ -61,6 +61,42 @@ def test_manifest_up_to_date_refusal_force(tmp_path, fake_stages):
     assert (tmp_path / "download" / "0.txt").read_text() == "download 0 64"
 
 
+
+def test_manifest_records_the_globals_and_what_the_stage_wrote(tmp_path, fake_stages):
+    """The globals (workdir, device, ray) sit beside the stage's config section, and `outputs` describes
+    the files the stage wrote (pipeline.outputs_schema), its run state and manifest left out."""
+    m = run_stage("download", cfg(tmp_path, "device=cpu", "ray.num_cpus=3"))
+    assert m["globals"] == {"workdir": str(tmp_path.resolve()), "device": "cpu", "device_resolved": "cpu",
+                            "ray": {"address": None, "num_cpus": 3}}
+    sizes = [(tmp_path / "download" / f"{s}.txt").stat().st_size for s in range(2)]
+    assert m["outputs"] == {"*.txt": {"files": 2, "bytes": sum(sizes)}}
+    assert json.loads((tmp_path / "download" / "manifest.json").read_text())["outputs"] == m["outputs"]
+
+
+def test_changing_device_workdir_or_ray_leaves_a_finished_stage_up_to_date(tmp_path, fake_stages, monkeypatch):
+    """The globals are in the manifest, not in its config hash: another device or cluster (or the workdir
+    moved) finds the stage up to date; a forced run with device=cuda and no CUDA does not fail in a stage
+    that never needs a device, and records the device it asked for, not one it did not resolve."""
+    import shutil
+
+    import torch
+
+    logs = []
+    run_stage("download", cfg(tmp_path / "a", "device=cpu"))
+    for sets in (["device=cuda"], ["device=auto", "ray.address=ray://10.0.0.1:10001", "ray.num_cpus=2"]):
+        run_stage("download", cfg(tmp_path / "a", *sets), log=logs.append)
+        assert logs[-1] == "download: up to date, nothing to do" and fake_stages["download"] == 1
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    run_stage("download", cfg(tmp_path / "b"), log=logs.append)
+    assert logs[-1] == "download: up to date, nothing to do" and fake_stages["download"] == 1
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    m = run_stage("download", cfg(tmp_path / "a", "device=cuda"), force=True)
+    assert fake_stages["download"] == 2 and m["globals"]["device"] == "cuda" and "device_resolved" not in m["globals"]
+    m = run_stage("download", cfg(tmp_path / "a", "device=auto", "ray.address=auto"), force=True)
+    assert m["globals"]["ray"]["address"] == "auto" and "device_resolved" not in m["globals"]  # a cluster's GPUs decide
+
+
 def test_a_key_added_since_a_stage_ran_counts_only_off_its_default(tmp_path, fake_stages):
     """A manifest written before download.min_image_size existed (and with a key that has become a
     runtime knob since): still up to date at the default, a changed config (naming the key) when the
