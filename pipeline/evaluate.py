@@ -15,7 +15,8 @@ each with a bootstrap 95 % interval over prompts:
 - FD / KID to the pictures of each compared database (the index sampled from, `compare_index`).
 
 Writes `metrics.json`, `report.html` (prompts with their neighbours and samples, the metric table,
-the loss curve), `grid.png` and one PNG per sample under `samples/`.
+the loss curve), `grid.png` and one PNG per sample under `samples/`. Sampling resumes after a kill,
+batch by batch (pipeline.evaluate_sampling).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from pipeline.config import DEFAULT_SCHEDULER
 from pipeline.evaluate_compare import Graded, compare, load_evaluation, print_comparison
 from pipeline.evaluate_outputs import print_metrics, summary_line, write_outputs
 from pipeline.evaluate_regrade import earlier_condition, regrade_command, reuse_samples
-from pipeline.runner import Progress, StageRun, UsageError, read_json, resolve_device, stage_dir
+from pipeline.evaluate_sampling import drop as drop_saved_batches, generate
+from pipeline.runner import StageRun, UsageError, read_json, resolve_device, stage_dir
 
 
 NO_KNN_BASELINE = "no_knn"  # the evaluate stage's folder for its text-alone baseline
@@ -116,37 +118,6 @@ def training_images(cfg, limit: int, seed: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- sampling
-
-
-def generate(sampler, prompts: list[str], setup: EvalSetup, conf) -> dict:
-    """Sample every prompt: {images uint8 [P*n, H, W, 3], prompt_of [P*n], rows [P, k], sims [P, k]}.
-    Image j of prompt p starts from its own noise (noise_seed(seed, p, j)): samples are independent
-    draws, and the same for every checkpoint and index evaluated with the same seed."""
-    import torch
-
-    from model import diffusion
-
-    k = 0 if setup.no_knn else setup.k
-    sampler.check_k(k)
-    emb, mask, rows, sims = sampler.conditions(prompts, k, neighbours_only=setup.neighbours_only and k > 0,
-                                               where=setup.where if k > 0 else None)
-    n = conf.images_per_prompt
-    prompt_of = np.repeat(np.arange(len(prompts)), n)
-    seeds = [noise_seed(conf.seed, p, j) for p in range(len(prompts)) for j in range(n)]
-    out, start, progress = [], time.time(), Progress("evaluate", -(-len(prompt_of) // conf.batch_size), unit="images", parts="batches")
-    for s in range(0, len(prompt_of), conf.batch_size):
-        sel = prompt_of[s:s + conf.batch_size]
-        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[s:s + conf.batch_size]]
-        out.append(diffusion.sample(sampler.model, torch.from_numpy(emb[sel]), steps=conf.steps, guidance=conf.guidance,
-                                    generator=generators, neighbour_mask=torch.from_numpy(mask[sel]),
-                                    scheduler=conf.scheduler, neighbour_guidance=conf.neighbour_guidance))
-        progress.update(shards=1, items=len(sel))
-    return {"images": np.concatenate(out), "prompt_of": prompt_of, "rows": rows, "sims": sims,
-            "seconds": round(time.time() - start, 1)}
-
-
-def noise_seed(seed: int, prompt: int, image: int) -> int:
-    return int(np.random.SeedSequence([seed, prompt, image]).generate_state(1, np.uint32)[0])
 
 
 # --------------------------------------------------------------------------- features and metrics
@@ -296,6 +267,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     if setup.baseline:
         result["paired"] = {setup.baseline.name: compare(result, graded, *load_evaluation(setup.baseline), conf.bootstrap)}
     write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf, graded)
+    drop_saved_batches(setup.out)  # samples.npz holds them now
     return result
 
 
@@ -329,13 +301,14 @@ def run(stage: StageRun) -> dict:
     k = stage.conf.k
     checkpoint, index_dir = stage.input_dirs["train"] / train["checkpoint"], stage.input_dirs["index"]
     baseline = stage.dir / NO_KNN_BASELINE if stage.conf.no_knn_baseline and k > 0 else None
-    stage.plan(1)
+    stage.plan(2)  # two units: the baseline, then the main evaluation; each resumes its sampling batch by batch
     memo = {}  # the baseline and the main evaluation share the training, held-out and database pictures' features
-    if baseline:  # the same prompts and noise from the text alone, first: the main evaluation compares with it
+    if baseline and not stage.shard_done(0):  # the same prompts and noise from the text alone, first: the main one compares with it
         evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=baseline, k=0, no_knn=True, memo=memo))
+    stage.mark_done(0, {"baseline": baseline is not None})
     result = evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=stage.dir, k=k, no_knn=k == 0,
                                      baseline=baseline, memo=memo))
-    stage.mark_done(0, {"prompts": result["prompts"]})
+    stage.mark_done(1, {"prompts": result["prompts"]})
     print_metrics(result)
     if baseline:
         print_comparison(result["paired"][NO_KNN_BASELINE], "with neighbours", "text alone")

@@ -125,7 +125,8 @@ def test_evaluate_samples_a_discrete_checkpoint_unchanged(work, tmp_path):
     setup = EvalSetup(checkpoint=sampler.checkpoint, index_dir=sampler.index_dir, out=tmp_path, k=2)
     conf = dataclasses.replace(cfg.evaluate, steps=2, images_per_prompt=2, batch_size=3)
     prompts = ["a item 1", "a item 2"]
-    first, again = generate(sampler, prompts, setup, conf), generate(sampler, prompts, setup, conf)
+    first = generate(sampler, prompts, setup, conf)
+    again = generate(sampler, prompts, dataclasses.replace(setup, out=tmp_path / "again"), conf)  # not the saved batches
     assert first["images"].shape == (4, 16, 16, 3) and first["prompt_of"].tolist() == [0, 0, 1, 1]
     assert np.array_equal(first["images"], again["images"])
     one_batch = generate(sampler, prompts, setup, dataclasses.replace(conf, batch_size=4))

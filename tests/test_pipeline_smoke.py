@@ -198,3 +198,73 @@ def test_ablate_quick_on_the_tiny_demo(tiny_demo, tmp_path):
     assert ablate.main(["--quick", "--demo", str(work), "--workdir", str(tmp_path / "abl"), "--docs", str(docs),
                         "--sections", "k"]) == 0
     assert json.loads(stale.read_text())["scheduler"] == "sde-dpmsolver++"
+
+
+def test_a_killed_evaluate_stage_resumes_its_sampling_and_ends_as_the_uninterrupted_run(tiny_demo, tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The evaluate stage killed while sampling (after its text-alone baseline finished) and run again:
+    the baseline is not drawn again, the main evaluation draws only the batches it had not saved, and
+    every sample equals the uninterrupted run's (the tiny demo's own evaluate/)."""
+    import shutil
+
+    from model import diffusion
+
+    work, _, _ = tiny_demo
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("evaluate_cli"))
+    args = ["run", "evaluate", "-c", str(work / "stages.yaml"), "--set", f"workdir={copy}", "--set", "evaluate.batch_size=3"]
+    images = json.loads((work / "evaluate" / "metrics.json").read_text())["images"]
+    batches = -(-images // 3)
+    assert batches >= 3
+    real, calls = diffusion.sample, []
+
+    def dies_in_the_main_evaluation(*a, **kw):
+        if len(calls) == batches + 2:  # the baseline's batches, then two of the main evaluation's
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(diffusion, "sample", dies_in_the_main_evaluation)
+    assert main([*args, "--force"]) == 130
+    saved = copy / "evaluate" / ".sampling"
+    assert len(list(saved.glob("b*.npy"))) == 2 and not (copy / "evaluate" / "manifest.json").exists()
+    assert (copy / "evaluate" / "no_knn" / "metrics.json").exists() and not (copy / "evaluate" / "no_knn" / ".sampling").exists()
+    calls.clear()
+    monkeypatch.setattr(diffusion, "sample", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "resuming: 2 of" in capsys.readouterr().err
+    assert len(calls) == batches - 2  # the baseline was done; the main evaluation drew only what it lacked
+    assert not saved.exists()
+    for folder in ("evaluate", "evaluate/no_knn"):
+        with np.load(copy / folder / "samples.npz") as a, np.load(work / folder / "samples.npz") as b:
+            assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["rows"], b["rows"]), folder
+    resumed, whole = (json.loads((w / "evaluate" / "metrics.json").read_text()) for w in (copy, work))
+    assert resumed["generated"] == whole["generated"] and resumed["to_real"] == whole["to_real"]
+    figures = [[(r["a"], r["b"], r["difference"]) for r in m["paired"]["no_knn"]["rows"]] for m in (resumed, whole)]
+    assert figures[0] == figures[1]  # (the database rows' names carry the index folder, which differs)
+
+
+def test_saved_sampling_batches_of_another_condition_are_discarded(tiny_demo, tmp_path, monkeypatch):
+    """`knnd evaluate` into a folder holding batches saved under other guidance draws every batch anew."""
+    from model import diffusion
+
+    work, _, _ = tiny_demo
+    out = tmp_path / "ev"
+    args = ["evaluate", "-c", str(work / "stages.yaml"), "--out", str(out), "--steps", "2", "--set", "evaluate.batch_size=4"]
+    real, calls = diffusion.sample, []
+
+    def dies_after_one(*a, **kw):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(diffusion, "sample", dies_after_one)
+    assert main([*args, "--guidance", "2"]) == 130
+    assert len(list((out / ".sampling").glob("b*.npy"))) == 1
+    calls.clear()
+    monkeypatch.setattr(diffusion, "sample", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert main([*args, "--guidance", "1.5"]) == 0
+    images = json.loads((out / "metrics.json").read_text())["images"]
+    assert len(calls) == -(-images // 4) and not (out / ".sampling").exists()
