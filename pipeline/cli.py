@@ -44,7 +44,7 @@ def cmd_run(args) -> int:
             raise UsageError(f"unknown stage {name!r}: choose from {', '.join(STAGES)} or all")
     names = [name for name in STAGES if name in names]  # pipeline order, whatever order they were typed in
     for name in names:
-        run_stage(name, cfg, force=args.force)
+        run_stage(name, cfg, force=args.force, keep_old=not args.discard_old)
     print_table(cfg, names)
     return 0
 
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run stages (or `all`), skipping those that are up to date")
     p.add_argument("stages", nargs="+", metavar="STAGE", help=f"one or more of: {', '.join(STAGES)}, all")
     p.add_argument("--force", action="store_true", help="rebuild even if the config changed or the stage is done")
+    p.add_argument("--discard-old", action="store_true",
+                   help="a rebuild deletes the old output first instead of keeping it until the new one is finished "
+                        "(for outputs too large to keep twice; a refused rebuild then cannot bring it back)")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
 

@@ -101,6 +101,11 @@ def set_aside(out: Path) -> Path | None:
     return out.rename(out.with_name(f".{out.name}{SET_ASIDE}"))
 
 
+def discard(out: Path) -> None:
+    """Delete a stage's output before its rebuild (`--discard-old`: outputs too large to keep twice)."""
+    empty(out) if out.is_symlink() or os.path.ismount(out) else shutil.rmtree(out)
+
+
 def only_state(out: Path) -> bool:
     """Whether this run wrote nothing but its run state (stages keep partial work, e.g. trained centroids,
     for a re-run to resume from, before any shard is done)."""

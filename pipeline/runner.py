@@ -20,7 +20,7 @@ from pathlib import Path
 from pipeline.config import Config, fingerprint_hash, legacy_fingerprint, output_fingerprint, section, to_dict
 # Errors, atomic writes and JSON live in pipeline.files (no stage owns them); re-exported for callers.
 from pipeline.files import StageError, UsageError, atomic_path, file_hash, read_json, usable_cpus, write_json  # noqa: F401
-from pipeline.files import STATE, drop_set_aside, only_state, put_back, set_aside, sweep_temporaries
+from pipeline.files import STATE, discard, drop_set_aside, only_state, put_back, set_aside, sweep_temporaries
 from pipeline.outputs_schema import describe_outputs
 
 VERSIONED_PACKAGES = ["torch", "open_clip_torch", "faiss-cpu", "faiss-gpu", "ray", "img2dataset", "webdataset",
@@ -233,8 +233,9 @@ def _changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: st
     return keys
 
 
-def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
-    """Run one stage to completion (or report it up to date); return its manifest."""
+def run_stage(name: str, cfg: Config, force: bool = False, log=print, keep_old: bool = True) -> dict:
+    """Run one stage to completion (or report it up to date); return its manifest. A rebuild keeps the
+    old output aside until it finishes (a refused rebuild puts it back); keep_old=False deletes it first."""
     stages = table()
     if name not in stages:
         raise UsageError(f"unknown stage {name!r}: choose from {', '.join(stages)} or all")
@@ -275,7 +276,11 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print) -> dict:
             why = "forced" if force else "its input changed"
             log(f"{name}: rebuilding ({why})")
             drop_set_aside(out)  # an earlier rebuild's, which got past its checks and died: not coming back
-            aside = set_aside(out)  # deleted when this rebuild finishes
+            if keep_old:
+                aside = set_aside(out)  # deleted when this rebuild finishes
+            else:
+                discard(out)
+                log(f"{name}: the old output is deleted (--discard-old)")
         else:
             log(f"{name}: resuming")
             sweep_temporaries(out)

@@ -297,6 +297,29 @@ def test_a_refused_run_leaves_the_stage_as_it_found_it(tmp_path, fake_stages, mo
     assert (tmp_path / "download" / "0.txt").read_text() == "new"  # the rebuild's shard kept, not redone
 
 
+def test_discard_old_deletes_the_old_output_before_the_rebuild_runs(tmp_path, fake_stages, monkeypatch):
+    """By default a rebuild keeps the old output aside while it runs (2x the disk); --discard-old
+    (keep_old=False) deletes it first: the rebuild starts from an empty folder with nothing set aside."""
+    from pipeline.cli import build_parser
+
+    c, real = cfg(tmp_path), TABLE["download"]
+    run_stage("download", c)
+    seen = []
+
+    def looks_around(stage):
+        seen.append((sorted(p.name for p in stage.dir.iterdir()), (tmp_path / ".download.replaced").exists()))
+        return real.run(stage)
+
+    monkeypatch.setitem(TABLE, "download", Stage(looks_around, (), "items"))
+    run_stage("download", c, force=True)
+    assert seen[-1] == (["_run"], True)  # the old output kept aside while the rebuild runs
+    logs = []
+    run_stage("download", c, force=True, keep_old=False, log=logs.append)
+    assert seen[-1] == (["_run"], False) and "download: the old output is deleted (--discard-old)" in logs
+    assert stage_status(c, "download")[0] == "done" and not (tmp_path / ".download.replaced").exists()
+    assert build_parser().parse_args(["run", "download", "--force", "--discard-old"]).discard_old
+
+
 def test_a_refused_first_run_keeps_what_it_wrote_for_its_resume(tmp_path, fake_stages, monkeypatch):
     """Stages keep work a re-run resumes from before any shard is done (an index's trained centroids,
     dedup's): a refusal after writing some keeps the folder; a symlinked stage folder is emptied in place."""
