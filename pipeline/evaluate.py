@@ -266,7 +266,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     graded = Graded(fake, generated["prompt_of"], text, real if real_prompt_of is not None else None, database_features)
     if setup.baseline:
         result["paired"] = {setup.baseline.name: compare(result, graded, *load_evaluation(setup.baseline), conf.bootstrap)}
-    write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf, graded)
+    write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf, graded, setup.baseline)
     drop_saved_batches(setup.out)  # samples.npz holds them now
     return result
 

@@ -16,9 +16,10 @@ GRID_PROMPTS = 16
 REPORT_NEIGHBOURS = 5
 
 
-def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf, graded) -> None:
+def write_outputs(out: Path, result: dict, prompts, generated, real_images, sampler, conf, graded,
+                  baseline: Path | None = None) -> None:
     """Everything an evaluation leaves; metrics.json goes first, so a crash never leaves the old one
-    beside new features or samples."""
+    beside new features or samples. A paired baseline's samples are shown beside this one's."""
     from pipeline.evaluate_compare import save_features
 
     out.mkdir(parents=True, exist_ok=True)
@@ -28,7 +29,7 @@ def write_outputs(out: Path, result: dict, prompts, generated, real_images, samp
         np.savez(f, prompts=np.array(prompts, dtype=str),
                  **{key: generated[key] for key in ("images", "prompt_of", "rows", "sims", "seconds")})
     write_grid_and_samples(out, prompts, generated, conf.images_per_prompt)
-    write_html(out, result, prompts, generated, real_images, sampler, conf)
+    write_html(out, result, prompts, generated, real_images, sampler, conf, baseline_samples(baseline, prompts))
     write_json(out / "metrics.json", result)
     print(f"evaluate: metrics in {out / 'metrics.json'}, report {out / 'report.html'}", file=sys.stderr)
 
@@ -62,9 +63,23 @@ def loss_curve(checkpoint: Path) -> list[tuple[int, float]]:
     return [(int(m["step"]), float(m["loss"])) for m in lines if last is None or int(m["step"]) <= last]
 
 
-def write_html(out: Path, result: dict, prompts, generated, real_images, sampler, conf) -> Path:
+def baseline_samples(folder: Path | None, prompts: list[str]) -> tuple[str, dict[int, list]] | None:
+    """(label, {prompt: images}) of a paired evaluation's samples (the same prompts and noise), or None."""
+    if folder is None or not (Path(folder) / "samples.npz").exists():
+        return None
+    with np.load(Path(folder) / "samples.npz", allow_pickle=False) as data:
+        if [str(p) for p in data["prompts"]] != list(prompts):
+            return None  # not paired with these prompts: nothing to put side by side
+        images, prompt_of = data["images"], data["prompt_of"]
+    condition = condition_text(json.loads((Path(folder) / "metrics.json").read_text()))
+    label = f"{condition.split(' (')[0]}, same noise ({Path(folder).name}/)"
+    return label, {p: list(images[prompt_of == p]) for p in np.unique(prompt_of).tolist()}
+
+
+def write_html(out: Path, result: dict, prompts, generated, real_images, sampler, conf, baseline=None) -> Path:
     """report.html: summary, metric table, loss curve, and the first report_prompts prompts with their
-    retrieved neighbours (thumbnails from the index's own database), samples and real image."""
+    retrieved neighbours (thumbnails from the index's own database), samples (and the paired baseline's,
+    from baseline_samples) and real image."""
     from pipeline.html_report import write_report
 
     shown = min(conf.report_prompts, len(prompts))
@@ -78,7 +93,8 @@ def write_html(out: Path, result: dict, prompts, generated, real_images, sampler
         neighbours = [{"image": thumbs.get(int(r)), "caption": captions.get(int(r), ""),
                        "similarity": float(s)} for r, s in zip(rows[p], sims[p]) if r >= 0]
         entries.append({"prompt": prompts[p], "samples": list(generated["images"][generated["prompt_of"] == p]),
-                        "real": real_by_prompt.get(p), "neighbours": neighbours})
+                        "real": real_by_prompt.get(p), "neighbours": neighbours,
+                        "others": [(baseline[0], baseline[1].get(p, []))] if baseline else []})
     summary = [("checkpoint", f"{result['checkpoint']} (step {result['step']})"), ("index", result["index"]),
                ("condition", condition_text(result)),
                ("sampling", f"{result['steps']} {SCHEDULER_WORDS[result.get('scheduler', SCHEDULER_BEFORE)]} steps, guidance {result['guidance']}, "

@@ -4,8 +4,8 @@
 the network: images are inline PNG data URIs, the CSS is inline, the loss curve is an inline SVG,
 and there are no scripts or external fonts. Every piece of text goes through `html.escape`.
 
-Stable class names for tests and tooling: `img.sample`, `img.real`, `img.neighbour`,
-`table.metrics`, `svg.loss`.
+Stable class names for tests and tooling: `img.sample`, `img.other` (the same prompt and noise under
+another condition, e.g. the text alone), `img.real`, `img.neighbour`, `table.metrics`, `svg.loss`.
 """
 from __future__ import annotations
 
@@ -57,9 +57,10 @@ figcaption{font-size:11px;line-height:1.3;color:#3a4048;margin-top:3px}
 figcaption .cap{overflow:hidden;display:-webkit-box;-webkit-line-clamp:3;-webkit-box-orient:vertical;
 word-break:break-word}
 figcaption .sim{display:block;color:#6e7781;font-variant-numeric:tabular-nums}
-img.sample,img.real,img.neighbour,.noimg{width:96px;height:96px;image-rendering:pixelated;
+img.sample,img.other,img.real,img.neighbour,.noimg{width:96px;height:96px;image-rendering:pixelated;
 border-radius:4px;border:1px solid #d0d7de;display:block;background:#fff}
 img.real{border:2px solid #2da44e;width:94px;height:94px}
+img.other{border:1px dashed #8c959f}
 .noimg{display:flex;align-items:center;justify-content:center;color:#8c959f;font-size:11px;
 background:repeating-linear-gradient(45deg,#f3f4f6,#f3f4f6 6px,#e9ebee 6px,#e9ebee 12px)}
 p.empty{color:#6e7781;font-style:italic;margin:0}
@@ -226,6 +227,9 @@ def prompt_html(entry: dict) -> str:
     samples = entry.get("samples") or []
     sample_tags = "".join(_img(s, "sample", f"sample {i + 1}: {prompt}") for i, s in enumerate(samples))
     groups = [_group(f"samples ({len(samples)})", sample_tags or '<p class="empty">none</p>')]
+    for label, images in entry.get("others") or []:  # the same noise under another condition, beside them
+        tags = "".join(_img(s, "other", f"{label} {i + 1}: {prompt}") for i, s in enumerate(images))
+        groups.append(_group(f"{label} ({len(images)})", tags or '<p class="empty">none</p>'))
     groups.append(_group("real held-out", _img(entry.get("real"), "real", f"real held-out: {prompt}")))
     figures = []
     for n in entry.get("neighbours") or []:

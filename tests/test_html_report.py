@@ -130,6 +130,17 @@ def test_report_structure_and_escaping(tmp_path):
     assert "http://" not in html and "https://" not in html
 
 
+def test_a_paired_baselines_samples_sit_beside_the_prompts_own(tmp_path):
+    """An entry's `others` (the same noise under another condition) render as their own labelled group."""
+    report = make_report()
+    twin = np.zeros((8, 8, 3), np.uint8)
+    report["prompts"][0]["others"] = [("text embedding alone, same noise (no_knn/)", [twin, twin + 255])]
+    html = write_report(tmp_path / "report.html", report).read_text(encoding="utf-8")
+    c = parse(html)
+    assert c.counts[("img", "other")] == 2 and c.counts[("img", "sample")] == 6
+    assert "text embedding alone, same noise (no_knn/) (2)" in "".join(c.text)
+
+
 def test_report_without_loss_or_images(tmp_path):
     report = {"title": "empty", "summary": [], "metrics": [], "loss": [],
               "prompts": [{"prompt": "p", "samples": [], "real": None,

@@ -97,6 +97,7 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     assert fd["difference"]["value"] == pytest.approx(metrics["to_real"]["fd"]["value"] - baseline["to_real"]["fd"]["value"],
                                                       abs=2e-4)
     assert "Paired: this evaluation (A) - no_knn/" in report and "paired: A = with neighbours" in out
+    assert report.count('class="other"') == 2 * shown and "text embedding alone, same noise (no_knn/)" in report
     # any checkpoint against any index, without neighbours, into its own folder
     capsys.readouterr()
     assert main(["evaluate", "--no-knn", "-c", str(work / "stages.yaml"), "--out", str(tmp_path / "noknn")]) == 0
