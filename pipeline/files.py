@@ -102,8 +102,10 @@ def set_aside(out: Path) -> Path | None:
 
 
 def discard(out: Path) -> None:
-    """Delete a stage's output before its rebuild (`--discard-old`: outputs too large to keep twice)."""
-    empty(out) if out.is_symlink() or os.path.ismount(out) else shutil.rmtree(out)
+    """Delete a stage's output before its rebuild (`--discard-old`: outputs too large to keep twice).
+    Renamed away first (a kill while deleting leaves `.<stage>.replaced`, which the next run drops)."""
+    if (aside := set_aside(out)) is not None:
+        shutil.rmtree(aside)
 
 
 def only_state(out: Path) -> bool:
@@ -125,6 +127,10 @@ def put_back(out: Path, aside: Path | None) -> None:
 
 
 def empty(folder: Path) -> None:
+    """Delete a folder's contents, its completion records first: a kill half-way leaves a stage that
+    is pending (or resuming from nothing), never one that says done over missing files."""
+    (folder / "manifest.json").unlink(missing_ok=True)
+    shutil.rmtree(folder / "_run", ignore_errors=True)
     for child in folder.iterdir():
         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 

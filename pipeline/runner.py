@@ -233,6 +233,17 @@ def _changed_keys(old: dict, new: dict, defaults: dict | None = None, prefix: st
     return keys
 
 
+def clear_for_rebuild(name: str, out: Path, keep_old: bool, log) -> Path | None:
+    """Make way for a rebuild: the old output set aside (returned; deleted when the rebuild finishes),
+    or with keep_old=False deleted now."""
+    drop_set_aside(out)  # an earlier rebuild's, which got past its checks and died: not coming back
+    if keep_old:
+        return set_aside(out)
+    discard(out)
+    log(f"{name}: the old output is deleted (--discard-old)")
+    return None
+
+
 def run_stage(name: str, cfg: Config, force: bool = False, log=print, keep_old: bool = True) -> dict:
     """Run one stage to completion (or report it up to date); return its manifest. A rebuild keeps the
     old output aside until it finishes (a refused rebuild puts it back); keep_old=False deletes it first."""
@@ -273,14 +284,8 @@ def run_stage(name: str, cfg: Config, force: bool = False, log=print, keep_old: 
             log(f"{name}: up to date, nothing to do")
             return previous
         if force or finished or previous.get("config_hash") != cfg_hash or previous.get("input_hash") != in_hash:
-            why = "forced" if force else "its input changed"
-            log(f"{name}: rebuilding ({why})")
-            drop_set_aside(out)  # an earlier rebuild's, which got past its checks and died: not coming back
-            if keep_old:
-                aside = set_aside(out)  # deleted when this rebuild finishes
-            else:
-                discard(out)
-                log(f"{name}: the old output is deleted (--discard-old)")
+            log(f"{name}: rebuilding ({'forced' if force else 'its input changed'})")
+            aside = clear_for_rebuild(name, out, keep_old, log)
         else:
             log(f"{name}: resuming")
             sweep_temporaries(out)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.files import atomic_path
 from pipeline.loopback import LoopbackServer
+from pipeline.stages import TABLE, Stage
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -231,4 +233,27 @@ def spy(monkeypatch):
         return real(denoiser, emb, **kwargs)
 
     monkeypatch.setattr(model.diffusion, "sample", wrapper)
+    return calls
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Two trivial stages standing in for download and embed, counting their runs (test_runner, test_rebuild)."""
+    calls = {"download": 0, "embed": 0}
+
+    def make(name, upstream):
+        def run(stage):
+            calls[name] += 1
+            stage.plan(2)
+            for shard in range(2):
+                if not stage.shard_done(shard):
+                    with atomic_path(stage.dir / f"{shard}.txt") as tmp:
+                        tmp.write_text(f"{name} {shard} {stage.conf.image_size if name == 'download' else 0}")
+                    stage.mark_done(shard, {"items": 1})
+            return {"items": 2, "counts": {"items": 2}}
+
+        monkeypatch.setitem(TABLE, name, Stage(run, upstream, "items"))
+
+    make("download", ())
+    make("embed", ("download",))
     return calls
