@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.config import DEFAULT_SCHEDULER
 from pipeline.evaluate_compare import Graded, compare, load_evaluation, print_comparison
+from pipeline.evaluate_memorisation import index_memorisation, training_index
 from pipeline.evaluate_outputs import print_metrics, summary_line, write_outputs
 from pipeline.evaluate_regrade import earlier_condition, regrade_command, reuse_samples
 from pipeline.evaluate_sampling import drop as drop_saved_batches, generate
@@ -52,6 +53,7 @@ class EvalSetup:
     samples_from: Path | None = None  # an earlier evaluation's folder: grade its samples.npz, sample nothing
     baseline: Path | None = None  # an evaluation of the same prompts and noise to compare with, paired (metrics["paired"])
     memo: dict | None = None  # shared by evaluations of one stage run: the reference pictures are embedded once
+    keep_batches: bool = False  # leave the saved sampling batches for the caller to drop (after its own bookkeeping)
 
 
 def _memo(setup: EvalSetup, key, make):
@@ -219,7 +221,8 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     text = text_features(encoder, prompts)
     fake = image_features(encoder, generated["images"])
     train = _memo(setup, "train", lambda: image_features(encoder, training_images(cfg, conf.train_images, conf.seed)))
-    result = {"prompts": len(prompts), "images": int(len(fake)), "chance@1": round(1 / len(prompts), 4),
+    result = {"prompts": len(prompts), "images": int(len(fake)), "train_images": int(len(train)),
+              "chance@1": round(1 / len(prompts), 4),
               "chance@5": round(min(5, len(prompts)) / len(prompts), 4),
               "generated": per_image_metrics(fake, text, generated["prompt_of"], train, conf.bootstrap)}
     real_images = None  # {prompt: uint8 image} of the held-out images that still decode
@@ -241,6 +244,9 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
         result["floor"] = {"fd": round(metrics.frechet_distance(train[floor_rows], real), 4),
                            "kid": round(metrics.kernel_inception_distance(train[floor_rows], real), 6),
                            "what": f"{len(floor_rows)} training images (as many as samples) vs the held-out real images"}
+    if (whole := _memo(setup, "training_index", lambda: training_index(cfg, setup.index_dir))) is not None:
+        result["memorisation_index"] = index_memorisation(
+            whole, fake, generated["prompt_of"], real if real_prompt_of is not None else None, real_prompt_of, conf.bootstrap)
     result["databases"], database_features = {}, {}
     databases = list(dict.fromkeys(Path(d).resolve() for d in [setup.index_dir, *conf.compare_index]))
     for index_dir in databases:
@@ -267,7 +273,8 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
     if setup.baseline:
         result["paired"] = {setup.baseline.name: compare(result, graded, *load_evaluation(setup.baseline), conf.bootstrap)}
     write_outputs(setup.out, result, prompts, generated, real_images, sampler, conf, graded, setup.baseline)
-    drop_saved_batches(setup.out)  # samples.npz holds them now
+    if not setup.keep_batches:
+        drop_saved_batches(setup.out)  # samples.npz holds them now
     return result
 
 
@@ -301,14 +308,19 @@ def run(stage: StageRun) -> dict:
     k = stage.conf.k
     checkpoint, index_dir = stage.input_dirs["train"] / train["checkpoint"], stage.input_dirs["index"]
     baseline = stage.dir / NO_KNN_BASELINE if stage.conf.no_knn_baseline and k > 0 else None
-    stage.plan(2)  # two units: the baseline, then the main evaluation; each resumes its sampling batch by batch
     memo = {}  # the baseline and the main evaluation share the training, held-out and database pictures' features
-    if baseline and not stage.shard_done(0):  # the same prompts and noise from the text alone, first: the main one compares with it
-        evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=baseline, k=0, no_knn=True, memo=memo))
-    stage.mark_done(0, {"baseline": baseline is not None})
-    result = evaluate(cfg, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=stage.dir, k=k, no_knn=k == 0,
-                                     baseline=baseline, memo=memo))
-    stage.mark_done(1, {"prompts": result["prompts"]})
+    units = [EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=stage.dir, k=k, no_knn=k == 0, baseline=baseline,
+                       memo=memo, keep_batches=True)]
+    if baseline:  # the same prompts and noise from the text alone, first: the main one compares with it
+        units.insert(0, EvalSetup(checkpoint=checkpoint, index_dir=index_dir, out=baseline, k=0, no_knn=True, memo=memo,
+                                  keep_batches=True))
+    stage.plan(len(units))  # the baseline, then the main evaluation; each resumes its sampling batch by batch
+    for unit, setup in enumerate(units):
+        if not stage.shard_done(unit):
+            evaluate(cfg, setup)
+            stage.mark_done(unit, {"folder": setup.out.name})
+        drop_saved_batches(setup.out)  # only once the unit is recorded: a kill before then resumes from them
+    result = read_json(stage.dir / "metrics.json", "Rebuild it with `knnd run evaluate --force`.")
     print_metrics(result)
     if baseline:
         print_comparison(result["paired"][NO_KNN_BASELINE], "with neighbours", "text alone")
@@ -360,12 +372,14 @@ def evaluate_command(cfg, checkpoint: str | None, index: str | None, out: str | 
         name += "-where-" + hashlib.blake2b(where_filter.encode(), digest_size=4).hexdigest()
     folder = Path(out) if out else stage_dir(cfg, "evaluate_cli") / name
     memo, paired_with = {}, folder / NO_KNN_BASELINE if baseline else None
-    if paired_with:
+    if paired_with:  # its batches stay until the main evaluation is done: a kill in it does not redraw the baseline
         evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=paired_with, k=0, no_knn=True,
-                                allow_other_clip=allow_other_clip, memo=memo))
+                                allow_other_clip=allow_other_clip, memo=memo, keep_batches=True))
     result = evaluate(cfg, EvalSetup(checkpoint=path, index_dir=index_dir, out=folder, k=k, no_knn=no_knn,
                                      neighbours_only=neighbours_only, allow_other_clip=allow_other_clip,
                                      where=where_filter, baseline=paired_with, memo=memo))
+    if paired_with:
+        drop_saved_batches(paired_with)
     print_metrics(result)
     if paired_with:
         print_comparison(result["paired"][NO_KNN_BASELINE], "with neighbours", "text alone")

@@ -149,7 +149,12 @@ def metric_rows(result: dict) -> list[dict]:
         add("precision (k=3)", t["precision"])
         add("recall (k=3)", t["recall"])
     add("memorisation (max cos to a training image)", g["memorisation"],
-        f"real held-out {real['memorisation']['value']:.3f}" if real else None)
+        f"real held-out {real['memorisation']['value']:.3f}" if real else None,
+        f"{result.get('train_images', 'sampled')} sampled training images")
+    if whole := result.get("memorisation_index"):  # every training image, through the training index
+        add("memorisation, whole training index", whole["generated"],
+            f"real held-out {whole['real']['value']:.3f}" if "real" in whole else None,
+            f"{whole['images']} images; the index's own resolution")
     for name, db in result["databases"].items():
         add(f"FD to database {Path(name).parent.name}/{Path(name).name}", db["fd"], f"{db['images']} images")
         add(f"KID to database {Path(name).parent.name}/{Path(name).name}", db["kid"])

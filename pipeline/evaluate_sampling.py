@@ -43,7 +43,8 @@ def generate(sampler, prompts: list[str], setup, conf) -> dict:
     prompt_of = np.repeat(np.arange(len(prompts)), n)
     seeds = [noise_seed(conf.seed, p, j) for p in range(len(prompts)) for j in range(n)]
     starts = range(0, len(prompt_of), conf.batch_size)
-    saved = SavedBatches(Path(setup.out), sampling_key(sampler.checkpoint, emb, mask, seeds, conf))
+    saved = SavedBatches(Path(setup.out), sampling_key(sampler.checkpoint, emb, mask, seeds, conf,
+                                                       str(getattr(sampler, "device", ""))))
     if done := saved.count(len(starts)):
         print(f"evaluate: resuming: {done} of {len(starts)} batches were sampled before", file=sys.stderr)
     out, progress = [], Progress("evaluate", len(starts), done=done, unit="images", parts="batches")
@@ -62,12 +63,13 @@ def generate(sampler, prompts: list[str], setup, conf) -> dict:
             "seconds": round(sum(saved.seconds.values()), 1)}  # sampling time, a resumed run's included
 
 
-def sampling_key(checkpoint: Path, emb: np.ndarray, mask: np.ndarray, seeds: list[int], conf) -> str:
+def sampling_key(checkpoint: Path, emb: np.ndarray, mask: np.ndarray, seeds: list[int], conf, device: str = "") -> str:
     """What the saved batches depend on. The checkpoint by path, size and mtime: hashing a large file
-    on every run would cost more than a batch."""
+    on every run would cost more than a batch. The device too: a GPU's batches are not a CPU's bits."""
     stat = Path(checkpoint).resolve().stat()
     h = hashlib.sha256(json.dumps([str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns, seeds, conf.steps,
-                                   conf.guidance, conf.scheduler, conf.neighbour_guidance, conf.batch_size]).encode())
+                                   conf.guidance, conf.scheduler, conf.neighbour_guidance, conf.batch_size,
+                                   device]).encode())
     for array in (emb, mask):
         h.update(str((array.dtype, array.shape)).encode())
         h.update(np.ascontiguousarray(array).tobytes())
@@ -101,11 +103,16 @@ class SavedBatches:
         path = self.path(batch)
         if not path.exists():
             return None
+        try:
+            images = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # cut short (a crash of the machine): drawn again, same seeds
+            path.unlink(missing_ok=True)
+            return None
         self.started = time.time()  # a loaded batch costs no sampling time
-        return np.load(path, allow_pickle=False)
+        return images
 
     def put(self, batch: int, images: np.ndarray) -> None:
-        with atomic_path(self.path(batch)) as tmp, open(tmp, "wb") as f:
+        with atomic_path(self.path(batch), fsync=True) as tmp, open(tmp, "wb") as f:
             np.save(f, images)
         self.seconds[str(batch)] = round(time.time() - self.started, 3)
         self.started = time.time()

@@ -79,6 +79,9 @@ def test_demo_end_to_end_on_100_stickers(tiny_demo, tmp_path, capsys):
     assert metrics["images"] == 2 * metrics["prompts"] and metrics["prompts"] >= 5  # the demo draws 2 per prompt
     assert metrics["chance@1"] == round(1 / metrics["prompts"], 4)
     assert {"fd", "kid", "precision", "recall"} <= set(metrics["to_real"]) and "floor" in metrics
+    whole = metrics["memorisation_index"]  # every training image, searched in the index the demo CLIP embedded
+    assert whole["images"] == json.loads((work / "index" / "index_infos.json").read_text())["n"]
+    assert 0 < whole["generated"]["value"] <= 1 and 0 < whole["real"]["value"] <= 1
     report = (work / "evaluate" / "report.html").read_text()
     shown = min(metrics["prompts"], 48)
     assert report.count('class="sample"') == 2 * shown and report.count('class="real"') == shown
