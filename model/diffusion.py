@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from model.denoiser import ModelConfig
+from model.precision import autocast
 
 
 def make_scheduler(config: ModelConfig, kind: str = "ddpm"):
@@ -124,9 +125,8 @@ def sample(model, emb: torch.Tensor, steps: int = 50, guidance: float = 8.0,
     emb = emb.to(device, torch.float32)
     if image_cond is not None:
         image_cond = images_to_tensor(image_cond, batch).to(device)
-    use_bf16 = device.type == "cuda"
     for i, t in enumerate(timesteps):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(device):
             out = guided_output(model, x, t, emb, guidance, neighbour_mask, image_cond, neighbour_guidance)
         x = sched.step(out, t, x, generator=generator).prev_sample
         if progress is not None:

@@ -10,6 +10,7 @@ import torch
 
 from model.discrete_diffusion import q_sample, respaced_scheduler
 from model.vq import decode_tokens, encode_tokens
+from model.precision import autocast
 
 
 def guide_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float, query: torch.Tensor | None = None,
@@ -77,7 +78,7 @@ def sample_discrete(model, emb: torch.Tensor, steps: int = 100, guidance: float 
     model.eval()
     emb = emb.to(device, torch.float32)
     for done, i in enumerate(indices):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             log_x0 = guided_log_x0(model, x.to(device), int(taus[i]), emb, guidance, neighbour_mask, neighbour_guidance)
         x = _step(sched, log_x0, i, x, generator)
         if progress is not None:

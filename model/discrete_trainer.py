@@ -19,6 +19,7 @@ from model.checkpoint import latest_checkpoint, load_checkpoint
 from model.data import PackDataset
 from model.discrete import DiscreteConfig, DiscreteDenoiser
 from model.discrete_diffusion import make_scheduler, q_sample, vq_diffusion_loss
+from model.precision import autocast
 from model.trainer import (MetricsLog, TrainParams, after_step, noisy_query, optimisation, run_workers, seed_everything,
                            summary, worker_context)
 
@@ -93,7 +94,7 @@ def discrete_loop(config: dict) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         x0, emb, t, drop = x0.to(device), emb.to(device), t.to(device), drop.to(device)
         x_t = q_sample(sched, x0, t, u_mask.to(device), u_code.to(device))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             log_x0 = net(x_t, t, emb, drop, None if slots is None else slots.to(device)).float()
         loss, _ = vq_diffusion_loss(sched, log_x0, x0, x_t, t, config["aux_weight"])
         optimizer.zero_grad(set_to_none=True)

@@ -30,6 +30,7 @@ from model.denoiser import KnnDenoiser, ModelConfig
 from model.diffusion import make_scheduler, training_example
 from model.manipulation import init_from_checkpoint, manipulation_batch
 from model.stream import check_resumed_input, input_identity, open_input
+from model.precision import autocast
 from pipeline.files import write_text
 
 
@@ -229,7 +230,7 @@ def train_step(net, optimizer, lr_schedule, noise_scheduler, params, device, ima
     slots = None if slots is None else slots.to(device, non_blocking=True)
     extra = {} if image_cond is None else {"image_cond": image_cond.to(device, non_blocking=True)}
     x_t, target = training_example(noise_scheduler, image, noise, t)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         prediction = net(x_t, t, emb, drop, slots, **extra)
     if params.loss_weighting == "min_snr":
         per_sample = (prediction.float() - target).pow(2).mean(dim=(1, 2, 3))

@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 
-from pipeline.files import StageError, UsageError
+from pipeline.files import StageError, UsageError, usable_cpus
 from pipeline.runner import ensure_ray, resolve_device
 
 
@@ -28,17 +28,36 @@ def cluster_resources(cfg) -> dict | None:
     return ray.cluster_resources()
 
 
+def local_resources(cfg) -> dict:
+    """What a local Ray offers: its CPUs (ray.num_cpus, else this machine's) and this machine's GPUs."""
+    gpus = 0
+    if cfg.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"CPU": cfg.ray.num_cpus or usable_cpus(), "GPU": gpus}
+
+
 def describe(cfg, resources: dict) -> str:
-    return (f"the Ray cluster at {cfg.ray.address} offers {resources.get('CPU', 0):g} CPUs and "
-            f"{resources.get('GPU', 0):g} GPUs")
+    where = f"the Ray cluster at {cfg.ray.address}" if cfg.ray.address else "this machine's local Ray"
+    return f"{where} offers {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs"
 
 
 def work_device(cfg, gpus_needed: int = 1) -> str:
-    """The `device` of work Ray places, needing `gpus_needed` GPUs: on a cluster, auto is cuda when it
-    has that many GPUs and cuda with fewer is a UsageError naming what it has; locally, as `resolve_device`."""
+    """The `device` of work Ray places, needing `gpus_needed` GPUs (one per worker), on the cluster's or
+    this machine's: auto is cuda when there are that many GPUs, cuda with fewer is a UsageError naming
+    what there is. (Ray Train asked for more GPUs than a local Ray has retries forever, silently.)"""
     resources = cluster_resources(cfg)
     if resources is None:
-        return resolve_device(cfg)
+        device = resolve_device(cfg)  # a UsageError for cuda without CUDA
+        if device != "cuda" or (gpus := local_resources(cfg)["GPU"]) >= gpus_needed:
+            return device
+        if cfg.device == "auto":
+            print(f"{gpus_needed} workers need {gpus_needed} GPUs, but {describe(cfg, local_resources(cfg))}: "
+                  f"they run on CPUs (lower train.num_workers to {gpus} to use the GPU)", file=sys.stderr)
+            return "cpu"
+        raise UsageError(f"device is cuda and needs {gpus_needed} GPUs, but {describe(cfg, local_resources(cfg))}: "
+                         f"lower train.num_workers to {gpus}, or set device=cpu")
     gpus = resources.get("GPU", 0)
     if cfg.device == "auto":
         return "cuda" if gpus >= gpus_needed else "cpu"
@@ -49,15 +68,16 @@ def work_device(cfg, gpus_needed: int = 1) -> str:
 
 
 def require_per_worker(cfg, workers: int, resource: str, setting: str) -> None:
-    """On a cluster, a UsageError unless it offers `workers` x one `resource` ("GPU" or "CPU"), which
-    `setting` asks for; nothing to check locally."""
-    resources = cluster_resources(cfg)
-    if resources is None or resources.get(resource, 0) >= workers:
+    """A UsageError unless the cluster (or the local Ray) offers `workers` x one `resource` ("GPU" or
+    "CPU"), which `setting` asks for."""
+    resources = cluster_resources(cfg) or local_resources(cfg)
+    if resources.get(resource, 0) >= workers:
         return
     have = int(resources.get(resource, 0))
     fix = f"lower train.num_workers to {have}" if have else ("set train.use_gpu=false" if resource == "GPU" else "")
+    more = f"add nodes with {resource}s" if cfg.ray.address else ("raise ray.num_cpus" if resource == "CPU" else "")
     raise UsageError(f"{setting} needs {workers} {resource}s (one per worker), but {describe(cfg, resources)}: "
-                     f"{fix + ' or ' if fix else ''}add nodes with {resource}s")
+                     f"{' or '.join(x for x in (fix, more) if x)}")
 
 
 def node_id() -> str:

@@ -59,8 +59,10 @@ class ClipEncoder:
                     torch.manual_seed(0)  # random init (tests) must be the same model in every process and run
                 self.bundle = load_clip(self.model, self.pretrained, self.device)
             self.pil_stage, mean, std = split_transform(self.bundle.preprocess)
-            self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-            self.std = torch.tensor(std).view(1, 3, 1, 1)
+            # on the encoder's device: the uint8 batch goes there as it is (a quarter of float32's bytes)
+            # and is normalised there, not on the actor's one CPU thread while a GPU waits
+            self.mean = torch.tensor(mean, device=self.bundle.device).view(1, 3, 1, 1)
+            self.std = torch.tensor(std, device=self.bundle.device).view(1, 3, 1, 1)
             want = ray.get(expected[0]) if expected else self.described
             have = self.info()
             if want is not None and (repr(want["pil_transform"]), want["dim"]) != (repr(have["pil_transform"]), have["dim"]):
@@ -92,7 +94,7 @@ class ClipEncoder:
         pixels = torch.from_numpy(np.array(chunk["pixels"]))  # Ray hands over a read-only buffer
         out = []
         for start in range(0, len(pixels), self.batch_size):
-            x = pixels[start:start + self.batch_size].permute(0, 3, 1, 2).float().div_(255)
+            x = pixels[start:start + self.batch_size].to(self.bundle.device).permute(0, 3, 1, 2).float().div_(255)
             out.append(encode_images(self.bundle, (x - self.mean) / self.std))
         result = {"img": _stack(out, self.bundle.embed_dim)}
         if self.text:

@@ -35,6 +35,11 @@ def check(cfg) -> None:
             raise UsageError(f"neighbours.k ({cfg.neighbours.k}) must be smaller than the number of kept images ({kept}): "
                              f"lower neighbours.k")
     if cfg.neighbours.gpus_per_actor:
+        infos = stage_dir(cfg, "index") / "index_infos.json"
+        factory = read_json(infos).get("factory", "") if infos.exists() else ""
+        if factory and "IVF" not in factory:  # the GPU assigns queries to IVF cells; other indexes have none
+            raise UsageError(f"neighbours.gpus_per_actor assigns queries to IVF cells on the GPU, but the index is "
+                             f"{factory}, which has none: set neighbours.gpus_per_actor=0")
         gpu_actor_count(cfg)  # no GPU to share: refused before the stage starts
     if cfg.neighbours.where:  # before anything is written: unknown columns and bad syntax
         from pipeline.filters import check_where_on_embed

@@ -157,15 +157,16 @@ def check(cfg) -> None:
                          f"lower train.batch_size or pack more images")
     if conf.use_gpu and cfg.device == "cpu":
         raise UsageError("train.use_gpu is true but device is cpu: set train.use_gpu=false")
-    if cfg.ray.address:  # the cluster's GPUs and CPUs decide, not this machine's (pipeline.cluster)
-        use_gpu = conf.use_gpu or work_device(cfg, conf.num_workers) == "cuda"
-        require_per_worker(cfg, conf.num_workers, "GPU" if use_gpu else "CPU",
-                           f"train.num_workers={conf.num_workers} on {'GPUs' if use_gpu else 'CPUs'}")
-    elif conf.use_gpu:
+    if not cfg.ray.address and conf.use_gpu:
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("train.use_gpu is true but no CUDA device is visible: set train.use_gpu=false")
+    # the cluster's GPUs and CPUs decide, or the local Ray's (pipeline.cluster): Ray Train waits forever otherwise
+    use_gpu = conf.use_gpu or work_device(cfg, conf.num_workers) == "cuda"
+    if use_gpu or conf.num_workers > 1:  # one process without a GPU needs no Ray
+        require_per_worker(cfg, conf.num_workers, "GPU" if use_gpu else "CPU",
+                           f"train.num_workers={conf.num_workers} on {'GPUs' if use_gpu else 'CPUs'}")
 
 
 def check_init_from(path: Path, config) -> None:

@@ -85,6 +85,34 @@ def test_without_ray_address_this_machine_decides_as_before(tmp_path, capsys):
     assert work_device(load_config(None, [f"workdir={tmp_path}"])) == "cpu"
 
 
+def test_a_local_ray_with_fewer_gpus_or_cpus_than_workers_is_refused_not_left_waiting(tmp_path, monkeypatch, capsys):
+    """Locally, Ray Train asked for more GPUs (or CPUs) than the local Ray has retries for ever without a
+    word: a machine with one GPU and train.num_workers=2 is refused (device=cuda) or trains on CPUs (auto,
+    saying so), and more CPU workers than ray.num_cpus are refused. No CUDA code runs."""
+    import torch
+
+    pack = tmp_path / "pack"
+    pack.mkdir()
+    (pack / "manifest.json").write_text(json.dumps({"image_size": 16, "d": 8, "k": 2, "items": 64, "shards": []}))
+    sets = [f"workdir={tmp_path}", "train.model=tiny", "ray.num_cpus=2"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    offers = "this machine's local Ray offers 2 CPUs and 1 GPUs"
+    with pytest.raises(UsageError, match=f"device is cuda and needs 2 GPUs, but {offers}: lower train.num_workers to 1"):
+        train.check(load_config(None, [*sets, "device=cuda", "train.num_workers=2"]))
+    with pytest.raises(UsageError, match=f"train.num_workers=2 on GPUs needs 2 GPUs \\(one per worker\\), but {offers}: "
+                       "lower train.num_workers to 1"):
+        train.check(load_config(None, [*sets, "train.use_gpu=true", "train.num_workers=2"]))
+    assert work_device(load_config(None, sets), gpus_needed=1) == "cuda"
+    capsys.readouterr()
+    assert work_device(load_config(None, sets), gpus_needed=2) == "cpu"  # auto: the workers go to CPUs, and it says so
+    assert "lower train.num_workers to 1 to use the GPU" in capsys.readouterr().err
+    train.check(load_config(None, [*sets, "train.num_workers=2"]))  # two CPU workers on two CPUs: fine
+    with pytest.raises(UsageError, match=f"train.num_workers=4 on CPUs needs 4 CPUs \\(one per worker\\), but {offers}: "
+                       "lower train.num_workers to 2 or raise ray.num_cpus"):
+        train.check(load_config(None, [*sets, "train.num_workers=4", "train.batch_size=32"]))
+
+
 def test_released_actors_cpus_are_free_when_release_returns(cluster):
     """The next stage's SPREAD tasks must see every node's CPUs free, not the ones a killed actor still holds."""
     import ray

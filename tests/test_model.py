@@ -297,3 +297,18 @@ def test_a_masked_query_slot_carries_no_information(conditioning):
     emb_c = emb_a.clone()
     emb_c[:, 1:] = random_emb(model.config, seed=4)[:, 1:]  # same query, other neighbours
     assert not torch.allclose(out_a, forward(model, emb_c, neighbour_mask=no_query))
+
+
+def test_bf16_autocast_only_where_the_gpu_computes_bf16(monkeypatch):
+    """Compute capability 8.0+ trains and samples under bf16 autocast; older GPUs (V100 7.0, T4 7.5),
+    which pass torch's bf16 check by emulation, and the CPU run in fp32."""
+    from model.precision import autocast, uses_bf16
+
+    capability = {"value": (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert not uses_bf16(cuda) and not uses_bf16(cpu)
+    capability["value"] = (8, 0)
+    assert uses_bf16(cuda) and not uses_bf16(cpu)
+    with autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")

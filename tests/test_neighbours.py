@@ -338,6 +338,13 @@ def test_gpu_cell_assignment_without_a_gpu_is_refused_before_the_stage(tmp_path,
     with pytest.raises(UsageError, match="offers 64 CPUs and 0 GPUs: set neighbours.gpus_per_actor=0"):
         neighbours.gpu_actor_count(cfg)
     neighbours.check(load_config(None, [f"workdir={tmp_path}"]))  # the default assigns on the CPU: no question
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index_infos.json").write_text('{"factory": "HNSW32"}')  # no IVF cells to assign to
+    with pytest.raises(UsageError, match="but the index is HNSW32, which has none: set neighbours.gpus_per_actor=0"):
+        neighbours.check(cfg)
+    (tmp_path / "index" / "index_infos.json").write_text('{"factory": "OPQ64,IVF4096_HNSW32,PQ64"}')
+    with pytest.raises(UsageError, match="0 GPUs: set neighbours.gpus_per_actor=0 to assign"):  # an IVF index: on to the GPU count
+        neighbours.check(cfg)
 
 
 def test_gpu_actors_fit_on_one_node_each_and_in_what_is_free():
