@@ -314,6 +314,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("knnd: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not out_of_gpu_memory(e):
+            raise
+        print(f"knnd: error: the GPU ran out of memory ({str(e).strip().splitlines()[0][:160]}): lower the batch size "
+              f"of what ran (train.batch_size, embed.batch_size or evaluate.batch_size) and run "
+              f"the same command again; finished shards are kept", file=sys.stderr)
+        return 1
+
+
+def out_of_gpu_memory(e: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, also when Ray hands it back wrapped (its text survives the wrapping)."""
+    return type(e).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(e)
 
 
 if __name__ == "__main__":

@@ -309,3 +309,25 @@ def test_knnd_run_takes_stages_in_pipeline_order(tmp_path, fake_stages, capsys):
     assert main(["run", "embed", "download", "--set", f"workdir={tmp_path}"]) == 0  # typed out of order
     assert fake_stages == {"download": 1, "embed": 1}
     assert stage_status(cfg(tmp_path), "embed")[0] == "done"
+
+
+def test_a_cuda_out_of_memory_error_names_the_fix(tmp_path, monkeypatch, capsys):
+    """torch's OutOfMemoryError (or Ray's wrapping of it) is a one-line error naming the batch sizes,
+    exit 1; any other exception still raises with its traceback."""
+    import torch
+
+    from pipeline import cli
+
+    def runs_out(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "cmd_run", runs_out)
+    assert cli.main(["run", "train", "--set", f"workdir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower the batch size" in err
+    assert "train.batch_size" in err and "Traceback" not in err
+    monkeypatch.setattr(cli, "cmd_run", lambda args: (_ for _ in ()).throw(RuntimeError("ray: CUDA out of memory on rank 1")))
+    assert cli.main(["run", "train"]) == 1
+    monkeypatch.setattr(cli, "cmd_run", lambda args: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.main(["run", "train"])
