@@ -1,13 +1,16 @@
 """tools/: make_synthetic_embeddings writes an embed output the pipeline reads; bench.py --help runs;
-bench_stream's synthetic pack is one the trainer reads."""
+bench_stream's synthetic pack is one the trainer reads; gpu_check on a CPU machine skips every check."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from pipeline.embeddings import Embeddings, read_metadata
 
@@ -178,3 +181,33 @@ def test_bench_train_step_section_times_every_variant_of_bench_train(monkeypatch
     assert [(row.ours, row.reference) for row in rows] == [(2.0, 4.0)] * len(bench_train.VARIANTS)
     variants = list(bench_train.VARIANTS.values())
     assert [(c.resolution, c.space_to_depth) for who, c in seen if who == "ours"] == [(v[0], v[2]) for v in variants]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the checks themselves run (minutes)")
+def test_gpu_check_on_cpu_skips_every_check_and_only_limits_them(tmp_path, capsys):
+    gpu_check = load_tool("gpu_check")
+    assert gpu_check.main(["--out", str(tmp_path / "all")]) == 0
+    report = json.loads((tmp_path / "all" / "gpu_check.json").read_text())
+    assert report["device"] == "no CUDA" and list(report["checks"]) == gpu_check.NAMES
+    assert all(entry == {"status": "skipped", "reason": "skipped: no CUDA"} for entry in report["checks"].values())
+    assert gpu_check.main(["--out", str(tmp_path / "some"), "--only", "sample_cuda,faiss_gpu_build"]) == 0
+    some = json.loads((tmp_path / "some" / "gpu_check.json").read_text())
+    assert list(some["checks"]) == ["train_bf16", "sample_cuda", "faiss_gpu_build"]  # sample_cuda needs train_bf16
+    assert "SKIP  faiss_gpu_build" in capsys.readouterr().out.splitlines()[-1]
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(tmp_path / "bad"), "--only", "no_such_check"])
+
+
+def test_gpu_check_records_a_traceback_and_skips_what_needs_a_failed_check(monkeypatch):
+    gpu_check = load_tool("gpu_check")
+
+    def broken(ctx):
+        raise KeyError("checkpoint")
+
+    entry = gpu_check.run_check(broken, ctx=None)
+    assert entry["status"] == "fail" and entry["error"] == "KeyError: 'checkpoint'"
+    assert any("broken" in line for line in entry["traceback"]) and len(entry["traceback"]) <= 15
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    assert gpu_check.skip_reason(("train_bf16",), (), {"train_bf16": {"status": "fail"}}) == "train_bf16 failed"
+    assert gpu_check.skip_reason(("train_bf16",), (), {}) == "train_bf16 did not run"
+    assert gpu_check.skip_reason((), ("no_such_package_xyz",), {}) == "no_such_package_xyz not installed"

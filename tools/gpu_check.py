@@ -1,178 +1,147 @@
-"""The GPU paths in one short run (for a machine with CUDA; nothing is downloaded):
+"""The GPU paths in one short run (a few minutes on one H200; nothing is downloaded). Each check passes,
+fails (its error and the end of its traceback recorded) or is skipped with the reason: no CUDA (every
+check, on a CPU-only machine), a package not installed, faiss without a GPU, or a check it needs that
+did not pass. The checks (tools/gpu_checks/):
 
-1. fp16 CLIP embedding: a randomly initialised ViT-B-32 through `model.clip` (fp16 weights on
-   cuda) against the same weights in fp32 on the CPU: cosine agreement and images/s.
-2. bf16 training: the trainer's own loop (`model.trainer.train_loop`) on cuda with bf16 autocast,
-   on a pack folder (the demo's), for `--steps` steps or `--seconds`, whichever ends first; the
-   EMA weights of chosen steps are written as slim checkpoints (model_config + ema) that
-   `knnd sample`/`knnd evaluate --checkpoint` load on any machine.
-3. Sampling on cuda (bf16 autocast) from the trained model.
-4. faiss-gpu cell assignment (neighbours.gpus_per_actor): an OPQ+IVF+PQ index searched with its
-   queries' cells found on the GPU (`faiss_search.exact_coarse(use_gpu=True)`) against the same
-   search with a CPU copy of the centroids: the same rows, and queries/s of each assignment.
+  clip_fp16         model.clip's ViT-B-32 (random init) fp16 on cuda vs fp32 on CPU: cosine, images/s.
+  embed_encoder     pipeline.embed_encoder.ClipEncoder (the embed actors' class) on a tiny open_clip config,
+                    fp16 on cuda vs fp32 on CPU, on uint8 batches and captions: cosine > 0.99.
+  train_bf16        model.trainer.train_loop on cuda with bf16 autocast, the demo recipe on --pack (default:
+                    a synthetic 16 px pack), for --steps or --seconds; EMA checkpoints of --keep steps to OUT.
+  sample_cuda       (needs train_bf16) sampling as `knnd sample`/evaluate run it: sde-dpmsolver++, one CPU
+                    generator per image, a neighbour mask, neighbour_guidance, init_image; the same twice.
+  discrete_bf16     the discrete backbone: its trainer's loop on cuda (bf16) 4 steps on a tiny VQ-token
+                    pack, then sampling with per-image generators (the same twice) and from an init image.
+  faiss_gpu_build   train_index/add_batches with use_gpu=True (GPU k-means, GPU cell assignment) vs the CPU
+                    build, exact_search on the GPU and a GPU search: recall@10 against numpy's brute force.
+  faiss_gpu_assign  neighbours.gpus_per_actor: queries' cells found on the GPU vs a CPU copy: the same rows.
+  faiss_gpu_refine  the full k-means iterations on the GPU vs the CPU: the same objective.
+  train_ray         the train stage's entry (model.trainer.train) with use_gpu=True, num_workers=1: Ray
+                    Train's TorchTrainer, prepare_model, get_device() and the NCCL broadcast; 6 steps.
 
-    python tools/gpu_check.py --pack work/demo/pack --out OUT [--steps 17000] [--seconds 300]
+    python tools/gpu_check.py --out OUT [--pack work/demo/pack] [--steps 17000] [--seconds 60] [--only a,b]
 
-Writes OUT/gpu_check.json, OUT/metrics.jsonl and OUT/step_XXXXXXX.pt files.
+Everything trains in a fresh temporary folder (deleted at the end): a re-run starts from scratch.
+Writes OUT/gpu_check.json (after every check), OUT/metrics.jsonl and OUT/step_XXXXXXX.pt; prints one
+line per check at the end. Exit status 1 when a check failed.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib.util
 import json
-import shutil
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tools.gpu_checks import clip_checks, faiss_checks, model_checks  # noqa: E402 - after the path
+from tools.gpu_checks.common import Context  # noqa: E402
 
-def clip_fp16(report: dict) -> None:
-    from model.clip import encode_images, encode_texts, load_clip
+# name, function, checks that must pass first, packages it imports; in the order they run (Ray last:
+# a Ray Train run that hangs costs no other check its result)
+CHECKS = [
+    ("clip_fp16", clip_checks.clip_fp16, (), ("open_clip",)),
+    ("embed_encoder", clip_checks.embed_encoder, (), ("open_clip",)),
+    ("train_bf16", model_checks.train_bf16, (), ("diffusers",)),
+    ("sample_cuda", model_checks.sample_cuda, ("train_bf16",), ("diffusers",)),
+    ("discrete_bf16", model_checks.discrete_bf16, (), ("diffusers",)),
+    ("faiss_gpu_build", faiss_checks.faiss_gpu_build, (), ("faiss",)),
+    ("faiss_gpu_assign", faiss_checks.faiss_gpu_assign, (), ("faiss",)),
+    ("faiss_gpu_refine", faiss_checks.faiss_gpu_refine, (), ("faiss",)),
+    ("train_ray", model_checks.train_ray, (), ("ray", "diffusers")),
+]
+NAMES = [name for name, *_ in CHECKS]
 
-    torch.manual_seed(0)
-    gpu = load_clip("ViT-B-32", None, "cuda")
-    cpu = load_clip("ViT-B-32", None, "cpu")
-    cpu.model.load_state_dict({k: v.float().cpu() for k, v in gpu.model.state_dict().items()})
-    images = torch.rand(16, 3, 224, 224)
-    a, b = encode_images(gpu, images), encode_images(cpu, images)
-    texts = ["a red heart", "a green apple", "a rocket", "a smiling face"]
-    ta, tb = encode_texts(gpu, texts), encode_texts(cpu, texts)
-    batch = torch.rand(256, 3, 224, 224)
-    encode_images(gpu, batch)
-    torch.cuda.synchronize()
+
+def selected(only: str | None) -> list[str]:
+    """The checks --only names (comma-separated) and the checks they need, in table order; all without it."""
+    if not only:
+        return list(NAMES)
+    wanted = {name.strip() for name in only.split(",") if name.strip()}
+    unknown = sorted(wanted - set(NAMES))
+    if unknown:
+        raise ValueError(f"--only: unknown check(s) {unknown}; the checks are {', '.join(NAMES)}")
+    for name, _, needs, _ in reversed(CHECKS):  # a check's needs come before it in the table
+        if name in wanted:
+            wanted |= set(needs)
+    return [name for name in NAMES if name in wanted]
+
+
+def skip_reason(needs, packages, done: dict) -> str | None:
+    """Why a check cannot run here (None: it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA"
+    for need in needs:
+        if done.get(need, {}).get("status") != "pass":
+            return f"{need} {'failed' if done.get(need, {}).get('status') == 'fail' else 'did not run'}"
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed"
+    if "faiss" in packages:
+        import faiss
+        if faiss.get_num_gpus() == 0:
+            return "faiss sees no GPU (faiss-cpu installed)"
+    return None
+
+
+def run_check(function, ctx: Context) -> dict:
+    """{status: pass, ...the check's result} or {status: fail, error, traceback (its last 15 lines)}, with seconds."""
     start = time.perf_counter()
-    for _ in range(8):
-        encode_images(gpu, batch)
-    torch.cuda.synchronize()
-    report["clip_fp16"] = {"dtype": str(gpu.model.visual.conv1.weight.dtype),  # a converted layer (norms stay fp32)
-                           "image_cosine_fp16_vs_fp32_min": float((a * b).sum(1).min()),
-                           "text_cosine_fp16_vs_fp32_min": float((ta * tb).sum(1).min()),
-                           "images_per_s_batch_256": round(8 * 256 / (time.perf_counter() - start), 1)}
-    print(json.dumps(report["clip_fp16"]), flush=True)
+    try:
+        entry = {"status": "pass", **function(ctx)}
+    except Exception as e:  # noqa: BLE001 - every check reports, whatever fails
+        entry = {"status": "fail", "error": f"{type(e).__name__}: {e}",
+                 "traceback": traceback.format_exc().rstrip().splitlines()[-15:]}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {**entry, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def train_bf16(pack: Path, work: Path, out: Path, steps: int, seconds: float, keep: list[int], report: dict) -> Path:
-    from model.trainer import TrainParams, train_loop
-    from pipeline.train import model_config
-
-    manifest = json.loads((pack / "manifest.json").read_text())
-    config = model_config("demo", manifest["image_size"], manifest["d"], manifest["k"])
-    params = TrainParams(steps=steps, batch_size=32, lr=1e-3, weight_decay=0.0, warmup_steps=20, lr_schedule="constant",
-                         query_drop_prob=0.5, checkpoint_every=min(keep), use_gpu=True, max_seconds=seconds)
-    shards = [str((pack / s["tar"]).resolve()) for s in manifest["shards"] if s["samples"]]
-    torch.backends.cudnn.benchmark = True
-    start = time.perf_counter()
-    result = train_loop({"params": dataclasses.asdict(params), "model": config.to_dict(), "shard_paths": shards,
-                         "out_dir": str(work)})
-    seconds_spent = time.perf_counter() - start
-    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
-    report["train_bf16"] = {"steps": result["step"], "seconds": round(seconds_spent, 1), "final_loss": result["loss"],
-                            "median_samples_per_s": float(np.median([m["samples_per_s"] for m in lines])),
-                            "batch": 32, "recipe": "demo: 16 px, lr 1e-3 constant, warm-up 20, query_drop_prob 0.5"}
-    print(json.dumps(report["train_bf16"]), flush=True)
-    shutil.copy(work / "metrics.jsonl", out / "metrics.jsonl")
-    last = None
-    for path in sorted((work / "checkpoints").glob("step_*.pt")):
-        step = int(path.stem.split("_")[1])
-        if step in keep or step == result["step"]:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            torch.save({"model_config": state["model_config"], "ema": state["ema"], "step": step,
-                        "train_params": state["train_params"]}, out / path.name)
-            last = out / path.name
-    return last
-
-
-def sample_cuda(checkpoint: Path, report: dict) -> None:
-    from model.checkpoint import load_model
-    from model.diffusion import sample
-
-    model = load_model(checkpoint, device="cuda")
-    emb = torch.randn(8, model.config.k + 1, model.config.clip_dim)
-    start = time.perf_counter()
-    images = sample(model, emb, steps=25, guidance=3.0, generator=torch.Generator().manual_seed(0))
-    report["sample_cuda"] = {"images": int(len(images)), "shape": list(images.shape),
-                             "seconds": round(time.perf_counter() - start, 2), "pixel_std": float(images.std())}
-    print(json.dumps(report["sample_cuda"]), flush=True)
-
-
-def faiss_gpu_assign(report: dict) -> None:
-    import faiss
-
-    from pipeline import faiss_build, faiss_search
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200_000, 64)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    index = faiss_build.train_index("OPQ16_64,IVF4096,PQ16", 64, x[:150_000], use_gpu=False)
-    faiss_build.add_batches(index, [(np.arange(len(x)), x)], use_gpu=False)
-    faiss.extract_index_ivf(index).nprobe = 16
-    gpu, cpu = faiss_search.exact_coarse(index, use_gpu=True), faiss_build.centroid_index(faiss.extract_index_ivf(index))
-    queries, times, found = x[:50_000], {}, {}
-    faiss_search.bulk_search(index, queries[:1000], 10, gpu)  # warm-up: CUDA and cuBLAS start-up
-    for name, coarse in (("gpu", gpu), ("cpu", cpu), ("index.search", None)):
-        start = time.perf_counter()
-        found[name] = (faiss_search.bulk_search(index, queries, 10, coarse) if coarse is not None
-                       else faiss_search.search(index, queries, 10))[1]
-        times[name] = round(len(queries) / (time.perf_counter() - start), 1)
-    report["faiss_gpu_assign"] = {"gpus": faiss.get_num_gpus(), "queries_per_s": times,  # same rows expected: a flat quantizer
-                                  "same_rows_gpu_cpu": float((found["gpu"] == found["cpu"]).mean()),
-                                  "same_rows_gpu_search": float((found["gpu"] == found["index.search"]).mean())}
-    print(json.dumps(report["faiss_gpu_assign"]), flush=True)
-
-
-def faiss_gpu_refine(report: dict) -> None:
-    """The IVF training's full k-means iterations assigned on the GPUs against the CPU's brute force
-    (in full: isotropic 64-dimensional data leaves nothing to project): close k-means objectives
-    (float rounding may move a few points), and the GPU's time."""
-    import faiss
-
-    from pipeline import coarse_train
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64 * 4096, 64)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    start_centroids = coarse_train.coarse_centroids(x, 4096, faiss.METRIC_INNER_PRODUCT, gpu=True, refine_iterations=0)
-    result = {}
-    for name, gpu in (("gpu", True), ("cpu", False)):
-        start = time.perf_counter()
-        c = coarse_train.refine(x, start_centroids, 3, faiss.METRIC_INNER_PRODUCT, gpu=gpu)
-        result[name] = {"seconds": round(time.perf_counter() - start, 2),
-                        "objective": float(faiss.knn(x, c, 1, metric=faiss.METRIC_INNER_PRODUCT)[0].mean())}
-    report["faiss_gpu_refine"] = result
-    print(json.dumps(result), flush=True)
+def table(checks: dict) -> str:
+    """One line per check: PASS/FAIL/SKIP, name, seconds, and the error or the reason."""
+    lines = []
+    for name, entry in checks.items():
+        status = {"pass": "PASS", "fail": "FAIL"}.get(entry["status"], "SKIP")
+        note = entry.get("error") or entry.get("reason") or ""
+        lines.append(f"{status}  {name:<17} {entry.get('seconds', 0):>6.1f} s  {note}"[:200].rstrip())
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pack", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=17000)
-    parser.add_argument("--seconds", type=float, default=300.0)
-    parser.add_argument("--keep", default="200,2000,6000", help="steps whose EMA weights are written")
+    parser.add_argument("--out", type=Path, required=True, help="gpu_check.json, metrics.jsonl and checkpoints go here")
+    parser.add_argument("--pack", type=Path, help="a pack folder to train on (default: a synthetic 16 px pack)")
+    parser.add_argument("--steps", type=int, default=17000, help="train_bf16: at most this many steps")
+    parser.add_argument("--seconds", type=float, default=60.0, help="train_bf16: at most this long (300: the README's run)")
+    parser.add_argument("--keep", default="200,2000,6000", help="train_bf16: steps whose EMA weights are written to --out")
+    parser.add_argument("--only", help=f"comma-separated checks (and the checks they need): {', '.join(NAMES)}")
     args = parser.parse_args(argv)
+    try:
+        names = selected(args.only)
+    except ValueError as e:
+        parser.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    sections = [("clip_fp16", lambda: clip_fp16(report))]
-    last = {}
-    sections.append(("train_bf16", lambda: last.setdefault("ckpt", train_bf16(
-        args.pack, Path("/tmp/knnd_gpu_train"), args.out, args.steps, args.seconds,
-        [int(s) for s in args.keep.split(",")], report))))
-    sections.append(("sample_cuda", lambda: sample_cuda(last["ckpt"], report)))
-    sections.append(("faiss_gpu_assign", lambda: faiss_gpu_assign(report)))
-    sections.append(("faiss_gpu_refine", lambda: faiss_gpu_refine(report)))
-    for name, run in sections:
-        try:
-            run()
-        except Exception as e:  # noqa: BLE001 - report every section, whatever fails
-            report[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{name} failed: {e}", flush=True)
-        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    cuda = torch.cuda.is_available()
+    report = {"device": torch.cuda.get_device_name(0) if cuda else "no CUDA", "torch": torch.__version__, "checks": {}}
+    with tempfile.TemporaryDirectory(prefix="knnd_gpu_check_") as work:
+        ctx = Context(out=args.out, work=Path(work), pack_dir=args.pack.resolve() if args.pack else None,
+                      steps=args.steps, seconds=args.seconds, keep=tuple(int(s) for s in args.keep.split(",")))
+        for name, function, needs, packages in CHECKS:
+            if name not in names:
+                continue
+            reason = skip_reason(needs, packages, report["checks"])
+            entry = {"status": "skipped", "reason": f"skipped: {reason}"} if reason else run_check(function, ctx)
+            report["checks"][name] = ctx.results[name] = entry
+            print(f"{name}: {json.dumps(entry)}", flush=True)
+            (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(table(report["checks"]), flush=True)
+    return 1 if any(e["status"] == "fail" for e in report["checks"].values()) else 0
 
 
 if __name__ == "__main__":
