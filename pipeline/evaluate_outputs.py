@@ -150,7 +150,7 @@ def metric_rows(result: dict) -> list[dict]:
         add("recall (k=3)", t["recall"])
     add("memorisation (max cos to a training image)", g["memorisation"],
         f"real held-out {real['memorisation']['value']:.3f}" if real else None,
-        f"{result.get('train_images', 'sampled')} sampled training images")
+        f"against {result['train_images']} training images" if 'train_images' in result else None)
     if whole := result.get("memorisation_index"):  # every training image, through the training index
         add("memorisation, whole training index", whole["generated"],
             f"real held-out {whole['real']['value']:.3f}" if "real" in whole else None,
