@@ -49,22 +49,21 @@ def work_device(cfg, gpus_needed: int = 1) -> str:
     what there is. (Ray Train asked for more GPUs than a local Ray has retries forever, silently.)"""
     resources = cluster_resources(cfg)
     if resources is None:
-        device = resolve_device(cfg)  # a UsageError for cuda without CUDA
-        if device != "cuda" or (gpus := local_resources(cfg)["GPU"]) >= gpus_needed:
+        if (device := resolve_device(cfg)) != "cuda":  # a UsageError for cuda without CUDA
             return device
-        if cfg.device == "auto":
-            print(f"{gpus_needed} workers need {gpus_needed} GPUs, but {describe(cfg, local_resources(cfg))}: "
-                  f"they run on CPUs (lower train.num_workers to {gpus} to use the GPU)", file=sys.stderr)
-            return "cpu"
-        raise UsageError(f"device is cuda and needs {gpus_needed} GPUs, but {describe(cfg, local_resources(cfg))}: "
-                         f"lower train.num_workers to {gpus}, or set device=cpu")
+        resources = local_resources(cfg)
     gpus = resources.get("GPU", 0)
+    if cfg.device == "cpu" or gpus >= gpus_needed:
+        return "cpu" if cfg.device == "cpu" else "cuda"
     if cfg.device == "auto":
-        return "cuda" if gpus >= gpus_needed else "cpu"
-    if cfg.device == "cuda" and gpus < gpus_needed:
-        raise UsageError(f"device is cuda and needs {gpus_needed} GPU{'s' if gpus_needed > 1 else ''}, but "
-                         f"{describe(cfg, resources)}: set device=cpu (or auto), or add GPU nodes to the cluster")
-    return cfg.device
+        if not cfg.ray.address:  # this machine has GPUs, too few: say why the workers go to CPUs
+            print(f"{gpus_needed} workers need {gpus_needed} GPUs, but {describe(cfg, resources)}: "
+                  f"they run on CPUs (lower train.num_workers to {gpus:g} to use the GPU)", file=sys.stderr)
+        return "cpu"
+    fix = ("set device=cpu (or auto), or add GPU nodes to the cluster" if cfg.ray.address
+           else f"lower train.num_workers to {gpus:g}, or set device=cpu")
+    raise UsageError(f"device is cuda and needs {gpus_needed} GPU{'s' if gpus_needed > 1 else ''}, but "
+                     f"{describe(cfg, resources)}: {fix}")
 
 
 def require_per_worker(cfg, workers: int, resource: str, setting: str) -> None:

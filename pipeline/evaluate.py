@@ -244,7 +244,7 @@ def evaluate(cfg, setup: EvalSetup) -> dict:
         result["floor"] = {"fd": round(metrics.frechet_distance(train[floor_rows], real), 4),
                            "kid": round(metrics.kernel_inception_distance(train[floor_rows], real), 6),
                            "what": f"{len(floor_rows)} training images (as many as samples) vs the held-out real images"}
-    if (whole := _memo(setup, "training_index", lambda: training_index(cfg, setup.index_dir))) is not None:
+    if (whole := _memo(setup, "training_index", lambda: training_index(cfg, sampler.retriever.infos))) is not None:
         result["memorisation_index"] = index_memorisation(
             whole, fake, generated["prompt_of"], real if real_prompt_of is not None else None, real_prompt_of, conf.bootstrap)
     result["databases"], database_features = {}, {}

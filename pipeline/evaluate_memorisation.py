@@ -13,44 +13,44 @@ download's, so both figures sit lower than the sampled `memorisation`; compare t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from pipeline.runner import read_json, stage_dir
+from pipeline.runner import stage_dir
 
 SEARCH_K = 10  # candidates per query from the (possibly compressed) index, re-scored exactly
 
 
-def training_index(cfg, evaluated_index: Path):
-    """A Retriever over the workdir's index when the evaluation encoder embedded it, else None."""
+def training_index(cfg, evaluated_infos: dict):
+    """A Retriever over the workdir's index when the evaluation encoder (the CLIP of the evaluated
+    index, whose index_infos.json is `evaluated_infos`) embedded it, else None."""
     from pipeline.retrieval import Retriever
 
     index_dir = stage_dir(cfg, "index")
     if cfg.evaluate.encoder is not None or not (index_dir / "index_infos.json").exists():
         return None  # another encoder's space is not the index's
-    infos = read_json(index_dir / "index_infos.json")
-    evaluated = read_json(Path(evaluated_index) / "index_infos.json")
-    if infos.get("clip") != evaluated.get("clip"):
+    retriever = Retriever(index_dir, queries="image")
+    if retriever.infos.get("clip") != evaluated_infos.get("clip"):
         print(f"evaluate: {index_dir} was embedded by another CLIP than the evaluation encoder: memorisation "
               f"against the whole training index skipped", file=sys.stderr)
         return None
-    return Retriever(index_dir, queries="image")
+    return retriever
 
 
 def nearest_cosine(retriever, feats: np.ndarray, k: int = SEARCH_K) -> np.ndarray:
-    """Each row's highest cosine to a vector of the index: the index's candidates re-scored exactly."""
+    """Each row's highest cosine to a vector of the index: the index's candidates re-scored exactly
+    (every candidate's stored vector read once)."""
     if len(feats) == 0:
         return np.zeros(0, np.float32)
     _, rows = retriever.search(feats, min(k, retriever.index.ntotal))
-    best = np.full(len(feats), -1.0, np.float32)
-    for i, found in enumerate(rows):
-        found = found[found >= 0]
-        if found.size:
-            vectors = np.asarray(retriever.embeddings[found], np.float32)
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            best[i] = float((vectors @ feats[i]).max())
-    return best
+    found = rows >= 0
+    if not found.any():
+        return np.full(len(feats), -1.0, np.float32)
+    unique = np.unique(rows[found])
+    vectors = np.asarray(retriever.embeddings[unique], np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    sims = np.einsum("qkd,qd->qk", vectors[np.searchsorted(unique, np.where(found, rows, unique[0]))], feats)
+    return np.where(found, sims, -1.0).max(axis=1).astype(np.float32)
 
 
 def index_memorisation(retriever, fake: np.ndarray, fake_prompt_of: np.ndarray, real: np.ndarray | None,

@@ -29,7 +29,7 @@ def write_outputs(out: Path, result: dict, prompts, generated, real_images, samp
         np.savez(f, prompts=np.array(prompts, dtype=str),
                  **{key: generated[key] for key in ("images", "prompt_of", "rows", "sims", "seconds")})
     write_grid_and_samples(out, prompts, generated, conf.images_per_prompt)
-    write_html(out, result, prompts, generated, real_images, sampler, conf, baseline_samples(baseline, prompts))
+    write_html(out, result, prompts, generated, real_images, sampler, conf, baseline_samples(baseline, prompts, result))
     write_json(out / "metrics.json", result)
     print(f"evaluate: metrics in {out / 'metrics.json'}, report {out / 'report.html'}", file=sys.stderr)
 
@@ -63,15 +63,16 @@ def loss_curve(checkpoint: Path) -> list[tuple[int, float]]:
     return [(int(m["step"]), float(m["loss"])) for m in lines if last is None or int(m["step"]) <= last]
 
 
-def baseline_samples(folder: Path | None, prompts: list[str]) -> tuple[str, dict[int, list]] | None:
-    """(label, {prompt: images}) of a paired evaluation's samples (the same prompts and noise), or None."""
-    if folder is None or not (Path(folder) / "samples.npz").exists():
+def baseline_samples(folder: Path | None, prompts: list[str], result: dict) -> tuple[str, dict[int, list]] | None:
+    """(label, {prompt: images}) of a paired evaluation's samples (the same prompts and noise), or None;
+    its condition is the one result["paired"] names."""
+    if folder is None or not (Path(folder) / "samples.npz").exists() or Path(folder).name not in result.get("paired", {}):
         return None
     with np.load(Path(folder) / "samples.npz", allow_pickle=False) as data:
         if [str(p) for p in data["prompts"]] != list(prompts):
             return None  # not paired with these prompts: nothing to put side by side
         images, prompt_of = data["images"], data["prompt_of"]
-    condition = condition_text(json.loads((Path(folder) / "metrics.json").read_text()))
+    condition = result["paired"][Path(folder).name]["b"]["condition"]
     label = f"{condition.split(' (')[0]}, same noise ({Path(folder).name}/)"
     return label, {p: list(images[prompt_of == p]) for p in np.unique(prompt_of).tolist()}
 

@@ -84,7 +84,6 @@ class Sampler:
         from pipeline.retrieval import Retriever
 
         self.device = device
-
         self.checkpoint, self.index_dir = Path(checkpoint), Path(index_dir)
         try:
             self.model = load_model(self.checkpoint, use_ema=True, device=device)

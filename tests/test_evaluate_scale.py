@@ -24,7 +24,7 @@ def test_memorisation_against_the_whole_training_index_is_brute_forces_through_a
                              "dedup.holdout=0.05", f"index.factory={factory}", "index.nprobe=8"])
     run_stage("dedup", cfg)
     run_stage("index", cfg)
-    retriever = training_index(cfg, tmp_path / "index")
+    retriever = training_index(cfg, Retriever(tmp_path / "index").infos)
     indexed = np.load(tmp_path / "index" / "rows.npy")
     queries = x[read_holdout(tmp_path / "dedup")]  # held-out images: not in the index
     truth = (queries @ x[indexed].T).max(axis=1)
@@ -36,7 +36,7 @@ def test_memorisation_against_the_whole_training_index_is_brute_forces_through_a
     assert nearest_cosine(retriever, np.zeros((0, 16), np.float32)).shape == (0,)
     assert isinstance(Retriever(tmp_path / "index"), Retriever)
     other = load_config(None, [f"workdir={tmp_path}", "evaluate.encoder=ViT-B-32"])  # another encoder's space: none
-    assert training_index(other, tmp_path / "index") is None
+    assert training_index(other, retriever.infos) is None
 
 
 def test_saved_sampling_batches_are_reused_only_for_the_same_condition(tmp_path, monkeypatch):
